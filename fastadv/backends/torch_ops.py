@@ -1,0 +1,82 @@
+"""Pure-PyTorch backend: one read of each gradient in ``scan``, everything else on the touched rows only.
+
+It runs wherever PyTorch runs and is the fallback of every other backend. See :mod:`fastadv.backends` for the
+contract of each op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["scan", "perturb", "project", "restore"]
+
+# Rows per chunk when a half-precision gradient is widened to fp32 on the CPU: ~4 MiB stays in cache, and
+# vector_norm(..., dtype=float32) on the whole matrix would be ten times slower there.
+_CHUNK_BYTES = 4 << 20
+
+
+def _row_norms(grad: Tensor) -> Tensor:
+    """fp32 L2 norm of each row, accumulated in fp32, in one read of ``grad``."""
+    if grad.dtype == torch.float32 or grad.device.type != "cpu":
+        return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)
+    out = torch.empty(grad.shape[0], dtype=torch.float32, device=grad.device)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, grad.shape[1])))
+    for start in range(0, grad.shape[0], step):
+        rows = slice(start, start + step)
+        torch.linalg.vector_norm(grad[rows].float(), dim=-1, out=out[rows])
+    return out
+
+
+def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor]) -> Tensor:
+    stats = torch.empty(len(grads), 2, dtype=torch.float64, device=grads[0].device)
+    for i, (grad, seen, new) in enumerate(zip(grads, touched, fresh)):
+        norms = _row_norms(grad)
+        torch.ne(norms, 0, out=new)
+        new &= ~seen
+        stats[i, 0] = norms.square().sum()
+        stats[i, 1] = new.sum()
+    return stats
+
+
+def perturb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    sumsq: Tensor,
+    coef: float,
+    track_delta: bool,
+) -> Tensor | None:
+    delta = torch.zeros(len(params), dtype=torch.float32, device=sumsq.device) if track_delta else None
+    usable = torch.isfinite(sumsq) & (sumsq > 0)
+    scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
+    for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
+        if n_backed[i] < len(idx):
+            torch.index_select(param, 0, idx[n_backed[i] :], out=backup[n_backed[i] :])
+        old = param.index_select(0, idx).float()
+        new = torch.addcmul(old, grad.index_select(0, idx).float(), scales[i])
+        new = torch.where(usable[i], new, old)
+        param.index_copy_(0, idx, new.to(param.dtype))
+        if delta is not None:
+            delta[i] = (new - backup.float()).square().sum()
+    return delta
+
+
+def project(params: list[Tensor], rows: list[Tensor], backups: list[Tensor], delta_sumsq: Tensor, eps: float) -> None:
+    norms = delta_sumsq.sqrt()
+    outside = norms > eps
+    factors = torch.where(outside, eps / norms, 1.0)
+    for i, (param, idx, backup) in enumerate(zip(params, rows, backups)):
+        if param.device.type == "cpu" and not outside[i]:
+            continue  # the check is free on the CPU; elsewhere the write below is masked instead of synced
+        origin = backup.float()
+        current = param.index_select(0, idx).float()
+        projected = torch.where(outside[i], torch.lerp(origin, current, factors[i]), current)
+        param.index_copy_(0, idx, projected.to(param.dtype))
+
+
+def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
+    for param, idx, backup in zip(params, rows, backups):
+        param.index_copy_(0, idx, backup)

@@ -1,0 +1,90 @@
+"""The seed's FGM and PGD classes, written out unchanged: the oracle every backend is tested against.
+
+Same operations in the same order as the original code (FGM: Goodfellow-style fast gradient method on the word
+embeddings; PGD: projected gradient descent with ``alpha`` steps inside an ``eps`` ball). Their known defects are kept
+on purpose (dense passes, cloned gradients, ``param.data`` rebinding on restore, NaN written for an inf norm), because
+this module defines what "same results" means. Use :class:`fastadv.FusedFGM` / :class:`fastadv.FusedPGD` in training.
+
+Example::
+
+    fgm = FGM(model, eps=1.0)
+    loss = model(**batch)[0]; loss.backward()
+    fgm.attack()
+    model(**batch)[0].backward()
+    fgm.restore()
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["FGM", "PGD"]
+
+
+class FGM:
+    def __init__(self, model: nn.Module, eps: float = 1.0) -> None:
+        self.model = model.module if hasattr(model, "module") else model
+        self.eps = eps
+        self.backup: dict[str, torch.Tensor] = {}
+
+    # only attack word embedding
+    def attack(self, emb_name: str = "word_embeddings") -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                self.backup[name] = param.data.clone()
+                norm = torch.norm(param.grad)
+                if norm and not torch.isnan(norm):
+                    r_at = self.eps * param.grad / norm
+                    param.data.add_(r_at)
+
+    def restore(self, emb_name: str = "word_embeddings") -> None:
+        for name, para in self.model.named_parameters():
+            if para.requires_grad and emb_name in name:
+                assert name in self.backup
+                para.data = self.backup[name]
+        self.backup = {}
+
+
+class PGD:
+    def __init__(self, model: nn.Module, eps: float = 1.0, alpha: float = 0.3) -> None:
+        self.model = model.module if hasattr(model, "module") else model
+        self.eps = eps
+        self.alpha = alpha
+        self.emb_backup: dict[str, torch.Tensor] = {}
+        self.grad_backup: dict[str, torch.Tensor] = {}
+
+    def attack(self, emb_name: str = "word_embeddings", is_first_attack: bool = False) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                if is_first_attack:
+                    self.emb_backup[name] = param.data.clone()
+                norm = torch.norm(param.grad)
+                if norm != 0 and not torch.isnan(norm):
+                    r_at = self.alpha * param.grad / norm
+                    param.data.add_(r_at)
+                    param.data = self.project(name, param.data)
+
+    def restore(self, emb_name: str = "word_embeddings") -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                assert name in self.emb_backup
+                param.data = self.emb_backup[name]
+        self.emb_backup = {}
+
+    def project(self, param_name: str, param_data: torch.Tensor) -> torch.Tensor:
+        r = param_data - self.emb_backup[param_name]
+        if torch.norm(r) > self.eps:
+            r = self.eps * r / torch.norm(r)
+        return self.emb_backup[param_name] + r
+
+    def backup_grad(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None:
+                self.grad_backup[name] = param.grad.clone()
+
+    def restore_grad(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None:
+                param.grad = self.grad_backup[name]
