@@ -21,10 +21,16 @@ Sums of squares are accumulated in fp32 whatever the dtype, and each written ele
     ``params[i][rows[i]] = backups[i]``, bit-exact, in place.
 
 No op syncs with the host; the caller reads ``stats`` once per attack (it needs the row counts).
+Every backend module also has ``supports(device) -> bool``: whether its ops run on tensors of that device.
+
+Backends, each op at the same name: ``torch`` (:mod:`fastadv.backends.torch_ops`, pure PyTorch, any device),
+``triton`` (:mod:`fastadv.backends.triton_ops` over the kernels in ``kernels/``, CUDA, or CPU under
+``TRITON_INTERPRET=1``) and ``ext`` (:mod:`fastadv.backends.ext_ops` over the C++/CUDA extension in ``csrc/``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -32,42 +38,53 @@ import torch
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend"]
 
-#: Every backend name, in order of preference for ``backend="auto"``.
-BACKENDS = ("torch",)
+#: Every backend name.
+BACKENDS = ("torch", "triton", "ext")
+_MODULES = {name: f"fastadv.backends.{name}_ops" for name in BACKENDS}
+#: What ``backend="auto"`` tries, in order, per device type.
+_AUTO = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 
 
 def _load(name: str) -> ModuleType:
-    if name == "torch":
-        from fastadv.backends import torch_ops
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
+    try:
+        return importlib.import_module(_MODULES[name])
+    except (ImportError, RuntimeError, OSError) as err:
+        raise RuntimeError(f"backend {name!r} is not available here: {err}") from err
 
-        return torch_ops
-    raise ValueError(f"unknown backend {name!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
+
+def _usable(name: str, device: torch.device) -> bool:
+    try:
+        return _load(name).supports(device)
+    except RuntimeError:
+        return False
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that work on this machine, e.g. ``['torch']``.
+    """Names of the backends that run on this machine (on its CPU or its GPU), e.g. ``['torch']``.
 
     >>> "torch" in available_backends()
     True
     """
-    return [name for name in BACKENDS if _is_available(name)]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [name for name in BACKENDS if any(_usable(name, device) for device in devices)]
 
 
-def _is_available(name: str) -> bool:
-    try:
-        _load(name)
-    except (ImportError, RuntimeError):
-        return False
-    return True
-
-
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
+def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None:
     """The backend module for ``name`` (``"auto"`` or one of :data:`BACKENDS`) on ``device``.
 
-    ``"auto"`` honours the ``FASTADV_BACKEND`` environment variable, then picks the first available backend.
+    ``"auto"`` honours the ``FASTADV_BACKEND`` environment variable, then takes the first backend of its list for the
+    device type that runs there. With ``device=None`` it only checks that the name is valid and loads (returns None
+    for ``"auto"``).
     """
     if name == "auto":
-        name = os.environ.get("FASTADV_BACKEND", "auto") or "auto"
+        name = os.environ.get("FASTADV_BACKEND") or "auto"
     if name == "auto":
-        name = next(n for n in BACKENDS if _is_available(n))
-    return _load(name)
+        if device is None:
+            return None
+        return _load(next(n for n in _AUTO.get(device.type, ("torch",)) if _usable(n, device)))
+    backend = _load(name)
+    if device is not None and not backend.supports(device):
+        raise RuntimeError(f"backend {name!r} does not run on {device} tensors; use backend='auto' or 'torch'")
+    return backend

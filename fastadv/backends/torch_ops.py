@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["scan", "perturb", "project", "restore"]
+__all__ = ["scan", "perturb", "project", "restore", "supports"]
 
 # Rows per chunk when a half-precision gradient is widened to fp32 on the CPU: ~4 MiB stays in cache, and
 # vector_norm(..., dtype=float32) on the whole matrix would be ten times slower there.
@@ -80,3 +80,7 @@ def project(params: list[Tensor], rows: list[Tensor], backups: list[Tensor], del
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
     for param, idx, backup in zip(params, rows, backups):
         param.index_copy_(0, idx, backup)
+
+
+def supports(device: torch.device) -> bool:
+    return True
