@@ -172,17 +172,12 @@ class _RowPerturbation:
             return [items[i] for i in active]
 
         states = pick(states)
-        params = pick(params)
-        rows = [s.rows for s in states]
-        backups = [s.backup for s in states]
-        delta = backend.perturb(
-            params, pick(grads), rows, backups, [s.n_backed for s in states], stats[active, 0], coef,
-            project_eps is not None,
+        backend.perturb(
+            pick(params), pick(grads), [s.rows for s in states], [s.backup for s in states], [s.n_backed for s in states],
+            stats[active, 0], coef, project_eps,
         )
         for state in states:
             state.n_backed = state.n_rows
-        if project_eps is not None:
-            backend.project(params, rows, backups, delta, project_eps)
 
     def restore(self, emb_name: str | None) -> None:
         if self.active_name is None:

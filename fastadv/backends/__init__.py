@@ -1,6 +1,6 @@
-"""Backends: the four stateless ops every implementation provides, and the choice between implementations.
+"""Backends: the three stateless ops every implementation provides, and the choice between implementations.
 
-A backend is a module with four functions over lists of tensors. ``params``/``grads`` are 2-D views
+A backend is a module with three functions over lists of tensors. ``params``/``grads`` are 2-D views
 ``[rows, cols]`` of each target parameter and its gradient (1-D tensors are one row); ``rows[i]`` is an int64 list
 of the rows perturbed so far, ``backups[i]`` a buffer of the same rows' original values (``len(rows[i])`` rows used).
 Sums of squares are accumulated in fp32 whatever the dtype, and each written element is rounded once per op.
@@ -9,14 +9,13 @@ Sums of squares are accumulated in fp32 whatever the dtype, and each written ele
     One read of each gradient. ``stats`` is a float64 ``[n, 2]`` tensor: the fp32-accumulated sum of squares of ``grads[i]`` and the
     number of rows that are non-zero in ``grads[i]`` and not yet in ``touched[i]``; those rows are flagged in the bool
     buffer ``fresh[i]`` (every element of ``fresh[i]`` is written).
-``perturb(params, grads, rows, backups, n_backed, sumsq, coef, track_delta) -> delta_sumsq | None``
+``perturb(params, grads, rows, backups, n_backed, sumsq, coef, project_eps) -> None``
     For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``; then
-    ``params[i][r] += coef / sqrt(sumsq[i]) * grads[i][r]``. A tensor whose ``sumsq[i]`` is zero or not finite is left
-    alone (its backups are still written). With ``track_delta`` it returns the fp32 ``||params[i][rows] -
-    backups[i]||^2`` of the updated rows (``[n]``), else None.
-``project(params, rows, backups, delta_sumsq, eps) -> None``
-    Where ``sqrt(delta_sumsq[i]) > eps``: ``params[i][rows] = backups + eps / sqrt(delta_sumsq[i]) * (params[i][rows]
-    - backups)``; elsewhere nothing is written. Decided on the device.
+    ``params[i][r] += coef / sqrt(sumsq[i]) * grads[i][r]``. With ``project_eps`` (PGD) the update is then projected
+    onto the ball of that radius around the backup: ``W = B + min(1, eps / ||W - B||) * (W - B)`` with the norm over
+    all of ``rows[i]`` taken on the unrounded fp32 ``W``, so each element is rounded once (this needs a reduction
+    over the rows before the write: two passes over the touched rows, decided on the device). A tensor whose
+    ``sumsq[i]`` is zero or not finite is left alone (its backups are still written).
 ``restore(params, rows, backups) -> None``
     ``params[i][rows[i]] = backups[i]``, bit-exact, in place.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["scan", "perturb", "project", "restore", "supports"]
+__all__ = ["scan", "perturb", "restore", "supports"]
 
 # Rows per chunk when a half-precision gradient is widened to fp32 on the CPU: ~4 MiB stays in cache, and
 # vector_norm(..., dtype=float32) on the whole matrix would be ten times slower there.
@@ -47,9 +47,8 @@ def perturb(
     n_backed: list[int],
     sumsq: Tensor,
     coef: float,
-    track_delta: bool,
-) -> Tensor | None:
-    delta = torch.zeros(len(params), dtype=torch.float32, device=sumsq.device) if track_delta else None
+    project_eps: float | None,
+) -> None:
     usable = torch.isfinite(sumsq) & (sumsq > 0)
     scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
     for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
@@ -57,24 +56,11 @@ def perturb(
             torch.index_select(param, 0, idx[n_backed[i] :], out=backup[n_backed[i] :])
         old = param.index_select(0, idx).float()
         new = torch.addcmul(old, grad.index_select(0, idx).float(), scales[i])
-        new = torch.where(usable[i], new, old)
-        param.index_copy_(0, idx, new.to(param.dtype))
-        if delta is not None:
-            delta[i] = (new - backup.float()).square().sum()
-    return delta
-
-
-def project(params: list[Tensor], rows: list[Tensor], backups: list[Tensor], delta_sumsq: Tensor, eps: float) -> None:
-    norms = delta_sumsq.sqrt()
-    outside = norms > eps
-    factors = torch.where(outside, eps / norms, 1.0)
-    for i, (param, idx, backup) in enumerate(zip(params, rows, backups)):
-        if param.device.type == "cpu" and not outside[i]:
-            continue  # the check is free on the CPU; elsewhere the write below is masked instead of synced
-        origin = backup.float()
-        current = param.index_select(0, idx).float()
-        projected = torch.where(outside[i], torch.lerp(origin, current, factors[i]), current)
-        param.index_copy_(0, idx, projected.to(param.dtype))
+        if project_eps is not None:
+            origin = backup.float()
+            norm = torch.linalg.vector_norm(new - origin)
+            new = torch.where(norm > project_eps, torch.lerp(origin, new, project_eps / norm), new)
+        param.index_copy_(0, idx, torch.where(usable[i], new, old).to(param.dtype))
 
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
