@@ -54,6 +54,7 @@ class _RowState:
         self._backup = param.new_empty((0, n_cols))
         self.n_rows = 0
         self.n_backed = 0
+        self.in_order = True  # rows[:n_rows] ascending: true after one scan, which finds rows in order
 
     def fits(self, param: Tensor) -> bool:
         return param.shape == self.param.shape and param.device == self.param.device and param.dtype == self.param.dtype
@@ -85,11 +86,22 @@ class _RowState:
             self._rows, self._backup = rows, backup
         self._rows[self.n_rows : needed] = new_rows
         self.touched.index_fill_(0, new_rows, True)
+        self.in_order = self.n_rows == 0
         self.n_rows = needed
+
+    def backed_up(self) -> None:
+        """Every row has its backup now; a complete row list is put in order so backends can use slices for it."""
+        self.n_backed = self.n_rows
+        if not self.in_order and self.n_rows == len(self.touched):
+            order = torch.argsort(self.rows)
+            self._rows[: self.n_rows] = self.rows[order]
+            self._backup[: self.n_rows] = self.backup[order]
+            self.in_order = True
 
     def clear(self) -> None:
         self.touched.index_fill_(0, self.rows, False)
         self.n_rows = self.n_backed = 0
+        self.in_order = True
 
 
 class _RowPerturbation:
@@ -128,17 +140,19 @@ class _RowPerturbation:
                     " dense gradients: build the embedding with sparse=False"
                 )
             if grad.shape != param.shape:
-                raise RuntimeError(f"parameter {name!r} has shape {tuple(param.shape)} but its grad {tuple(grad.shape)}")
+                raise RuntimeError(
+                    f"parameter {name!r} has shape {tuple(param.shape)} but its grad {tuple(grad.shape)}"
+                )
             if not param.data.is_contiguous():
                 raise RuntimeError(f"parameter {name!r} is not contiguous; call .data = .data.contiguous() once first")
             if param.device != named[0][1].device:
-                raise RuntimeError(f"parameters matching emb_name={emb_name!r} are on several devices; attack them"
-                                   " with one object per device")
+                raise RuntimeError(
+                    f"parameters matching emb_name={emb_name!r} are on several devices; attack them"
+                    " with one object per device"
+                )
         return named
 
-    def attack(
-        self, emb_name: str, coef: float, first: bool, project_eps: float | None = None
-    ) -> None:
+    def attack(self, emb_name: str, coef: float, first: bool, project_eps: float | None = None) -> None:
         if first and self.active_name is not None:
             raise RuntimeError(
                 f"attack on {self.active_name!r} is already active: call restore() before the next first attack (the"
@@ -173,22 +187,31 @@ class _RowPerturbation:
 
         states = pick(states)
         backend.perturb(
-            pick(params), pick(grads), [s.rows for s in states], [s.backup for s in states], [s.n_backed for s in states],
-            stats[active, 0], coef, project_eps,
+            pick(params),
+            pick(grads),
+            [s.rows for s in states],
+            [s.backup for s in states],
+            [s.n_backed for s in states],
+            stats[active, 0],
+            coef,
+            project_eps,
         )
         for state in states:
-            state.n_backed = state.n_rows
+            state.backed_up()
 
     def restore(self, emb_name: str | None) -> None:
         if self.active_name is None:
             raise RuntimeError("restore() called without an active attack: call attack() first")
         if emb_name is not None and emb_name != self.active_name:
-            raise ValueError(f"restore(emb_name={emb_name!r}) but the active attack is on emb_name={self.active_name!r}")
+            raise ValueError(
+                f"restore(emb_name={emb_name!r}) but the active attack is on emb_name={self.active_name!r}"
+            )
         states = [s for s in self._states.values() if s.n_rows]
         for device in {s.param.device for s in states}:
             on_device = [s for s in states if s.param.device == device]
-            self._backend(device).restore([s.param for s in on_device], [s.rows for s in on_device],
-                                          [s.backup for s in on_device])
+            self._backend(device).restore(
+                [s.param for s in on_device], [s.rows for s in on_device], [s.backup for s in on_device]
+            )
         for state in states:
             state.clear()
         self.active_name = None
@@ -237,7 +260,9 @@ class _GradStash:
 
     def restore(self, model: nn.Module) -> None:
         if self._grads is None:
-            raise RuntimeError("restore_grad() called without backup_grad(): call backup_grad() after the clean backward")
+            raise RuntimeError(
+                "restore_grad() called without backup_grad(): call backup_grad() after the clean backward"
+            )
         changed = [name for name, (grad, version) in self._grads.items() if grad._version != version]
         if changed:
             raise RuntimeError(

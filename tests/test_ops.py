@@ -99,7 +99,7 @@ def test_perturb_projects_from_the_current_weights(backend, seed):
     moved = [s.clone() for s in start]
     sumsq = torch.tensor([g.double().square().sum().item() for g in grads], dtype=torch.float64, device=DEVICE)
     ops(backend).perturb(moved, grads, rows, backups, [len(r) for r in rows], sumsq, 0.3, 0.2)
-    for p, s, o, g, r in zip(moved, start, params, grads, rows):
+    for p, s, o, g in zip(moved, start, params, grads):
         new = s + 0.3 / g.norm() * g
         norm = (new - o).norm()
         expected = o + 0.2 / norm * (new - o) if norm > 0.2 else new

@@ -315,7 +315,9 @@ def test_inf_gradient_is_skipped_and_counted(backend, seed, kind):
     assert attacker.nonfinite_skips == 1
     assert torch.equal(fused.embeddings.word_embeddings.weight, before)
     assert not torch.equal(fused.embeddings.position_embeddings.weight, ref.embeddings.position_embeddings.weight)
-    (FGM(ref) if kind == "fgm" else PGD(ref)).attack("embeddings", **({} if kind == "fgm" else {"is_first_attack": True}))
+    (FGM(ref) if kind == "fgm" else PGD(ref)).attack(
+        "embeddings", **({} if kind == "fgm" else {"is_first_attack": True})
+    )
     assert ref.embeddings.word_embeddings.weight.isnan().any()
     torch.testing.assert_close(fused.embeddings.position_embeddings.weight, ref.embeddings.position_embeddings.weight)
 

@@ -2,12 +2,13 @@
 
 A backend is a module with three functions over lists of tensors. ``params``/``grads`` are 2-D views
 ``[rows, cols]`` of each target parameter and its gradient (1-D tensors are one row); ``rows[i]`` is an int64 list
-of the rows perturbed so far, ``backups[i]`` a buffer of the same rows' original values (``len(rows[i])`` rows used).
-Sums of squares are accumulated in fp32 whatever the dtype, and each written element is rounded once per op.
+of the rows perturbed so far (when it holds every row they are in order ``0..rows-1``, so a backend may use slices);
+``backups[i]`` holds the original values of the same rows, ``len(rows[i])`` of them. Sums of squares are accumulated
+in fp32 whatever the dtype, and each written element is rounded once per op.
 
 ``scan(grads, touched, fresh) -> stats``
-    One read of each gradient. ``stats`` is a float64 ``[n, 2]`` tensor: the fp32-accumulated sum of squares of ``grads[i]`` and the
-    number of rows that are non-zero in ``grads[i]`` and not yet in ``touched[i]``; those rows are flagged in the bool
+    One read of each gradient. ``stats`` is a float64 ``[n, 2]`` tensor: the fp32-accumulated sum of squares of
+    ``grads[i]`` and the number of rows that are non-zero in ``grads[i]`` and not yet in ``touched[i]``; those rows are flagged in the bool
     buffer ``fresh[i]`` (every element of ``fresh[i]`` is written).
 ``perturb(params, grads, rows, backups, n_backed, sumsq, coef, project_eps) -> None``
     For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``; then

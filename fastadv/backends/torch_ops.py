@@ -52,15 +52,39 @@ def perturb(
     usable = torch.isfinite(sumsq) & (sumsq > 0)
     scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
     for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
+        if param.device.type == "cpu" and not usable[i]:
+            # free on the CPU; elsewhere the write is masked below instead of synced
+            backup[n_backed[i] :] = param.index_select(0, idx[n_backed[i] :])
+            continue
+        if len(idx) == param.shape[0]:
+            _perturb_every_row(param, grad, backup, n_backed[i], scales[i], usable[i], project_eps)
+            continue
         if n_backed[i] < len(idx):
             torch.index_select(param, 0, idx[n_backed[i] :], out=backup[n_backed[i] :])
         old = param.index_select(0, idx).float()
         new = torch.addcmul(old, grad.index_select(0, idx).float(), scales[i])
         if project_eps is not None:
-            origin = backup.float()
-            norm = torch.linalg.vector_norm(new - origin)
-            new = torch.where(norm > project_eps, torch.lerp(origin, new, project_eps / norm), new)
+            new = _projected(new, backup.float(), project_eps)
         param.index_copy_(0, idx, torch.where(usable[i], new, old).to(param.dtype))
+
+
+def _projected(new: Tensor, origin: Tensor, eps: float) -> Tensor:
+    norm = torch.linalg.vector_norm(new - origin)
+    return torch.where(norm > eps, torch.lerp(origin, new, eps / norm), new)
+
+
+def _perturb_every_row(
+    param: Tensor, grad: Tensor, backup: Tensor, n_backed: int, scale: Tensor, usable: Tensor, eps: float | None
+) -> None:
+    """A dense gradient (e.g. a tied LM head): the rows are 0..n-1 in order, so plain slices replace the gathers."""
+    backup[n_backed:] = param[n_backed:]
+    if eps is None and param.dtype == torch.float32 and param.device.type == "cpu":
+        param.addcmul_(grad, scale)  # usable was checked by the caller
+        return
+    new = torch.addcmul(param.float(), grad.float(), scale)
+    if eps is not None:
+        new = _projected(new, backup.float(), eps)
+    param.copy_(new if param.device.type == "cpu" else torch.where(usable, new, param.float()))
 
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:

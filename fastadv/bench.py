@@ -1,0 +1,325 @@
+"""Benchmarks: the seed's classes against every available backend on the same shapes.
+
+``python -m fastadv.bench`` prints, per case, the time per call, the speed-up over the seed and the extra peak memory
+of the call; ``--quick`` runs the BERT-base shapes only, ``--e2e`` adds whole training steps of a ``transformers`` BERT
+with a 250002-token vocabulary, ``--plot FILE.png`` draws the speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``)
+shrinks every shape, for CI. The pytest-benchmark suite in ``benchmarks/`` uses the same cases.
+
+A "call" is what an attack costs besides the forward/backward passes: FGM ``attack`` + ``restore``; PGD k=3
+``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastadv import FusedFGM, FusedPGD, available_backends
+from fastadv.backends import resolve_backend
+from fastadv.reference import FGM, PGD
+
+#: Embedding shapes (rows, dim) of the models users train.
+SHAPES = {"bert-base": (30522, 768), "xlm-r": (250002, 768), "llama": (32000, 4096)}
+TOUCHED_ROWS = 4000
+PGD_K = 3
+
+
+def bench_scale() -> float:
+    """The factor ``FASTADV_BENCH_SCALE`` applies to the number of rows (and touched rows); 1 by default."""
+    return float(os.environ.get("FASTADV_BENCH_SCALE", "1"))
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    dtype: torch.dtype
+    gradient: str  # "rows": a batch touched TOUCHED_ROWS rows; "dense": every row (a tied LM head)
+    method: str  # "fgm" or "pgd3"
+
+    @property
+    def group(self) -> str:
+        return f"{self.method}-{self.shape}-{str(self.dtype).removeprefix('torch.')}-{self.gradient}"
+
+    def size(self) -> tuple[int, int, int]:
+        """(rows, dim, touched rows) after scaling."""
+        rows, dim = SHAPES[self.shape]
+        rows = max(2, int(rows * bench_scale()))
+        touched = rows if self.gradient == "dense" else max(1, min(rows // 2, int(TOUCHED_ROWS * bench_scale())))
+        return rows, dim, touched
+
+
+def cases(quick: bool = False) -> list[Case]:
+    shapes = ["bert-base"] if quick else list(SHAPES)
+    return [
+        Case(shape, dtype, gradient, method)
+        for method in ("fgm", "pgd3")
+        for shape in shapes
+        for dtype in (torch.float32, torch.bfloat16)
+        for gradient in ("rows", "dense")
+    ]
+
+
+def implementations(device: torch.device) -> list[str]:
+    """``"seed"`` and every backend that runs on ``device``."""
+    usable = []
+    for name in available_backends():
+        try:
+            resolve_backend(name, device)
+        except RuntimeError:
+            continue
+        usable.append(name)
+    return ["seed", *usable]
+
+
+def build_model(case: Case, device: torch.device) -> nn.Module:
+    """A module holding one ``word_embeddings`` parameter with the case's gradient already set."""
+    rows, dim, touched = case.size()
+    gen = torch.Generator(device=device).manual_seed(0)
+    model = nn.Module()
+    model.word_embeddings = nn.Parameter(torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen))
+    if case.gradient == "dense":
+        grad = torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen)
+    else:
+        grad = torch.zeros(rows, dim, device=device, dtype=case.dtype)
+        picked = torch.randperm(rows, device=device, generator=gen)[:touched]
+        grad[picked] = torch.randn(touched, dim, device=device, dtype=case.dtype, generator=gen)
+    model.word_embeddings.grad = grad
+    return model
+
+
+def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
+    """One call of ``method`` through ``impl`` (``"seed"`` or a backend name) on ``model``."""
+    if method == "fgm":
+        fgm = FGM(model) if impl == "seed" else FusedFGM(model, backend=impl)
+
+        def call() -> None:
+            fgm.attack()
+            fgm.restore()
+
+        return call
+    pgd = PGD(model) if impl == "seed" else FusedPGD(model, backend=impl)
+
+    def call() -> None:
+        pgd.backup_grad()
+        for t in range(PGD_K):
+            pgd.attack(is_first_attack=t == 0)
+        pgd.restore_grad()
+        pgd.restore()
+
+    return call
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], None], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+_malloc_fixed = False
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc give every large block back on free (no dynamic mmap threshold), so RSS tracks live tensors."""
+    global _malloc_fixed
+    if not _malloc_fixed and sys.platform.startswith("linux"):
+        m_mmap_threshold = -3
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 256 * 1024)
+    _malloc_fixed = True
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def extra_peak_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Peak memory ``fn`` needs above what was live before it (CUDA allocator stats; resident set size on Linux)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not sys.platform.startswith("linux"):
+        return None
+    _return_freed_memory_to_the_os()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM, the peak resident set size, to the current one
+    base = _proc_status_kib("VmRSS")
+    fn()
+    return (_proc_status_kib("VmHWM") - base) * 1024
+
+
+@dataclass
+class Result:
+    case: Case
+    impl: str
+    seconds: float
+    extra_bytes: int | None
+
+
+def run_case(case: Case, device: torch.device, impls: list[str], repeats: int) -> list[Result]:
+    model = build_model(case, device)
+    weight, grad = model.word_embeddings.detach().clone(), model.word_embeddings.grad
+    results = []
+    for impl in impls:
+        call = attack_call(impl, case.method, model)
+        extra = extra_peak_bytes(call, device)  # first call: includes the allocation of reusable buffers
+        seconds = time_call(call, device, repeats=repeats)
+        results.append(Result(case, impl, seconds, extra))
+        assert torch.equal(model.word_embeddings, weight), f"{impl} did not restore the weights"
+        model.word_embeddings.grad = grad
+    return results
+
+
+def end_to_end(device: torch.device, impls: list[str], repeats: int) -> list[tuple[str, str, float, float]]:
+    """Training steps of a transformers BERT (250002-token vocabulary, hidden 256, 2 layers, batch 16x64).
+
+    Returns rows of (method, impl, seconds per step, step time / the plain forward+backward passes it contains).
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    vocab = max(1000, int(250002 * bench_scale()))
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).to(device)
+    ids = torch.randint(0, vocab, (16, 64), device=device)
+    labels = torch.randint(0, 2, (16,), device=device)
+
+    def closure() -> torch.Tensor:
+        return model(input_ids=ids, labels=labels).loss
+
+    def plain() -> None:
+        model.zero_grad()
+        closure().backward()
+
+    base = time_call(plain, device, repeats=repeats)
+    rows = [("plain fwd+bwd", "-", base, 1.0)]
+    for method, passes in (("fgm", 2), ("pgd3", PGD_K + 1)):
+        for impl in impls:
+            if impl == "seed":
+                attacker = FGM(model) if method == "fgm" else PGD(model)
+
+                def step(attacker=attacker, method=method) -> None:
+                    model.zero_grad()
+                    closure().backward()
+                    if method == "fgm":
+                        attacker.attack()
+                        closure().backward()
+                        attacker.restore()
+                        return
+                    attacker.backup_grad()
+                    for t in range(PGD_K):
+                        attacker.attack(is_first_attack=t == 0)
+                        if t != PGD_K - 1:
+                            model.zero_grad()
+                        else:
+                            attacker.restore_grad()
+                        closure().backward()
+                    attacker.restore()
+            else:
+                fused = FusedFGM(model, backend=impl) if method == "fgm" else FusedPGD(model, backend=impl)
+
+                def step(fused=fused, method=method) -> None:
+                    model.zero_grad()
+                    fused.step(closure) if method == "fgm" else fused.step(closure, k=PGD_K)
+
+            seconds = time_call(step, device, repeats=repeats)
+            rows.append((method, impl, seconds, seconds / (passes * base)))
+    return rows
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastadv.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="BERT-base shapes only")
+    parser.add_argument("--e2e", action="store_true", help="also time whole training steps of a transformers BERT")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speed-ups over the seed")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    impls = implementations(device)
+    print(
+        f"fastadv.bench on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'},"
+        f" {torch.get_num_threads()} threads), torch {torch.__version__}, scale {bench_scale()}"
+    )
+    header = f"{'case':<32} {'impl':<7} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for case in cases(args.quick):
+        rows = run_case(case, device, impls, args.repeats)
+        seed = rows[0].seconds
+        for r in rows:
+            print(
+                f"{case.group:<32} {r.impl:<7} {r.seconds * 1e3:>10.2f} {seed / r.seconds:>7.1f}x"
+                f" {_fmt_bytes(r.extra_bytes):>11}",
+                flush=True,
+            )
+        results.extend(rows)
+    if args.e2e:
+        print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<7} {'ms/step':>10} {'/ passes':>8}")
+        for method, impl, seconds, ratio in end_to_end(device, impls, args.repeats):
+            print(f"{method:<32} {impl:<7} {seconds * 1e3:>10.1f} {ratio:>7.2f}x", flush=True)
+    if args.plot:
+        _plot(results, args.plot)
+    return 0
+
+
+def _plot(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r.case.group for r in results))
+    impls = [i for i in dict.fromkeys(r.impl for r in results) if i != "seed"]
+    seed = {r.case.group: r.seconds for r in results if r.impl == "seed"}
+    fig, ax = plt.subplots(figsize=(max(6, len(groups) * 0.6), 4))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        speedup = {r.case.group: seed[r.case.group] / r.seconds for r in results if r.impl == impl}
+        ax.bar([i + k * width for i in range(len(groups))], [speedup.get(g, 0) for g in groups], width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up over the seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Bad input: a clear error raised before anything is modified; and the deviations from the seed that prevent loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyEncoder, batch
+
+from fastadv import FusedFGM, FusedPGD
+from fastadv.reference import FGM, PGD
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    return {n: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def assert_untouched(model: torch.nn.Module, before: dict) -> None:
+    for n, p in model.named_parameters():
+        weight, grad = before[n]
+        assert torch.equal(p, weight), n
+        assert (p.grad is None) == (grad is None), n
+        if grad is not None:
+            assert torch.equal(p.grad, grad), n
+
+
+@pytest.fixture
+def model(seed) -> TinyEncoder:
+    m = TinyEncoder()
+    m(batch()).backward()
+    return m
+
+
+@pytest.mark.parametrize("cls", [FusedFGM, FusedPGD])
+@pytest.mark.parametrize("name", ["eps", "alpha"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_eps_alpha(backend, cls, name, value):
+    if cls is FusedFGM and name == "alpha":
+        pytest.skip("FGM has no alpha")
+    with pytest.raises(ValueError, match=name):
+        cls(TinyEncoder(), backend=backend, **{name: value})
+
+
+def test_no_matching_parameter_lists_candidates(backend, model):
+    before = snapshot(model)
+    fgm = FusedFGM(model, emb_name="tok_emb", backend=backend)
+    with pytest.raises(ValueError, match="tok_emb.*embeddings.word_embeddings.weight"):
+        fgm.attack()
+    assert_untouched(model, before)
+    fgm.attack(emb_name="word_embeddings")  # nothing half-done: the object still works
+
+
+def test_matched_parameter_without_grad(backend, model):
+    model.embeddings.position_embeddings.weight.grad = None
+    before = snapshot(model)
+    pgd = FusedPGD(model, emb_name="embeddings", backend=backend)
+    with pytest.raises(RuntimeError, match="position_embeddings.weight.*no .grad.*backward"):
+        pgd.attack(is_first_attack=True)
+    assert_untouched(model, before)
+    with pytest.raises(RuntimeError, match="without an active attack"):
+        pgd.restore()
+
+
+@pytest.mark.parametrize("cls", [FusedFGM, FusedPGD])
+def test_restore_without_attack(backend, model, cls):
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="restore.*without an active attack"):
+        cls(model, backend=backend).restore()
+    assert_untouched(model, before)
+
+
+def test_second_fgm_attack_before_restore(backend, model):
+    """Deviation: the seed backs up the perturbed weights on a second attack and can never restore the originals."""
+    before = snapshot(model)
+    fgm = FusedFGM(model, backend=backend)
+    fgm.attack()
+    attacked = snapshot(model)
+    with pytest.raises(RuntimeError, match="already active.*restore"):
+        fgm.attack()
+    assert_untouched(model, attacked)
+    fgm.restore()
+    assert_untouched(model, before)
+
+    seed = FGM(model)
+    seed.attack()
+    seed.attack()
+    seed.restore()
+    assert not torch.equal(model.embeddings.word_embeddings.weight, before["embeddings.word_embeddings.weight"][0])
+
+
+def test_pgd_first_attack_twice(backend, model):
+    """Deviation: is_first_attack=True twice in the seed overwrites the backup with perturbed weights."""
+    before = snapshot(model)
+    pgd = FusedPGD(model, backend=backend)
+    pgd.attack(is_first_attack=True)
+    attacked = snapshot(model)
+    with pytest.raises(RuntimeError, match="already active"):
+        pgd.attack(is_first_attack=True)
+    assert_untouched(model, attacked)
+    pgd.restore()
+    assert_untouched(model, before)
+
+    seed = PGD(model)
+    seed.attack(is_first_attack=True)
+    seed.attack(is_first_attack=True)
+    seed.restore()
+    assert not torch.equal(model.embeddings.word_embeddings.weight, before["embeddings.word_embeddings.weight"][0])
+
+
+def test_pgd_continue_without_first_attack(backend, model):
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="is_first_attack=True"):
+        FusedPGD(model, backend=backend).attack()
+    assert_untouched(model, before)
+
+
+def test_restore_with_other_emb_name(backend, model):
+    fgm = FusedFGM(model, backend=backend)
+    fgm.attack()
+    with pytest.raises(ValueError, match="position_embeddings.*word_embeddings"):
+        fgm.restore(emb_name="position_embeddings")
+    fgm.restore(emb_name="word_embeddings")
+
+
+def test_restore_grad_after_in_place_zeroing(backend, model):
+    """zero_grad(set_to_none=False) zeroes the referenced clean gradients: fastadv refuses to return them."""
+    pgd = FusedPGD(model, backend=backend)
+    pgd.backup_grad()
+    pgd.attack(is_first_attack=True)
+    model.zero_grad(set_to_none=False)
+    model(batch()).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="modified in place.*set_to_none.*copy_grads=True"):
+        pgd.restore_grad()
+    assert_untouched(model, before)
+    pgd.restore()
+
+
+def test_copy_grads_supports_in_place_zeroing_like_the_seed(backend, seed):
+    fused, ref = TinyEncoder(), TinyEncoder()
+    ref.load_state_dict(fused.state_dict())
+    ids = batch()
+    for m, attacker in ((fused, FusedPGD(fused, backend=backend, copy_grads=True)), (ref, PGD(ref))):
+        m(ids).backward()
+        attacker.backup_grad()
+        for t in range(3):
+            attacker.attack(is_first_attack=t == 0)
+            if t != 2:
+                m.zero_grad(set_to_none=False)
+            else:
+                attacker.restore_grad()
+            m(ids).backward()
+        attacker.restore()
+    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_restore_grad_without_backup(backend, model):
+    with pytest.raises(RuntimeError, match="without backup_grad"):
+        FusedPGD(model, backend=backend).restore_grad()
+
+
+def test_sparse_gradient_is_refused(backend, seed):
+    model = torch.nn.Module()
+    model.word_embeddings = torch.nn.Embedding(20, 4, sparse=True)
+    model.word_embeddings(torch.tensor([1, 2, 2])).sum().backward()
+    before = model.word_embeddings.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse=False"):
+        FusedFGM(model, backend=backend).attack()
+    assert torch.equal(model.word_embeddings.weight, before)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
+        FusedFGM(TinyEncoder(), backend="cuda-magic")
+
+
+def test_backend_env_override(monkeypatch, model):
+    monkeypatch.setenv("FASTADV_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        FusedFGM(model)
+    monkeypatch.setenv("FASTADV_BACKEND", "torch")
+    fgm = FusedFGM(model)
+    fgm.attack()
+    assert next(iter(fgm._rows._backends.values())).__name__ == "fastadv.backends.torch_ops"
+    fgm.restore()
+
+
+def test_pgd_step_rejects_bad_k(backend, model):
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="k must be"):
+        FusedPGD(model, backend=backend).step(lambda: model(batch()), k=0)
+    assert_untouched(model, before)
