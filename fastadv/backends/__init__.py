@@ -8,8 +8,8 @@ in fp32 whatever the dtype, and each written element is rounded once per op.
 
 ``scan(grads, touched, fresh) -> stats``
     One read of each gradient. ``stats`` is a float64 ``[n, 2]`` tensor: the fp32-accumulated sum of squares of
-    ``grads[i]`` and the number of rows that are non-zero in ``grads[i]`` and not yet in ``touched[i]``; those rows are flagged in the bool
-    buffer ``fresh[i]`` (every element of ``fresh[i]`` is written).
+    ``grads[i]`` and the number of rows that are non-zero in ``grads[i]`` and not yet in ``touched[i]``; those rows
+    are flagged in the bool buffer ``fresh[i]`` (every element of ``fresh[i]`` is written).
 ``perturb(params, grads, rows, backups, n_backed, sumsq, coef, project_eps) -> None``
     For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``; then
     ``params[i][r] += coef / sqrt(sumsq[i]) * grads[i][r]``. With ``project_eps`` (PGD) the update is then projected
