@@ -69,9 +69,11 @@ def cases(quick: bool = False) -> list[Case]:
 
 
 def implementations(device: torch.device) -> list[str]:
-    """``"seed"`` and every backend that runs on ``device``."""
+    """``"seed"`` and every backend that runs on ``device`` (Triton's CPU interpreter is for tests, not timings)."""
     usable = []
     for name in available_backends():
+        if name == "triton" and device.type == "cpu":
+            continue
         try:
             resolve_backend(name, device)
         except RuntimeError:
@@ -198,7 +200,9 @@ def run_case(case: Case, device: torch.device, impls: list[str], repeats: int) -
     return results
 
 
-def end_to_end(device: torch.device, impls: list[str], repeats: int) -> list[tuple[str, str, float, float]]:
+def end_to_end(
+    device: torch.device, impls: list[str], repeats: int, methods: tuple[str, ...] = ("fgm", "pgd3")
+) -> list[tuple[str, str, float, float]]:
     """Training steps of a transformers BERT (250002-token vocabulary, hidden 256, 2 layers, batch 16x64).
 
     Returns rows of (method, impl, seconds per step, step time / the plain forward+backward passes it contains).
@@ -223,7 +227,8 @@ def end_to_end(device: torch.device, impls: list[str], repeats: int) -> list[tup
 
     base = time_call(plain, device, repeats=repeats)
     rows = [("plain fwd+bwd", "-", base, 1.0)]
-    for method, passes in (("fgm", 2), ("pgd3", PGD_K + 1)):
+    for method in methods:
+        passes = 2 if method == "fgm" else PGD_K + 1
         for impl in impls:
             if impl == "seed":
                 attacker = FGM(model) if method == "fgm" else PGD(model)
