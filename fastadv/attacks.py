@@ -164,12 +164,11 @@ class _RowPerturbation:
             if emb_name != self.active_name:
                 raise ValueError(f"attack(emb_name={emb_name!r}) continues an attack on emb_name={self.active_name!r}")
         targets = self.targets(emb_name)
-        self.active_name = emb_name
-
         params = [_as_rows(p.data) for _, p in targets]
         grads = [_as_rows(p.grad.contiguous()) for _, p in targets]
-        states = [self._state(name, param) for (name, _), param in zip(targets, params)]
         backend = self._backend(params[0].device)
+        states = [self._state(name, param) for (name, _), param in zip(targets, params)]
+        self.active_name = emb_name
 
         stats = backend.scan(grads, [s.touched for s in states], [s.fresh for s in states])
         active = []
@@ -206,11 +205,10 @@ class _RowPerturbation:
             raise ValueError(
                 f"restore(emb_name={emb_name!r}) but the active attack is on emb_name={self.active_name!r}"
             )
-        states = [s for s in self._states.values() if s.n_rows]
-        for device in {s.param.device for s in states}:
-            on_device = [s for s in states if s.param.device == device]
-            self._backend(device).restore(
-                [s.param for s in on_device], [s.rows for s in on_device], [s.backup for s in on_device]
+        states = [s for s in self._states.values() if s.n_rows]  # all on one device: targets() checked that
+        if states:
+            self._backend(states[0].param.device).restore(
+                [s.param for s in states], [s.rows for s in states], [s.backup for s in states]
             )
         for state in states:
             state.clear()
