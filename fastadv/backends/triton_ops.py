@@ -1,0 +1,31 @@
+"""Triton backend: the three ops as multi-tensor Triton kernels (``kernels/``, installed as ``fastadv.kernels``).
+
+Each op is one launch per dtype group over the whole list (one in practice); the reductions add a small per-tensor
+sum launch, and PGD's perturb a second pass over the touched rows (it projects before its single rounding). No op
+syncs with the host. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+See :mod:`fastadv.backends` for the contract of each op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastadv.kernels._common import INTERPRETED
+    from fastadv.kernels.perturb import perturb
+    from fastadv.kernels.restore import restore
+    from fastadv.kernels.scan import scan
+except ImportError as err:  # no triton, or a broken install: the registry reports the backend as not available
+    raise ImportError(f"the triton backend needs a working triton: {err}") from err
+
+__all__ = ["scan", "perturb", "restore", "supports"]
+
+
+def supports(device: torch.device) -> bool:
+    """Compiled kernels run on CUDA tensors, interpreted ones (``TRITON_INTERPRET=1``) on CPU tensors only: the
+    interpreter copies each tensor argument to the host, while the kernels reach most tensors through addresses in a
+    table."""
+    device = torch.device(device)
+    if INTERPRETED:
+        return device.type == "cpu"
+    return device.type == "cuda" and torch.cuda.is_available()
