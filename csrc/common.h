@@ -1,0 +1,95 @@
+// Device-independent pieces of the fastadv ops, shared by the CPU (.cpp) and CUDA (.cu) implementations so that the
+// two cannot drift: the per-element formulas, the skip decisions, the index math and the dtype dispatch.
+//
+// The formulas are templates over the value type V so that the CPU can call them on at::vec::Vectorized<float>
+// and the GPU on float; every formula computes in fp32 (the caller widens bf16/fp16 first and rounds once when it
+// stores).
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTADV_HD __host__ __device__
+#else
+#define FASTADV_HD
+#endif
+
+// The dtypes every op accepts (no double: fp32 accumulation is the contract); inside the body `scalar_t` is the
+// element type (float, at::BFloat16 or at::Half).
+#define FASTADV_DISPATCH_FLOATING(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace fastadv {
+
+// ---- index math ----
+
+FASTADV_HD inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The segment s with offsets[s] <= index < offsets[s + 1], for prefix offsets of n segments (offsets[0] == 0).
+// Finds the tensor of a list that a flattened chunk (CPU) or block (GPU) works on; lists are short, so a linear scan.
+FASTADV_HD inline int find_segment(const int64_t* offsets, int n, int64_t index) {
+  int s = 0;
+  while (s + 1 < n && offsets[s + 1] <= index) ++s;
+  return s;
+}
+
+// ---- scan ----
+
+// A row is non-zero when any element is: the OR of the fp32 bit patterns of its elements, sign masked, is non-zero.
+// Unlike a test on the sum of squares this cannot underflow, and NaN (non-zero payload) counts as non-zero. bf16 and
+// fp16 widen to fp32 exactly, so testing the widened values is the same as testing the stored ones.
+FASTADV_HD inline bool magnitude_bits_nonzero(uint32_t or_of_bits) { return (or_of_bits & 0x7fffffffu) != 0; }
+
+// ---- perturb ----
+
+// The step of one tensor: W += scale * G with scale = coef / ||G||, or nothing when ||G||^2 is zero or not finite.
+struct Step {
+  bool usable;
+  float scale;
+};
+
+FASTADV_HD inline Step step_for(double sumsq, double coef) {
+  // NaN fails both comparisons; computed in double and rounded once to fp32, as the torch backend does
+  const bool usable = sumsq > 0.0 && sumsq < static_cast<double>(INFINITY);
+  return {usable, usable ? static_cast<float>(coef / sqrt(sumsq)) : 0.0f};
+}
+
+template <typename V>
+FASTADV_HD inline V perturbed(V param, V grad, V scale) {
+  return param + scale * grad;
+}
+
+// perturb goes over the touched rows once (FGM), or twice with a projection (PGD), since the projection needs the
+// norm of the whole unrounded update before anything is rounded and written.
+enum class Pass {
+  kStep,     // FGM: back up the new rows, W += scale * G, round, store
+  kMeasure,  // PGD 1/2: back up the new rows, accumulate ||W + scale * G - B||^2, write nothing to W
+  kProject,  // PGD 2/2: W = projection of W + scale * G onto the eps ball around B, round, store
+};
+
+// The projection onto the eps ball around the backups B: W = B + eps / ||W - B|| * (W - B) where ||W - B|| > eps.
+struct Projection {
+  bool outside;
+  float factor;
+};
+
+FASTADV_HD inline Projection projection_for(float delta_sumsq, double eps) {
+  const float norm = sqrtf(delta_sumsq);
+  const float radius = static_cast<float>(eps);
+  const bool outside = norm > radius;  // NaN: not outside
+  return {outside, outside ? radius / norm : 1.0f};
+}
+
+// torch.lerp's two-sided formula (exact at both ends), so the projection matches the torch backend's.
+template <typename V>
+FASTADV_HD inline V lerp(V start, V end, float weight) {
+  return weight < 0.5f ? start + V(weight) * (end - start) : end - (end - start) * V(1.0f - weight);
+}
+
+}  // namespace fastadv

@@ -1,0 +1,199 @@
+// CUDA helpers shared by the ops' .cu files: how a launch splits its blocks between the tensors of a list, 16-byte
+// vector loads and stores, warp/block reductions, and the deterministic per-tensor sum of per-block partials.
+//
+// Every kernel works warp-per-row: a block's warps take rows of its tensor in a grid-stride loop, a warp's lanes take
+// 16-byte packs of the row. One launch covers up to kMaxTensors tensors of one dtype; their descriptors travel in the
+// kernel arguments, so nothing is copied to the device and nothing syncs with the host.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace fastadv::cuda {
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+// Blocks per tensor at most (grid-stride loops cover the rest): a few waves of an H100's 132 SMs.
+constexpr int64_t kMaxBlocksPerTensor = 1024;
+// Tensors per launch; longer lists take several launches.
+constexpr int kMaxTensors = 16;
+
+// Which blocks of a launch work on which tensor: blocks [block_offset[s], block_offset[s + 1]) on the launch's tensor
+// s, which is tensor index[s] of the op's lists (where per-tensor inputs and outputs live).
+struct Segments {
+  int n = 0;
+  int64_t block_offset[kMaxTensors + 1] = {0};
+  int index[kMaxTensors] = {0};
+
+  // Appends tensor `tensor_index` with `rows` rows to process; returns its slot in the launch.
+  int add(int tensor_index, int64_t rows) {
+    index[n] = tensor_index;
+    const int64_t blocks = std::min(std::max<int64_t>(1, ceil_div(rows, kWarps)), kMaxBlocksPerTensor);
+    block_offset[n + 1] = block_offset[n] + blocks;
+    return n++;
+  }
+
+  FASTADV_HD int64_t blocks() const { return block_offset[n]; }
+};
+
+// Where this block works: its tensor's slot, its rank among that tensor's blocks and their number.
+struct BlockPlace {
+  int slot;
+  int64_t rank;
+  int64_t blocks;
+};
+
+__device__ inline BlockPlace place_block(const Segments& segments) {
+  const int slot = find_segment(segments.block_offset, segments.n, blockIdx.x);
+  return {slot, blockIdx.x - segments.block_offset[slot],
+          segments.block_offset[slot + 1] - segments.block_offset[slot]};
+}
+
+// Calls fn(row) for the rows [0, rows) of this warp: warp w of block rank b takes rows w + kWarps * b, then strides by
+// all the tensor's warps. The trip count is the same for every lane of a warp.
+template <typename F>
+__device__ inline void for_each_warp_row(const BlockPlace& place, int64_t rows, const F& fn) {
+  const int64_t stride = place.blocks * kWarps;
+  for (int64_t row = place.rank * kWarps + threadIdx.x / kWarpSize; row < rows; row += stride) fn(row);
+}
+
+// ---- 16-byte packs ----
+
+template <typename scalar_t>
+constexpr int kPack = 16 / sizeof(scalar_t);
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Rows can be read in packs when every row of every tensor involved starts 16-byte aligned.
+inline bool packable(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    const auto row_bytes = t->size(1) * t->element_size();
+    if (row_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Calls fn(std::integral_constant<int, N>{}) with N the 16-byte pack width of scalar_t when `packed`, else 1, so the
+// row loop below is compiled once per width.
+template <typename scalar_t, typename F>
+__device__ inline void with_pack_width(bool packed, const F& fn) {
+  if (packed) {
+    fn(std::integral_constant<int, kPack<scalar_t>>{});
+  } else {
+    fn(std::integral_constant<int, 1>{});
+  }
+}
+
+// Calls fn(col) for the packs of N elements of a row of `cols` elements that belong to this lane.
+template <int N, typename F>
+__device__ inline void for_each_lane_pack(int64_t cols, const F& fn) {
+  for (int64_t col = (threadIdx.x % kWarpSize) * N; col < cols; col += kWarpSize * N) fn(col);
+}
+
+template <int N, typename scalar_t>
+__device__ inline Pack<scalar_t, N> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack<scalar_t, N>*>(p);
+}
+
+template <int N, typename scalar_t>
+__device__ inline void store_pack(scalar_t* p, const Pack<scalar_t, N>& pack) {
+  *reinterpret_cast<Pack<scalar_t, N>*>(p) = pack;
+}
+
+template <int N, typename scalar_t>
+__device__ inline void widen(const Pack<scalar_t, N>& pack, float (&out)[N]) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = static_cast<float>(pack.v[k]);
+}
+
+template <int N, typename scalar_t>
+__device__ inline void load_floats(const scalar_t* p, float (&out)[N]) {
+  widen(load_pack<N>(p), out);
+}
+
+// Rounds v once to scalar_t and stores it.
+template <int N, typename scalar_t>
+__device__ inline void store_rounded(scalar_t* p, const float (&v)[N]) {
+  Pack<scalar_t, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pack.v[k] = static_cast<scalar_t>(v[k]);
+  store_pack<N>(p, pack);
+}
+
+// ---- reductions ----
+
+__device__ inline uint32_t warp_or(uint32_t v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v |= __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// The sum over the block in a fixed order (deterministic), valid in thread 0. Every thread of the block must call it.
+__device__ inline double block_sum(double v) {
+  __shared__ double warp_totals[kWarps];
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % kWarpSize == 0) warp_totals[threadIdx.x / kWarpSize] = v;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total += warp_totals[w];
+  }
+  __syncthreads();  // warp_totals is reused by the next call
+  return total;
+}
+
+// out[index[s] * columns + c] = the sum, in block order, of partial[c * blocks + b] over the blocks b of slot s. One
+// block per (slot, column): the per-tensor totals without atomics, so they are the same bits on every run.
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(Segments segments, const double* partial, out_t* out) {
+  const int slot = blockIdx.x, column = blockIdx.y, columns = gridDim.y;
+  const double* values = partial + column * segments.blocks();
+  double total = 0;
+  for (int64_t b = segments.block_offset[slot] + threadIdx.x; b < segments.block_offset[slot + 1]; b += kThreads) {
+    total += values[b];
+  }
+  total = block_sum(total);
+  if (threadIdx.x == 0) out[segments.index[slot] * columns + column] = static_cast<out_t>(total);
+}
+
+template <typename out_t>
+inline void sum_partials(const Segments& segments, const at::Tensor& partial, int columns, out_t* out,
+                         cudaStream_t stream) {
+  sum_partials_kernel<out_t><<<dim3(segments.n, columns), kThreads, 0, stream>>>(
+      segments, partial.const_data_ptr<double>(), out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- host side ----
+
+// The op's tensor indices grouped into launches: one dtype per launch (the kernels are templates on it), at most
+// kMaxTensors tensors each, in order.
+inline std::vector<std::vector<int>> launch_groups(at::TensorList tensors) {
+  std::map<at::ScalarType, std::vector<int>> by_dtype;
+  for (size_t i = 0; i < tensors.size(); ++i) by_dtype[tensors[i].scalar_type()].push_back(static_cast<int>(i));
+  std::vector<std::vector<int>> groups;
+  for (const auto& [dtype, indices] : by_dtype) {
+    for (size_t start = 0; start < indices.size(); start += kMaxTensors) {
+      groups.emplace_back(indices.begin() + start,
+                          indices.begin() + std::min(indices.size(), start + static_cast<size_t>(kMaxTensors)));
+    }
+  }
+  return groups;
+}
+
+}  // namespace fastadv::cuda

@@ -1,0 +1,15 @@
+// The schemas of the fastadv ops (torch.ops.fastadv.*). The kernels register themselves next to their code:
+// TORCH_LIBRARY_IMPL(fastadv, CPU, m) in each op's .cpp, TORCH_LIBRARY_IMPL(fastadv, CUDA, m) in each op's .cu
+// (a separate library, loaded after this one); fastadv/backends/ext_ops.py adds the fake (meta) kernels.
+//
+// Lists are Tensor[]: one op call covers every target parameter. (a!)/(b!) mark the lists written in place so that
+// torch.compile functionalises the calls correctly.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastadv, m) {
+  m.def("scan(Tensor[] grads, Tensor[] touched, Tensor(a!)[] fresh) -> Tensor");
+  m.def(
+      "perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] rows, Tensor(b!)[] backups, int[] n_backed, "
+      "Tensor sumsq, float coef, float? project_eps) -> ()");
+  m.def("restore(Tensor(a!)[] params, Tensor[] rows, Tensor[] backups) -> ()");
+}
