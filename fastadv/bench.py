@@ -183,21 +183,28 @@ class Result:
     case: Case
     impl: str
     seconds: float
-    extra_bytes: int | None
+    extra_bytes: int | None = None
 
 
-def run_case(case: Case, device: torch.device, impls: list[str], repeats: int) -> list[Result]:
+def time_case(case: Case, device: torch.device, impls: list[str], repeats: int) -> list[Result]:
+    """Median time per call of each implementation on one shared model (weights checked restored after each)."""
     model = build_model(case, device)
     weight, grad = model.word_embeddings.detach().clone(), model.word_embeddings.grad
     results = []
     for impl in impls:
-        call = attack_call(impl, case.method, model)
-        extra = extra_peak_bytes(call, device)  # first call: includes the allocation of reusable buffers
-        seconds = time_call(call, device, repeats=repeats)
-        results.append(Result(case, impl, seconds, extra))
+        results.append(Result(case, impl, time_call(attack_call(impl, case.method, model), device, repeats)))
         assert torch.equal(model.word_embeddings, weight), f"{impl} did not restore the weights"
-        model.word_embeddings.grad = grad
+        model.word_embeddings.grad = grad  # the seed's restore_grad put a clone there
     return results
+
+
+def measure_peaks(case: Case, device: torch.device, results: list[Result]) -> None:
+    """Fill in the extra peak memory of each result's first call on a fresh model (after all timings: on the CPU
+    this switches glibc to returning freed memory at once, which would slow later timings)."""
+    for result in results:
+        model = build_model(case, device)
+        result.extra_bytes = extra_peak_bytes(attack_call(result.impl, case.method, model), device)
+        del model
 
 
 def end_to_end(
@@ -276,28 +283,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     impls = implementations(device)
-    print(
-        f"fastadv.bench on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'},"
-        f" {torch.get_num_threads()} threads), torch {torch.__version__}, scale {bench_scale()}"
-    )
-    header = f"{'case':<32} {'impl':<7} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11}"
-    print(header)
-    print("-" * len(header))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"fastadv.bench on {device} ({name}), torch {torch.__version__}, scale {bench_scale()}")
     results = []
     for case in cases(args.quick):
-        rows = run_case(case, device, impls, args.repeats)
-        seed = rows[0].seconds
-        for r in rows:
-            print(
-                f"{case.group:<32} {r.impl:<7} {r.seconds * 1e3:>10.2f} {seed / r.seconds:>7.1f}x"
-                f" {_fmt_bytes(r.extra_bytes):>11}",
-                flush=True,
-            )
-        results.extend(rows)
-    if args.e2e:
+        results.extend(time_case(case, device, impls, args.repeats))
+        print(f"timed {case.group}", file=sys.stderr, flush=True)
+    e2e = end_to_end(device, impls, args.repeats) if args.e2e else []
+    for case in cases(args.quick):  # memory last: see measure_peaks
+        measure_peaks(case, device, [r for r in results if r.case == case])
+
+    header = f"{'case':<32} {'impl':<7} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11}"
+    print(header + "\n" + "-" * len(header))
+    seed = {r.case: r.seconds for r in results if r.impl == "seed"}
+    for r in results:
+        print(f"{r.case.group:<32} {r.impl:<7} {r.seconds * 1e3:>10.2f} {seed[r.case] / r.seconds:>7.1f}x"
+              f" {_fmt_bytes(r.extra_bytes):>11}")
+    if e2e:
         print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<7} {'ms/step':>10} {'/ passes':>8}")
-        for method, impl, seconds, ratio in end_to_end(device, impls, args.repeats):
-            print(f"{method:<32} {impl:<7} {seconds * 1e3:>10.1f} {ratio:>7.2f}x", flush=True)
+        for method, impl, seconds, ratio in e2e:
+            print(f"{method:<32} {impl:<7} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
     if args.plot:
         _plot(results, args.plot)
     return 0

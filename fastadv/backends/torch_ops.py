@@ -52,39 +52,40 @@ def perturb(
     usable = torch.isfinite(sumsq) & (sumsq > 0)
     scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
     for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
-        if param.device.type == "cpu" and not usable[i]:
-            # free on the CPU; elsewhere the write is masked below instead of synced
-            backup[n_backed[i] :] = param.index_select(0, idx[n_backed[i] :])
-            continue
-        if len(idx) == param.shape[0]:
-            _perturb_every_row(param, grad, backup, n_backed[i], scales[i], usable[i], project_eps)
-            continue
-        if n_backed[i] < len(idx):
-            torch.index_select(param, 0, idx[n_backed[i] :], out=backup[n_backed[i] :])
-        old = param.index_select(0, idx).float()
-        new = torch.addcmul(old, grad.index_select(0, idx).float(), scales[i])
+        done = n_backed[i]
+        every_row = len(idx) == param.shape[0]  # then the rows are 0..n-1 in order: slices replace the gathers
+        if every_row:
+            backup[done:] = param[done:]
+            old = param
+            new = torch.addcmul(param.float(), grad.float(), scales[i])
+        else:
+            if done < len(idx):
+                torch.index_select(param, 0, idx[done:], out=backup[done:])
+            # rows backed up just now still hold their original values: take them from the backup, not gather again
+            old = backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done:]])
+            gathered = _gather(grad, idx).float()
+            new = torch.addcmul(old.float(), gathered, scales[i], out=gathered)
         if project_eps is not None:
-            new = _projected(new, backup.float(), project_eps)
-        param.index_copy_(0, idx, torch.where(usable[i], new, old).to(param.dtype))
+            origin = backup.float()
+            norm = torch.dist(new, origin)
+            if new.device.type != "cpu":
+                new = torch.where(norm > project_eps, torch.lerp(origin, new, project_eps / norm), new)
+            elif norm > project_eps:  # the check is free on the CPU, and the ball is rarely left
+                new = torch.lerp(origin, new, project_eps / norm)
+        new = new.to(param.dtype)
+        if param.device.type != "cpu":
+            new = torch.where(usable[i], new, old)  # a masked write instead of a host sync
+        elif not usable[i]:
+            continue
+        if every_row:
+            param.copy_(new)
+        else:
+            param.index_copy_(0, idx, new)
 
 
-def _projected(new: Tensor, origin: Tensor, eps: float) -> Tensor:
-    norm = torch.linalg.vector_norm(new - origin)
-    return torch.where(norm > eps, torch.lerp(origin, new, eps / norm), new)
-
-
-def _perturb_every_row(
-    param: Tensor, grad: Tensor, backup: Tensor, n_backed: int, scale: Tensor, usable: Tensor, eps: float | None
-) -> None:
-    """A dense gradient (e.g. a tied LM head): the rows are 0..n-1 in order, so plain slices replace the gathers."""
-    backup[n_backed:] = param[n_backed:]
-    if eps is None and param.dtype == torch.float32 and param.device.type == "cpu":
-        param.addcmul_(grad, scale)  # usable was checked by the caller
-        return
-    new = torch.addcmul(param.float(), grad.float(), scale)
-    if eps is not None:
-        new = _projected(new, backup.float(), eps)
-    param.copy_(new if param.device.type == "cpu" else torch.where(usable, new, param.float()))
+def _gather(source: Tensor, idx: Tensor) -> Tensor:
+    """``source[idx]``; into a preallocated output, which index_select fills several times faster on the CPU."""
+    return torch.index_select(source, 0, idx, out=source.new_empty((len(idx), source.shape[1])))
 
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
