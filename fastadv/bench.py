@@ -139,16 +139,12 @@ def time_call(fn: Callable[[], None], device: torch.device, repeats: int = 5, wa
     return statistics.median(times)
 
 
-_malloc_fixed = False
-
-
 def _return_freed_memory_to_the_os() -> None:
-    """Make glibc give every large block back on free (no dynamic mmap threshold), so RSS tracks live tensors."""
-    global _malloc_fixed
-    if not _malloc_fixed and sys.platform.startswith("linux"):
-        m_mmap_threshold = -3
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 256 * 1024)
-    _malloc_fixed = True
+    """Make glibc give freed memory back (now, and every large block from now on), so RSS tracks live tensors."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 256 * 1024)  # also ends glibc's dynamic threshold, which keeps freed blocks
+    libc.malloc_trim(0)
 
 
 def _proc_status_kib(field: str) -> int:

@@ -73,8 +73,9 @@ def dense_perturb(param, grad, coef, sumsq, project_eps=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("project_eps", [None, 0.05, 1e6], ids=["fgm", "pgd-ball-left", "pgd-inside"])
-def test_perturb(backend, seed, dtype, project_eps):
-    params, grads = make_case(dtype)
+@pytest.mark.parametrize("density", [0.3, 1.0], ids=["rows", "every-row"])
+def test_perturb(backend, seed, dtype, project_eps, density):
+    params, grads = make_case(dtype, density)
     originals = [p.clone() for p in params]
     rows = [rows_of(g) for g in grads]
     # Rows already backed up by an earlier step keep their backup; the rest must be written by this call.
@@ -131,3 +132,21 @@ def test_restore_is_bit_exact(backend, seed, dtype):
     ops(backend).restore(params, rows, backups)
     for p, o, r in zip(params, originals, rows):
         assert torch.equal(p[r], o[r])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("project_eps", [None, 0.05])
+def test_torch_every_row_path_in_chunks(seed, dtype, project_eps, monkeypatch):
+    """The torch backend walks a dense matrix in row chunks; a tiny chunk size makes it take many."""
+    from fastadv.backends import torch_ops
+
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)  # 3 rows of the widest tensor per chunk
+    params, grads = make_case(dtype, density=1.0)
+    originals = [p.clone() for p in params]
+    rows = [torch.arange(p.shape[0], device=DEVICE) for p in params]
+    backups = [torch.full_like(p, float("nan")) for p in params]
+    sumsq = torch.tensor([g.double().square().sum().item() for g in grads], dtype=torch.float64, device=DEVICE)
+    torch_ops.perturb(params, grads, rows, backups, [0] * len(rows), sumsq, 0.7, project_eps)
+    for p, g, o, b, s in zip(params, grads, originals, backups, sumsq.tolist()):
+        assert torch.equal(b, o)
+        assert_matches(p, dense_perturb(o, g, 0.7, s, project_eps))

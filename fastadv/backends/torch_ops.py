@@ -11,9 +11,17 @@ from torch import Tensor
 
 __all__ = ["scan", "perturb", "restore", "supports"]
 
-# Rows per chunk when a half-precision gradient is widened to fp32 on the CPU: ~4 MiB stays in cache, and
-# vector_norm(..., dtype=float32) on the whole matrix would be ten times slower there.
+# Whole-matrix work on the CPU goes through row chunks of about this many fp32 bytes: temporaries that stay in cache
+# (vector_norm(..., dtype=float32) of a whole bf16 matrix is ten times slower than chunk by chunk).
 _CHUNK_BYTES = 4 << 20
+
+
+def _row_chunks(tensor: Tensor) -> list[slice]:
+    """Row slices covering ``tensor``: cache-sized on the CPU, the whole tensor elsewhere."""
+    if tensor.device.type != "cpu":
+        return [slice(None)]
+    step = max(1, _CHUNK_BYTES // (4 * max(1, tensor.shape[1])))
+    return [slice(start, start + step) for start in range(0, tensor.shape[0], step)]
 
 
 def _row_norms(grad: Tensor) -> Tensor:
@@ -21,9 +29,7 @@ def _row_norms(grad: Tensor) -> Tensor:
     if grad.dtype == torch.float32 or grad.device.type != "cpu":
         return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)
     out = torch.empty(grad.shape[0], dtype=torch.float32, device=grad.device)
-    step = max(1, _CHUNK_BYTES // (4 * max(1, grad.shape[1])))
-    for start in range(0, grad.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in _row_chunks(grad):
         torch.linalg.vector_norm(grad[rows].float(), dim=-1, out=out[rows])
     return out
 
@@ -52,35 +58,56 @@ def perturb(
     usable = torch.isfinite(sumsq) & (sumsq > 0)
     scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
     for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
+        on_cpu = param.device.type == "cpu"
+        if len(idx) == param.shape[0]:  # every row (a tied embedding), in order: slices instead of gathers
+            backup[n_backed[i] :] = param[n_backed[i] :]
+            if on_cpu and not usable[i]:
+                continue
+            _perturb_every_row(param, grad, backup, scales[i], usable[i], project_eps)
+            continue
         done = n_backed[i]
-        every_row = len(idx) == param.shape[0]  # then the rows are 0..n-1 in order: slices replace the gathers
-        if every_row:
-            backup[done:] = param[done:]
-            old = param
-            new = torch.addcmul(param.float(), grad.float(), scales[i])
-        else:
-            if done < len(idx):
-                torch.index_select(param, 0, idx[done:], out=backup[done:])
-            # rows backed up just now still hold their original values: take them from the backup, not gather again
-            old = backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done:]])
-            gathered = _gather(grad, idx).float()
-            new = torch.addcmul(old.float(), gathered, scales[i], out=gathered)
+        if done < len(idx):
+            torch.index_select(param, 0, idx[done:], out=backup[done:])
+        if on_cpu and not usable[i]:
+            continue
+        # rows backed up just now still hold their original values: take them from the backup, not gather again
+        old = backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done:]])
+        gathered = _gather(grad, idx).float()
+        new = torch.addcmul(old.float(), gathered, scales[i], out=gathered)
         if project_eps is not None:
             origin = backup.float()
             norm = torch.dist(new, origin)
-            if new.device.type != "cpu":
+            if not on_cpu:
                 new = torch.where(norm > project_eps, torch.lerp(origin, new, project_eps / norm), new)
             elif norm > project_eps:  # the check is free on the CPU, and the ball is rarely left
                 new = torch.lerp(origin, new, project_eps / norm)
         new = new.to(param.dtype)
-        if param.device.type != "cpu":
-            new = torch.where(usable[i], new, old)  # a masked write instead of a host sync
-        elif not usable[i]:
-            continue
-        if every_row:
-            param.copy_(new)
-        else:
-            param.index_copy_(0, idx, new)
+        param.index_copy_(0, idx, new if on_cpu else torch.where(usable[i], new, old))  # masked: no host sync
+
+
+def _perturb_every_row(
+    param: Tensor, grad: Tensor, backup: Tensor, scale: Tensor, usable: Tensor, eps: float | None
+) -> None:
+    """perturb on every row of a dense gradient, chunk by chunk so the fp32 temporaries stay small; with a
+    projection, a first pass measures the norm of the whole update and a second writes it, rounded once."""
+    on_cpu = param.device.type == "cpu"
+    if eps is None and on_cpu and param.dtype == torch.float32:
+        param.addcmul_(grad, scale)  # the caller checked usable
+        return
+    chunks = _row_chunks(param)
+
+    def updated(rows: slice) -> Tensor:
+        return torch.addcmul(param[rows].float(), grad[rows].float(), scale)
+
+    if eps is not None:
+        norm = torch.stack([torch.dist(updated(rows), backup[rows].float()) for rows in chunks]).norm()
+        outside, factor = norm > eps, eps / norm
+    for rows in chunks:
+        new = updated(rows)
+        if eps is not None and (not on_cpu or outside):
+            projected = torch.lerp(backup[rows].float(), new, factor)
+            new = projected if on_cpu else torch.where(outside, projected, new)
+        param[rows] = new if on_cpu else torch.where(usable, new, param[rows].float())
 
 
 def _gather(source: Tensor, idx: Tensor) -> Tensor:
@@ -90,7 +117,10 @@ def _gather(source: Tensor, idx: Tensor) -> Tensor:
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
     for param, idx, backup in zip(params, rows, backups):
-        param.index_copy_(0, idx, backup)
+        if len(idx) == param.shape[0]:  # every row, in order
+            param.copy_(backup)
+        else:
+            param.index_copy_(0, idx, backup)
 
 
 def supports(device: torch.device) -> bool:
