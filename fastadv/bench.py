@@ -208,7 +208,8 @@ def end_to_end(
 ) -> list[tuple[str, str, float, float]]:
     """Training steps of a transformers BERT (250002-token vocabulary, hidden 256, 2 layers, batch 16x64).
 
-    Returns rows of (method, impl, seconds per step, step time / the plain forward+backward passes it contains).
+    Returns rows of (method, impl, seconds per step, step time / the plain forward+backward passes it contains),
+    each step timed alternately with a plain pass; the first row is the plain forward+backward pass.
     """
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -228,8 +229,7 @@ def end_to_end(
         model.zero_grad()
         closure().backward()
 
-    base = time_call(plain, device, repeats=repeats)
-    rows = [("plain fwd+bwd", "-", base, 1.0)]
+    rows = [("plain fwd+bwd", "-", time_call(plain, device, repeats=repeats), 1.0)]
     for method in methods:
         passes = 2 if method == "fgm" else PGD_K + 1
         for impl in impls:
@@ -260,7 +260,9 @@ def end_to_end(
                     model.zero_grad()
                     fused.step(closure) if method == "fgm" else fused.step(closure, k=PGD_K)
 
-            seconds = time_call(step, device, repeats=repeats)
+            # interleaved with the plain passes, so that drifts of the machine's speed cancel in the ratio
+            pairs = [(time_call(plain, device, 1, 0), time_call(step, device, 1, 0)) for _ in range(repeats + 1)][1:]
+            base, seconds = (statistics.median(times) for times in zip(*pairs))
             rows.append((method, impl, seconds, seconds / (passes * base)))
     return rows
 
