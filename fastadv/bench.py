@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plot(results: list[Result], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -322,6 +323,7 @@ def _plot(results: list[Result], path: str) -> None:
         ax.bar([i + k * width for i in range(len(groups))], [speedup.get(g, 0) for g in groups], width, label=impl)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.set_ylabel("speed-up over the seed")
     ax.legend()
     fig.tight_layout()
