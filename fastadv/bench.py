@@ -25,7 +25,7 @@ from torch import nn
 
 from fastadv import FusedFGM, FusedPGD, available_backends
 from fastadv.backends import resolve_backend
-from fastadv.reference import FGM, PGD
+from fastadv.reference import FGM, PGD, fgm_step, pgd_step
 
 #: Embedding shapes (rows, dim) of the models users train.
 SHAPES = {"bert-base": (30522, 768), "xlm-r": (250002, 768), "llama": (32000, 4096)}
@@ -238,21 +238,7 @@ def end_to_end(
 
                 def step(attacker=attacker, method=method) -> None:
                     model.zero_grad()
-                    closure().backward()
-                    if method == "fgm":
-                        attacker.attack()
-                        closure().backward()
-                        attacker.restore()
-                        return
-                    attacker.backup_grad()
-                    for t in range(PGD_K):
-                        attacker.attack(is_first_attack=t == 0)
-                        if t != PGD_K - 1:
-                            model.zero_grad()
-                        else:
-                            attacker.restore_grad()
-                        closure().backward()
-                    attacker.restore()
+                    fgm_step(attacker, closure) if method == "fgm" else pgd_step(attacker, model, closure, PGD_K)
             else:
                 fused = FusedFGM(model, backend=impl) if method == "fgm" else FusedPGD(model, backend=impl)
 

@@ -17,10 +17,12 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-__all__ = ["FGM", "PGD"]
+__all__ = ["FGM", "PGD", "fgm_step", "pgd_step"]
 
 
 class FGM:
@@ -88,3 +90,37 @@ class PGD:
         for name, param in self.model.named_parameters():
             if param.requires_grad and param.grad is not None:
                 param.grad = self.grad_backup[name]
+
+
+def fgm_step(fgm: FGM, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The seed's FGM usage code: clean backward, attack, adversarial backward, restore. Returns the clean loss.
+
+    ``fgm`` may be any object with the seed's methods (a :class:`fastadv.FusedFGM` too).
+    """
+    loss = closure()
+    loss.backward()
+    fgm.attack()
+    loss_adv = closure()
+    loss_adv.backward()
+    fgm.restore()
+    return loss
+
+
+def pgd_step(pgd: PGD, model: nn.Module, closure: Callable[[], torch.Tensor], k: int = 3) -> torch.Tensor:
+    """The seed's PGD usage code with ``pgd_k = k``. Returns the clean loss.
+
+    ``pgd`` may be any object with the seed's methods (a :class:`fastadv.FusedPGD` too).
+    """
+    loss = closure()
+    loss.backward()
+    pgd.backup_grad()
+    for _t in range(k):
+        pgd.attack(is_first_attack=(_t == 0))
+        if _t != k - 1:
+            model.zero_grad()
+        else:
+            pgd.restore_grad()
+        loss_adv = closure()
+        loss_adv.backward()
+    pgd.restore()
+    return loss

@@ -8,13 +8,14 @@ rounds after every operation, so the seed run in half precision is not the yards
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from conftest import DEVICE, TinyEncoder, Wrapped, assert_matches, batch
 
 from fastadv import FusedFGM, FusedPGD
-from fastadv.reference import FGM, PGD
+from fastadv.reference import FGM, PGD, fgm_step, pgd_step
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -156,6 +157,7 @@ def test_pgd_step_and_restore_grad_with_unused_parameter(backend, seed):
 
 
 def training_loop(model, kind: str, fused: bool, backend: str, steps: int = 4, k: int = 3):
+    """The seed's usage code (fastadv.reference.fgm_step / pgd_step) with the seed's classes or fastadv's."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     wrapped = Wrapped(model)  # the seed and fastadv both unwrap .module
     if kind == "fgm":
@@ -166,23 +168,9 @@ def training_loop(model, kind: str, fused: bool, backend: str, steps: int = 4, k
     losses = []
     for _ in range(steps):
         ids = torch.randint(0, 64, (4, 6), device=DEVICE, generator=gen)
-        loss = model(ids)
-        loss.backward()
+        closure = functools.partial(model, ids)
+        loss = fgm_step(attacker, closure) if kind == "fgm" else pgd_step(attacker, model, closure, k)
         losses.append(loss.item())
-        if kind == "fgm":
-            attacker.attack()
-            model(ids).backward()
-            attacker.restore()
-        else:
-            attacker.backup_grad()
-            for t in range(k):
-                attacker.attack(is_first_attack=t == 0)
-                if t != k - 1:
-                    model.zero_grad()
-                else:
-                    attacker.restore_grad()
-                model(ids).backward()
-            attacker.restore()
         opt.step()
         opt.zero_grad()
     return losses
@@ -213,38 +201,22 @@ def test_training_loop_half_precision(backend, seed, dtype, kind):
         torch.testing.assert_close(a, b, rtol=4 * ulp, atol=4 * ulp * 0.05)
 
 
-def test_fgm_step_matches_hand_written_loop(backend, seed):
+def test_fgm_step_matches_the_seeds_loop(backend, seed):
     fused, ref = twins()
     ids = batch()
     loss = FusedFGM(fused, backend=backend).step(lambda: fused(ids))
-    oracle = FGM(ref)
-    want = ref(ids)
-    want.backward()
-    oracle.attack()
-    ref(ids).backward()
-    oracle.restore()
+    want = fgm_step(FGM(ref), lambda: ref(ids))
     assert loss.item() == want.item()
     assert_same_grads(fused, ref)
     assert_same_params(fused, ref)
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_pgd_step_matches_hand_written_loop(backend, seed, k):
+def test_pgd_step_matches_the_seeds_loop(backend, seed, k):
     fused, ref = twins()
     ids = batch()
     loss = FusedPGD(fused, eps=0.1, backend=backend).step(lambda: fused(ids), k=k)
-    oracle = PGD(ref, eps=0.1)
-    want = ref(ids)
-    want.backward()
-    oracle.backup_grad()
-    for t in range(k):
-        oracle.attack(is_first_attack=t == 0)
-        if t != k - 1:
-            ref.zero_grad()
-        else:
-            oracle.restore_grad()
-        ref(ids).backward()
-    oracle.restore()
+    want = pgd_step(PGD(ref, eps=0.1), ref, lambda: ref(ids), k)
     assert loss.item() == want.item()
     assert_same_grads(fused, ref)
     assert_same_params(fused, ref)
