@@ -171,27 +171,19 @@ class _RowPerturbation:
         self.active_name = emb_name
 
         stats = backend.scan(grads, [s.touched for s in states], [s.fresh for s in states])
-        active = []
-        for i, ((name, _), state, (sumsq, n_fresh)) in enumerate(zip(targets, states, stats.tolist())):
+        for (name, _), state, (sumsq, n_fresh) in zip(targets, states, stats.tolist()):  # the one host sync
             if not math.isfinite(sumsq):
                 self._skip_nonfinite(name, sumsq)
             elif sumsq > 0:
                 state.add_fresh(state.mark_all_fresh() if sumsq < _UNDERFLOW_SUMSQ else int(n_fresh))
-                active.append(i)
-        if not active:
-            return
-
-        def pick(items: list) -> list:
-            return [items[i] for i in active]
-
-        states = pick(states)
+        # every tensor goes in: perturb itself leaves alone those whose norm is zero or not finite (no rows added)
         backend.perturb(
-            pick(params),
-            pick(grads),
+            params,
+            grads,
             [s.rows for s in states],
             [s.backup for s in states],
             [s.n_backed for s in states],
-            stats[active, 0],
+            stats[:, 0],
             coef,
             project_eps,
         )
