@@ -58,17 +58,16 @@ def perturb(
     usable = torch.isfinite(sumsq) & (sumsq > 0)
     scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
     for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
-        on_cpu = param.device.type == "cpu"
-        if len(idx) == param.shape[0]:  # every row (a tied embedding), in order: slices instead of gathers
-            backup[n_backed[i] :] = param[n_backed[i] :]
-            if on_cpu and not usable[i]:
-                continue
-            _perturb_every_row(param, grad, backup, scales[i], usable[i], project_eps)
-            continue
-        done = n_backed[i]
-        if done < len(idx):
+        on_cpu, done = param.device.type == "cpu", n_backed[i]
+        every_row = len(idx) == param.shape[0]  # a tied embedding: rows 0..n-1 in order, so slices, not gathers
+        if every_row:
+            backup[done:] = param[done:]
+        elif done < len(idx):
             torch.index_select(param, 0, idx[done:], out=backup[done:])
         if on_cpu and not usable[i]:
+            continue  # free to check on the CPU; elsewhere the writes below are masked instead of synced
+        if every_row:
+            _perturb_every_row(param, grad, backup, scales[i], usable[i], project_eps)
             continue
         # rows backed up just now still hold their original values: take them from the backup, not gather again
         old = backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done:]])
