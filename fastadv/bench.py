@@ -98,17 +98,63 @@ def build_model(case: Case, device: torch.device) -> nn.Module:
     return model
 
 
+#: The peer a user would try first: the seed's classes with their per-tensor math compiled by torch.compile.
+COMPILED_SEED = "compiled"
+
+
+def _fgm_math(weight: torch.Tensor, grad: torch.Tensor, eps: float) -> None:
+    """The seed's FGM update of one tensor, branch-free so that it compiles into one graph."""
+    norm = torch.norm(grad)
+    weight.add_(torch.where((norm != 0) & ~torch.isnan(norm), eps * grad / norm, 0.0))
+
+
+def _pgd_math(weight: torch.Tensor, grad: torch.Tensor, origin: torch.Tensor, alpha: float, eps: float) -> None:
+    """The seed's PGD step (update, then projection) of one tensor, branch-free."""
+    norm = torch.norm(grad)
+    r = weight + alpha * grad / norm - origin
+    r_norm = torch.norm(r)
+    r = torch.where(r_norm > eps, eps * r / r_norm, r)
+    weight.copy_(torch.where((norm != 0) & ~torch.isnan(norm), origin + r, weight))
+
+
+class _CompiledFGM(FGM):
+    def attack(self, emb_name: str = "word_embeddings") -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                self.backup[name] = param.data.clone()
+                _compiled(_fgm_math)(param.data, param.grad, self.eps)
+
+
+class _CompiledPGD(PGD):
+    def attack(self, emb_name: str = "word_embeddings", is_first_attack: bool = False) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                if is_first_attack:
+                    self.emb_backup[name] = param.data.clone()
+                _compiled(_pgd_math)(param.data, param.grad, self.emb_backup[name], self.alpha, self.eps)
+
+
+_PEERS = {"seed": (FGM, PGD), COMPILED_SEED: (_CompiledFGM, _CompiledPGD)}
+_compiled_fns: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    if fn not in _compiled_fns:
+        _compiled_fns[fn] = torch.compile(fn, dynamic=False)
+    return _compiled_fns[fn]
+
+
 def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
-    """One call of ``method`` through ``impl`` (``"seed"`` or a backend name) on ``model``."""
+    """One call of ``method`` through ``impl`` (``"seed"``, ``COMPILED_SEED`` or a backend name) on ``model``."""
     if method == "fgm":
-        fgm = FGM(model) if impl == "seed" else FusedFGM(model, backend=impl)
+        fgm = _PEERS[impl][0](model) if impl in _PEERS else FusedFGM(model, backend=impl)
 
         def call() -> None:
             fgm.attack()
             fgm.restore()
 
         return call
-    pgd = PGD(model) if impl == "seed" else FusedPGD(model, backend=impl)
+    pgd = _PEERS[impl][1](model) if impl in _PEERS else FusedPGD(model, backend=impl)
 
     def call() -> None:
         pgd.backup_grad()
@@ -183,7 +229,11 @@ class Result:
 
 
 def time_case(case: Case, device: torch.device, impls: list[str], repeats: int) -> list[Result]:
-    """Median time per call of each implementation on one shared model (weights checked restored after each)."""
+    """Median time per call of each implementation on one shared model (weights checked restored after each).
+
+    Each implementation runs its calls back to back after a warm-up: interleaving them call by call would charge the
+    seed's freeing of gigabytes (the kernel returns the pages for a while after) to whoever runs next.
+    """
     model = build_model(case, device)
     weight, grad = model.word_embeddings.detach().clone(), model.word_embeddings.grad
     results = []
@@ -233,8 +283,8 @@ def end_to_end(
     for method in methods:
         passes = 2 if method == "fgm" else PGD_K + 1
         for impl in impls:
-            if impl == "seed":
-                attacker = FGM(model) if method == "fgm" else PGD(model)
+            if impl in _PEERS:
+                attacker = _PEERS[impl][0 if method == "fgm" else 1](model)
 
                 def step(attacker=attacker, method=method) -> None:
                     model.zero_grad()
@@ -264,9 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speed-ups over the seed")
+    parser.add_argument(
+        "--compiled-seed", action="store_true", help="also time the seed's math under torch.compile (compiles first)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     impls = implementations(device)
+    if args.compiled_seed:
+        impls.insert(1, COMPILED_SEED)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"fastadv.bench on {device} ({name}), torch {torch.__version__}, scale {bench_scale()}")
     results = []
