@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastadv.backends import resolve_backend
+from fastadv.reference import fgm_step, pgd_step
 
 __all__ = ["FusedFGM", "FusedPGD"]
 
@@ -311,14 +312,11 @@ class FusedFGM:
         ``closure()`` runs the forward pass and returns the loss; gradients accumulate into ``.grad`` as in the seed's
         loop, ready for ``optimizer.step()``.
         """
-        loss = closure()
-        loss.backward()
-        self.attack()
         try:
-            closure().backward()
+            return fgm_step(self, closure).detach()
         finally:
-            self.restore()
-        return loss.detach()
+            if self._rows.active_name is not None:  # the adversarial pass raised: put the weights back
+                self.restore()
 
 
 class FusedPGD:
@@ -385,20 +383,10 @@ class FusedPGD:
         """
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"k must be an int >= 1, got {k!r}")
-        loss = closure()
-        loss.backward()
-        self.backup_grad()
         try:
-            for t in range(k):
-                self.attack(is_first_attack=t == 0)
-                if t != k - 1:
-                    self.model.zero_grad()
-                else:
-                    self.restore_grad()
-                closure().backward()
-        finally:
+            return pgd_step(self, self.model, closure, k).detach()
+        finally:  # a pass raised: put the weights and the clean gradients back
             if self._rows.active_name is not None:
                 self.restore()
             if self._grads.pending:
                 self.restore_grad()
-        return loss.detach()
