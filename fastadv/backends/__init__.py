@@ -1,27 +1,37 @@
-"""Backends: the three stateless ops every implementation provides, and the choice between implementations.
+"""Backends: the stateless ops every implementation provides, and the choice between implementations.
 
-A backend is a module with three functions over lists of tensors. ``params``/``grads`` are 2-D views
-``[rows, cols]`` of each target parameter and its gradient (1-D tensors are one row); ``rows[i]`` is an int64 list
-of the rows perturbed so far (when it holds every row they are in order ``0..rows-1``, so a backend may use slices);
-``backups[i]`` holds the original values of the same rows, ``len(rows[i])`` of them. Sums of squares are accumulated
-in fp32 whatever the dtype, and each written element is rounded once per op.
+A backend is a module with these functions over lists of tensors. ``params``/``grads`` are 2-D views ``[rows, cols]``
+of each target parameter and its gradient (1-D tensors are one row); ``rows[i]`` is an int64 list of the rows
+perturbed so far, without repeats (when it holds every row they are in order ``0..rows-1``, so a backend may use
+slices); ``backups[i]`` holds the original values of the same rows, ``len(rows[i])`` of them. ``scales`` is a float32
+vector, one step size per tensor; a zero scale means "leave this tensor's weights alone". Sums of squares are
+accumulated in fp32 whatever the dtype, and each written element is rounded once per op. All math below is fp32 on
+the widened values (``W``, ``G``, ``B`` are the current weights, gradient and backup of a row).
 
-``scan(grads, touched, fresh) -> stats``
-    One read of each gradient. ``stats`` is a float64 ``[n, 2]`` tensor: the fp32-accumulated sum of squares of
-    ``grads[i]`` and the number of rows that are non-zero in ``grads[i]`` and not yet in ``touched[i]``; those rows
-    are flagged in the bool buffer ``fresh[i]`` (every element of ``fresh[i]`` is written).
-``perturb(params, grads, rows, backups, n_backed, sumsq, coef, project_eps) -> None``
-    For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``; then
-    ``params[i][r] += coef / sqrt(sumsq[i]) * grads[i][r]``. With ``project_eps`` (PGD) the update is then projected
-    onto the ball of that radius around the backup: ``W = B + min(1, eps / ||W - B||) * (W - B)`` with the norm over
-    all of ``rows[i]`` taken on the unrounded fp32 ``W``, so each element is rounded once (this needs a reduction
-    over the rows before the write: two passes over the touched rows, decided on the device). A tensor whose
-    ``sumsq[i]`` is zero or not finite is left alone (its backups are still written).
+``scan(grads, touched, fresh, params=None) -> stats``
+    One read of each gradient (and of each parameter when ``params`` is given). ``stats`` is a float64 ``[n, 3]``
+    tensor: the sum of squares of ``grads[i]``; the number of rows that are non-zero in ``grads[i]`` (any element
+    non-zero, NaN included, even when its square underflows) and not yet in ``touched[i]``; the sum of squares of
+    ``params[i]`` (0 without ``params``). Those rows are flagged in the bool buffer ``fresh[i]`` (every element of
+    ``fresh[i]`` is written).
+``row_sumsq(tensors, rows) -> sumsq``
+    float64 ``[n]``: the sum of squares of the rows ``rows[i]`` of ``tensors[i]``, reading only those rows.
+``perturb(params, grads, rows, backups, n_backed, scales, box_eps=None) -> None``
+    For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]`` (the
+    bits); then, where ``scales[i] != 0``, ``W = W + scales[i] * G``, and with ``box_eps`` (AWP) clamped elementwise
+    into ``[B - d, B + d]`` with ``d = float32(box_eps) * |B|``; stored rounded once.
+``measure(params, grads, rows, backups, n_backed, scales) -> delta_sumsq``
+    PGD's first pass: the backups as in ``perturb``, and a float32 ``[n]`` vector of ``||W + scales[i] * G - B||^2``
+    over ``rows[i]`` (0 where the scale is 0); the weights are not written.
+``project(params, grads, rows, backups, scales, delta_sumsq, eps) -> None``
+    PGD's second pass, where ``scales[i] != 0``: ``new = W + scales[i] * G`` as in ``measure``; with
+    ``norm = sqrt(float32(delta_sumsq[i]))``, where ``norm > eps`` ``new = lerp(B, new, eps / norm)`` (``torch.lerp``'s
+    formula); stored rounded once. Between the two passes a caller may all-reduce ``delta_sumsq`` (sharded weights).
 ``restore(params, rows, backups) -> None``
     ``params[i][rows[i]] = backups[i]``, bit-exact, in place.
 
-No op syncs with the host; the caller reads ``stats`` once per attack (it needs the row counts).
-Every backend module also has ``supports(device) -> bool``: whether its ops run on tensors of that device.
+No op syncs with the host; the caller reads ``stats`` once per attack (it needs the row counts). Every backend module
+also has ``supports(device) -> bool``: whether its ops run on tensors of that device.
 
 Backends, each op at the same name: ``torch`` (:mod:`fastadv.backends.torch_ops`, pure PyTorch, any device),
 ``triton`` (:mod:`fastadv.backends.triton_ops` over the kernels in ``kernels/``, CUDA, or CPU under
