@@ -1,12 +1,12 @@
-"""fastadv: fused embedding-space adversarial training (FGM, PGD) for PyTorch.
+"""fastadv: fused embedding-space adversarial training (FGM, PGD, AWP) for PyTorch.
 
 >>> from fastadv import FusedPGD  # doctest: +SKIP
 >>> pgd = FusedPGD(model, eps=1.0, alpha=0.3)  # doctest: +SKIP
 >>> loss = pgd.step(lambda: model(**batch).loss, k=3)  # doctest: +SKIP
 """
 
-from fastadv.attacks import FusedFGM, FusedPGD
+from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
 from fastadv.backends import available_backends
 
-__all__ = ["FusedFGM", "FusedPGD", "available_backends", "__version__"]
-__version__ = "0.1.0"
+__all__ = ["FusedFGM", "FusedPGD", "FusedAWP", "available_backends", "__version__"]
+__version__ = "0.2.0"

@@ -1,27 +1,25 @@
-"""FusedFGM and FusedPGD: the seed's FGM/PGD classes with the same calls, on touched rows only.
+"""FusedFGM, FusedPGD and FusedAWP: the seed's FGM/PGD classes and the widely used AWP class, with the same calls,
+on touched rows only.
 
-The classes hold state (which parameters are perturbed, which rows, their original values, the step count) and call
-the ops of a backend (:mod:`fastadv.backends`); they never touch tensors element by element.
+The classes hold state (which parameters are perturbed, which rows, their original values, the step count) through
+:class:`fastadv._perturbation.RowPerturbation`, which calls the ops of a backend (:mod:`fastadv.backends`); they never
+touch tensors element by element.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
-from types import ModuleType
 
-import torch
 from torch import Tensor, nn
 
-from fastadv.backends import resolve_backend
-from fastadv.reference import fgm_step, pgd_step
+from fastadv._perturbation import RowPerturbation, ScaleRule
+from fastadv.reference import awp_step, fgm_step, pgd_step
 
-__all__ = ["FusedFGM", "FusedPGD"]
+__all__ = ["FusedFGM", "FusedPGD", "FusedAWP"]
 
-# Below this gradient sum of squares, a row whose squares all underflow to zero in fp32 (|g| < 4e-23) could still get
-# a perturbation above 1e-12 * eps, so the attack covers every row instead of the rows the scan found non-zero.
-_UNDERFLOW_SUMSQ = 1e-20
+# AWP's guard against zero norms, as in the AWP class: W += lr * G / (||G|| + e) * (||W|| + e).
+_AWP_E = 1e-6
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -35,200 +33,9 @@ def _check_positive(name: str, value: float) -> float:
     return value
 
 
-def _as_rows(tensor: Tensor) -> Tensor:
-    """``tensor`` as ``[rows, cols]`` sharing its storage (a 1-D or 0-D tensor is one row)."""
-    return tensor.view(tensor.shape[0] if tensor.dim() > 1 else 1, -1)
-
-
-class _RowState:
-    """The rows of one parameter perturbed since the last restore, and their original values.
-
-    The buffers keep their capacity across restores, so steady-state training allocates nothing here.
-    """
-
-    def __init__(self, param: Tensor) -> None:
-        n_rows, n_cols = param.shape
-        self.param = param
-        self.touched = torch.zeros(n_rows, dtype=torch.bool, device=param.device)
-        self.fresh = torch.empty(n_rows, dtype=torch.bool, device=param.device)
-        self._rows = torch.empty(0, dtype=torch.long, device=param.device)
-        self._backup = param.new_empty((0, n_cols))
-        self.n_rows = 0
-        self.n_backed = 0
-        self.in_order = True  # rows[:n_rows] ascending: true after one scan, which finds rows in order
-
-    def fits(self, param: Tensor) -> bool:
-        return param.shape == self.param.shape and param.device == self.param.device and param.dtype == self.param.dtype
-
-    @property
-    def rows(self) -> Tensor:
-        return self._rows[: self.n_rows]
-
-    @property
-    def backup(self) -> Tensor:
-        return self._backup[: self.n_rows]
-
-    def mark_all_fresh(self) -> int:
-        torch.logical_not(self.touched, out=self.fresh)
-        return self.touched.numel() - self.n_rows
-
-    def add_fresh(self, count: int) -> None:
-        """Append the ``count`` rows flagged in ``fresh`` (by the last scan) to the perturbed rows."""
-        if count == 0:
-            return
-        new_rows = torch.nonzero_static(self.fresh, size=count).view(-1)
-        needed = self.n_rows + count
-        if needed > len(self._rows):
-            capacity = max(needed, 2 * len(self._rows))
-            rows = self._rows.new_empty(capacity)
-            rows[: self.n_rows] = self.rows
-            backup = self._backup.new_empty((capacity, self._backup.shape[1]))
-            backup[: self.n_backed] = self._backup[: self.n_backed]
-            self._rows, self._backup = rows, backup
-        self._rows[self.n_rows : needed] = new_rows
-        self.touched.index_fill_(0, new_rows, True)
-        self.in_order = self.n_rows == 0
-        self.n_rows = needed
-
-    def backed_up(self) -> None:
-        """Every row has its backup now; a complete row list is put in order so backends can use slices for it."""
-        self.n_backed = self.n_rows
-        if not self.in_order and self.n_rows == len(self.touched):
-            order = torch.argsort(self.rows)
-            self._rows[: self.n_rows] = self.rows[order]
-            self._backup[: self.n_rows] = self.backup[order]
-            self.in_order = True
-
-    def clear(self) -> None:
-        self.touched.index_fill_(0, self.rows, False)
-        self.n_rows = self.n_backed = 0
-        self.in_order = True
-
-
-class _RowPerturbation:
-    """Attack/restore bookkeeping shared by FGM and PGD: which parameters, which rows, their backups."""
-
-    def __init__(self, model: nn.Module, backend: str) -> None:
-        resolve_backend(backend, None)  # fail now on an unknown or unavailable backend, not at the first attack
-        self.model = model
-        self.backend_name = backend
-        self.active_name: str | None = None
-        self.nonfinite_skips = 0
-        self._backends: dict[torch.device, ModuleType] = {}
-        self._states: dict[str, _RowState] = {}
-        self._warned = False
-
-    def targets(self, emb_name: str) -> list[tuple[str, nn.Parameter]]:
-        """The parameters the seed would attack, validated before anything is modified."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and emb_name in n]
-        if not named:
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            hints = [n for n in names if "emb" in n.lower()] or names[:10]
-            raise ValueError(
-                f"no trainable parameter name contains emb_name={emb_name!r}; candidates: {', '.join(hints) or 'none'}."
-                " Pass emb_name= (a substring of the embedding weight's name) to the constructor or to attack()."
-            )
-        for name, param in named:
-            grad = param.grad
-            if grad is None:
-                raise RuntimeError(
-                    f"parameter {name!r} matches emb_name={emb_name!r} but has no .grad: call loss.backward() before"
-                    " attack()"
-                )
-            if grad.layout != torch.strided:
-                raise RuntimeError(
-                    f"parameter {name!r} has a {grad.layout} gradient (e.g. nn.Embedding(sparse=True)); fastadv needs"
-                    " dense gradients: build the embedding with sparse=False"
-                )
-            if grad.shape != param.shape:
-                raise RuntimeError(
-                    f"parameter {name!r} has shape {tuple(param.shape)} but its grad {tuple(grad.shape)}"
-                )
-            if not param.data.is_contiguous():
-                raise RuntimeError(f"parameter {name!r} is not contiguous; call .data = .data.contiguous() once first")
-            if param.device != named[0][1].device:
-                raise RuntimeError(
-                    f"parameters matching emb_name={emb_name!r} are on several devices; attack them"
-                    " with one object per device"
-                )
-        return named
-
-    def attack(self, emb_name: str, coef: float, first: bool, project_eps: float | None = None) -> None:
-        if first and self.active_name is not None:
-            raise RuntimeError(
-                f"attack on {self.active_name!r} is already active: call restore() before the next first attack (the"
-                " seed would back up the perturbed weights here and lose the originals)"
-            )
-        if not first:
-            if self.active_name is None:
-                raise RuntimeError("no active attack: call attack(is_first_attack=True) first")
-            if emb_name != self.active_name:
-                raise ValueError(f"attack(emb_name={emb_name!r}) continues an attack on emb_name={self.active_name!r}")
-        targets = self.targets(emb_name)
-        params = [_as_rows(p.data) for _, p in targets]
-        grads = [_as_rows(p.grad.contiguous()) for _, p in targets]
-        backend = self._backend(params[0].device)
-        states = [self._state(name, param) for (name, _), param in zip(targets, params)]
-        self.active_name = emb_name
-
-        stats = backend.scan(grads, [s.touched for s in states], [s.fresh for s in states])
-        for (name, _), state, (sumsq, n_fresh) in zip(targets, states, stats.tolist()):  # the one host sync
-            if not math.isfinite(sumsq):
-                self._skip_nonfinite(name, sumsq)
-            elif sumsq > 0:
-                state.add_fresh(state.mark_all_fresh() if sumsq < _UNDERFLOW_SUMSQ else int(n_fresh))
-        # every tensor goes in: perturb itself leaves alone those whose norm is zero or not finite (no rows added)
-        backend.perturb(
-            params,
-            grads,
-            [s.rows for s in states],
-            [s.backup for s in states],
-            [s.n_backed for s in states],
-            stats[:, 0],
-            coef,
-            project_eps,
-        )
-        for state in states:
-            state.backed_up()
-
-    def restore(self, emb_name: str | None) -> None:
-        if self.active_name is None:
-            raise RuntimeError("restore() called without an active attack: call attack() first")
-        if emb_name is not None and emb_name != self.active_name:
-            raise ValueError(
-                f"restore(emb_name={emb_name!r}) but the active attack is on emb_name={self.active_name!r}"
-            )
-        states = [s for s in self._states.values() if s.n_rows]  # all on one device: targets() checked that
-        if states:
-            self._backend(states[0].param.device).restore(
-                [s.param for s in states], [s.rows for s in states], [s.backup for s in states]
-            )
-        for state in states:
-            state.clear()
-        self.active_name = None
-
-    def _state(self, name: str, param: Tensor) -> _RowState:
-        state = self._states.get(name)
-        if state is None or not state.fits(param):
-            state = self._states[name] = _RowState(param)
-        state.param = param
-        return state
-
-    def _backend(self, device: torch.device) -> ModuleType:
-        if device not in self._backends:
-            self._backends[device] = resolve_backend(self.backend_name, device)
-        return self._backends[device]
-
-    def _skip_nonfinite(self, name: str, sumsq: float) -> None:
-        self.nonfinite_skips += 1
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"gradient norm of {name!r} is {math.sqrt(sumsq) if sumsq == sumsq else sumsq}: its attack is skipped"
-                " (counted in .nonfinite_skips; warned once)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+def _normalised(coef: float) -> ScaleRule:
+    """FGM/PGD's step size ``coef / ||G||`` (fp64 math, rounded once to fp32 by the caller)."""
+    return lambda stats: coef / stats[:, 0].sqrt()
 
 
 class _GradStash:
@@ -277,6 +84,10 @@ class FusedFGM:
         eps: perturbation size, > 0.
         emb_name: substring of the names of the parameters to attack; ``attack``/``restore`` may override it.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
+        rows: ``"scan"`` finds the touched rows in the gradient (one read of it); ``"batch"`` takes them from the
+            token ids of the ``nn.Embedding`` lookups since the last attack (forward hooks) and reads only those
+            rows. ``"batch"`` needs an embedding used by its lookup alone (not tied to an LM head, not under DDP,
+            whose all-reduced gradient holds the other ranks' rows); the first attack checks it against a scan.
 
     Example::
 
@@ -286,12 +97,17 @@ class FusedFGM:
     """
 
     def __init__(
-        self, model: nn.Module, eps: float = 1.0, emb_name: str = "word_embeddings", backend: str = "auto"
+        self,
+        model: nn.Module,
+        eps: float = 1.0,
+        emb_name: str = "word_embeddings",
+        backend: str = "auto",
+        rows: str = "scan",
     ) -> None:
         self.model = _unwrap(model)
         self.eps = _check_positive("eps", eps)
         self.emb_name = emb_name
-        self._rows = _RowPerturbation(self.model, backend)
+        self._rows = RowPerturbation(self.model, backend, rows, emb_name)
 
     @property
     def nonfinite_skips(self) -> int:
@@ -300,7 +116,7 @@ class FusedFGM:
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
-        self._rows.attack(emb_name or self.emb_name, self.eps, first=True)
+        self._rows.attack(emb_name or self.emb_name, True, _normalised(self.eps))
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put the original rows back, bit-exact and in place."""
@@ -330,6 +146,7 @@ class FusedPGD:
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
         copy_grads: ``backup_grad`` copies the gradients as the seed does, instead of keeping references; needed only
             if gradients are zeroed in place (``zero_grad(set_to_none=False)``) between the adversarial passes.
+        rows: ``"scan"`` or ``"batch"``, as for :class:`FusedFGM`.
 
     Example::
 
@@ -346,12 +163,13 @@ class FusedPGD:
         emb_name: str = "word_embeddings",
         backend: str = "auto",
         copy_grads: bool = False,
+        rows: str = "scan",
     ) -> None:
         self.model = _unwrap(model)
         self.eps = _check_positive("eps", eps)
         self.alpha = _check_positive("alpha", alpha)
         self.emb_name = emb_name
-        self._rows = _RowPerturbation(self.model, backend)
+        self._rows = RowPerturbation(self.model, backend, rows, emb_name)
         self._grads = _GradStash(copy_grads)
 
     @property
@@ -361,7 +179,7 @@ class FusedPGD:
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._rows.attack(emb_name or self.emb_name, self.alpha, first=is_first_attack, project_eps=self.eps)
+        self._rows.attack(emb_name or self.emb_name, is_first_attack, _normalised(self.alpha), ball_eps=self.eps)
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put the original rows back, bit-exact and in place."""
@@ -390,3 +208,83 @@ class FusedPGD:
                 self.restore()
             if self._grads.pending:
                 self.restore_grad()
+
+
+class FusedAWP:
+    """Adversarial weight perturbation, as the widely used AWP class does it, on every weight in multi-tensor launches.
+
+    For every parameter whose name contains ``adv_param`` and that has a gradient: the first ``attack()`` after a
+    restore saves ``W0`` (the rows it changes); each ``attack()`` does ``W += adv_lr * G / (||G|| + e) * (||W|| + e)``
+    (``e = 1e-6``), clamped into the box ``[W0 - adv_eps * |W0|, W0 + adv_eps * |W0|]`` (derived from the backup, never
+    stored); ``restore()`` puts ``W0`` back. A zero, inf or NaN gradient norm skips that tensor.
+
+    Args:
+        model: the model (a wrapper with ``.module``, e.g. DDP, is unwrapped).
+        adv_param: substring of the names of the parameters to perturb.
+        adv_lr: step size relative to the weights' norm, > 0.
+        adv_eps: half-width of the box, relative to ``|W0|``, > 0.
+        backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
+
+    Example::
+
+        awp = FusedAWP(model, adv_lr=1.0, adv_eps=0.01)
+        loss = awp.step(lambda: model(**batch).loss)   # .grad: the adversarial pass's gradient
+        optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adv_param: str = "weight",
+        adv_lr: float = 1.0,
+        adv_eps: float = 0.01,
+        backend: str = "auto",
+    ) -> None:
+        self.model = _unwrap(model)
+        self.adv_param = adv_param
+        self.adv_lr = _check_positive("adv_lr", adv_lr)
+        self.adv_eps = _check_positive("adv_eps", adv_eps)
+        self._rows = RowPerturbation(self.model, backend)
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many parameter attacks were skipped because the gradient or weight norm was inf or NaN."""
+        return self._rows.nonfinite_skips
+
+    def _scales(self, stats: Tensor) -> Tensor:
+        return self.adv_lr * (stats[:, 2].sqrt() + _AWP_E) / (stats[:, 0].sqrt() + _AWP_E)
+
+    def attack(self) -> None:
+        """One AWP step from the current gradients; the first after a restore saves the original weights."""
+        first = self._rows.active_name is None
+        self._rows.attack(
+            self.adv_param, first, self._scales, what="adv_param", need_grad=False, read_params=True,
+            box_eps=self.adv_eps,
+        )
+
+    def restore(self) -> None:
+        """Put the original weights back, bit-exact and in place."""
+        self._rows.restore(None, what="adv_param")
+
+    def step(self, closure: Callable[[], Tensor], k: int = 1) -> Tensor:
+        """Clean forward/backward, then ``k`` times: attack, ``zero_grad``, adversarial forward/backward; restore.
+        Returns the clean loss.
+
+        As in the AWP class, the adversarial passes replace the clean gradient: afterwards ``.grad`` holds the last
+        adversarial pass's gradient. Gradients already in ``.grad`` before the call (earlier micro-batches of
+        gradient accumulation) are kept: they are added back at the end.
+        """
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            return awp_step(self, self.model, closure, k).detach()
+        finally:
+            if self._rows.active_name is not None:  # a pass raised: put the weights back
+                self.restore()
+            for p, grad in zip(params, earlier):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad.add_(grad)

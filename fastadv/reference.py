@@ -1,9 +1,10 @@
-"""The seed's FGM and PGD classes, written out unchanged: the oracle every backend is tested against.
+"""The seed's FGM and PGD classes, written out unchanged, and the widely used AWP class: the oracles of the tests.
 
 Same operations in the same order as the original code (FGM: Goodfellow-style fast gradient method on the word
 embeddings; PGD: projected gradient descent with ``alpha`` steps inside an ``eps`` ball). Their known defects are kept
 on purpose (dense passes, cloned gradients, ``param.data`` rebinding on restore, NaN written for an inf norm), because
-this module defines what "same results" means. Use :class:`fastadv.FusedFGM` / :class:`fastadv.FusedPGD` in training.
+this module defines what "same results" means. Use :class:`fastadv.FusedFGM` / :class:`fastadv.FusedPGD` /
+:class:`fastadv.FusedAWP` in training.
 
 Example::
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["FGM", "PGD", "fgm_step", "pgd_step"]
+__all__ = ["FGM", "PGD", "AWP", "fgm_step", "pgd_step", "awp_step"]
 
 
 class FGM:
@@ -92,6 +93,52 @@ class PGD:
                 param.grad = self.grad_backup[name]
 
 
+class AWP:
+    """Adversarial weight perturbation as the widely used (Kaggle) AWP class does it, without its optimizer, scaler
+    and epoch plumbing: ``attack()`` is its ``_save()`` + ``_attack_step()``, ``restore()`` its ``_restore()``."""
+
+    def __init__(self, model: nn.Module, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.01) -> None:
+        self.model = model.module if hasattr(model, "module") else model
+        self.adv_param = adv_param
+        self.adv_lr = adv_lr
+        self.adv_eps = adv_eps
+        self.backup: dict[str, torch.Tensor] = {}
+        self.backup_eps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attack(self) -> None:
+        self._save()
+        self._attack_step()
+
+    def restore(self) -> None:
+        self._restore()
+
+    def _attack_step(self) -> None:
+        e = 1e-6
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None and self.adv_param in name:
+                norm1 = torch.norm(param.grad)
+                norm2 = torch.norm(param.data.detach())
+                if norm1 != 0 and not torch.isnan(norm1):
+                    r_at = self.adv_lr * param.grad / (norm1 + e) * (norm2 + e)
+                    param.data.add_(r_at)
+                    param.data = torch.min(torch.max(param.data, self.backup_eps[name][0]), self.backup_eps[name][1])
+
+    def _save(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None and self.adv_param in name:
+                if name not in self.backup:
+                    self.backup[name] = param.data.clone()
+                    grad_eps = self.adv_eps * param.abs().detach()
+                    self.backup_eps[name] = (self.backup[name] - grad_eps, self.backup[name] + grad_eps)
+
+    def _restore(self) -> None:
+        for name, param in self.model.named_parameters():
+            if name in self.backup:
+                param.data = self.backup[name]
+        self.backup = {}
+        self.backup_eps = {}
+
+
 def fgm_step(fgm: FGM, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The seed's FGM usage code: clean backward, attack, adversarial backward, restore. Returns the clean loss.
 
@@ -123,4 +170,20 @@ def pgd_step(pgd: PGD, model: nn.Module, closure: Callable[[], torch.Tensor], k:
         loss_adv = closure()
         loss_adv.backward()
     pgd.restore()
+    return loss
+
+
+def awp_step(awp: AWP, model: nn.Module, closure: Callable[[], torch.Tensor], k: int = 1) -> torch.Tensor:
+    """The AWP class's usage (``loss.backward()`` then its ``attack_backward``) with ``adv_step = k``: the adversarial
+    passes replace the clean gradient, so the optimizer steps on the last one's. Returns the clean loss.
+
+    ``awp`` may be any object with ``attack``/``restore`` (a :class:`fastadv.FusedAWP` too).
+    """
+    loss = closure()
+    loss.backward()
+    for _ in range(k):
+        awp.attack()
+        model.zero_grad()
+        closure().backward()
+    awp.restore()
     return loss

@@ -1,7 +1,8 @@
 """Pure-PyTorch backend: one read of each gradient in ``scan``, everything else on the touched rows only.
 
 It runs wherever PyTorch runs and is the fallback of every other backend. See :mod:`fastadv.backends` for the
-contract of each op.
+contract of each op. Where a tensor's every row is perturbed (a tied embedding, AWP's dense weights) the rows are in
+order, so the ops use slices of cache-sized row chunks instead of gathers.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["scan", "perturb", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "perturb", "measure", "project", "restore", "supports"]
 
 # Whole-matrix work on the CPU goes through row chunks of about this many fp32 bytes: temporaries that stay in cache
 # (vector_norm(..., dtype=float32) of a whole bf16 matrix is ten times slower than chunk by chunk).
@@ -24,25 +25,83 @@ def _row_chunks(tensor: Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, tensor.shape[0], step)]
 
 
-def _row_norms(grad: Tensor) -> Tensor:
-    """fp32 L2 norm of each row, accumulated in fp32, in one read of ``grad``."""
-    if grad.dtype == torch.float32 or grad.device.type != "cpu":
-        return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)
-    out = torch.empty(grad.shape[0], dtype=torch.float32, device=grad.device)
-    for rows in _row_chunks(grad):
-        torch.linalg.vector_norm(grad[rows].float(), dim=-1, out=out[rows])
+def _row_norms(tensor: Tensor) -> Tensor:
+    """fp32 L2 norm of each row, accumulated in fp32, in one read of ``tensor``."""
+    if tensor.dtype == torch.float32 or tensor.device.type != "cpu":
+        return torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float32)
+    out = torch.empty(tensor.shape[0], dtype=torch.float32, device=tensor.device)
+    for rows in _row_chunks(tensor):
+        torch.linalg.vector_norm(tensor[rows].float(), dim=-1, out=out[rows])
     return out
 
 
-def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor]) -> Tensor:
-    stats = torch.empty(len(grads), 2, dtype=torch.float64, device=grads[0].device)
+def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None) -> Tensor:
+    stats = torch.zeros(len(grads), 3, dtype=torch.float64, device=grads[0].device)
     for i, (grad, seen, new) in enumerate(zip(grads, touched, fresh)):
         norms = _row_norms(grad)
         torch.ne(norms, 0, out=new)
         new &= ~seen
         stats[i, 0] = norms.square().sum()
         stats[i, 1] = new.sum()
+        if params is not None:
+            stats[i, 2] = _row_norms(params[i]).square().sum()
     return stats
+
+
+def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+    sums = [_gather(tensor, idx).float().square().sum() for tensor, idx in zip(tensors, rows)]
+    return torch.stack(sums).double() if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def _back_up(param: Tensor, idx: Tensor, backup: Tensor, done: int) -> None:
+    """``backup[done:] = param[idx[done:]]``: the rows not yet backed up."""
+    if _every_row(param, idx):
+        backup[done:] = param[done:]
+    elif done < len(idx):
+        torch.index_select(param, 0, idx[done:], out=backup[done:])
+
+
+def _every_row(param: Tensor, idx: Tensor) -> bool:
+    return len(idx) == param.shape[0]  # then rows 0..n-1 in order (the contract): slices, not gathers
+
+
+def _pieces(param: Tensor, idx: Tensor) -> list[slice | Tensor]:
+    """How to address the perturbed rows: cache-sized slices when they are every row, else the index list once."""
+    return _row_chunks(param) if _every_row(param, idx) else [idx]
+
+
+def _rows_of(tensor: Tensor, piece: slice | Tensor) -> Tensor:
+    return tensor[piece] if isinstance(piece, slice) else _gather(tensor, piece)
+
+
+def _backup_of(backup: Tensor, idx: Tensor, piece: slice | Tensor) -> Tensor:
+    return backup[piece] if isinstance(piece, slice) else backup[: len(idx)]
+
+
+def _stepped(param: Tensor, grad: Tensor, piece: slice | Tensor, scale: Tensor, current: Tensor | None) -> Tensor:
+    """A new fp32 tensor ``W + scale * G`` of the rows ``piece``; ``current``: those rows of W if already at hand."""
+    weights = (_rows_of(param, piece) if current is None else current).float()
+    if isinstance(piece, slice):  # views of the gradient: never write into them
+        return torch.addcmul(weights, grad[piece].float(), scale)
+    gathered = _gather(grad, piece).float()
+    return torch.addcmul(weights, gathered, scale, out=gathered)
+
+
+def _current(param: Tensor, idx: Tensor, backup: Tensor, done: int, piece: slice | Tensor) -> Tensor | None:
+    """The rows of W that were just backed up are in ``backup`` already: gather only the others."""
+    if isinstance(piece, slice) or done == len(idx):
+        return None
+    return backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done : len(idx)]])
+
+
+def _store(param: Tensor, piece: slice | Tensor, new: Tensor, keep: Tensor) -> None:
+    """Round ``new`` once into the rows ``piece``; on a GPU the write is masked by ``keep`` instead of a host sync."""
+    if param.device.type != "cpu":
+        new = torch.where(keep, new, _rows_of(param, piece).float())
+    if isinstance(piece, slice):
+        param[piece] = new
+    else:
+        param.index_copy_(0, piece, new.to(param.dtype))
 
 
 def perturb(
@@ -51,62 +110,71 @@ def perturb(
     rows: list[Tensor],
     backups: list[Tensor],
     n_backed: list[int],
-    sumsq: Tensor,
-    coef: float,
-    project_eps: float | None,
+    scales: Tensor,
+    box_eps: float | None = None,
 ) -> None:
-    usable = torch.isfinite(sumsq) & (sumsq > 0)
-    scales = torch.where(usable, coef * sumsq.rsqrt(), 0.0)
     for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
-        on_cpu, done = param.device.type == "cpu", n_backed[i]
-        every_row = len(idx) == param.shape[0]  # a tied embedding: rows 0..n-1 in order, so slices, not gathers
-        if every_row:
-            backup[done:] = param[done:]
-        elif done < len(idx):
-            torch.index_select(param, 0, idx[done:], out=backup[done:])
-        if on_cpu and not usable[i]:
-            continue  # free to check on the CPU; elsewhere the writes below are masked instead of synced
-        if every_row:
-            _perturb_every_row(param, grad, backup, scales[i], usable[i], project_eps)
+        _back_up(param, idx, backup, n_backed[i])
+        keep = scales[i] != 0
+        if param.device.type == "cpu" and not keep:
+            continue  # free to check on the CPU; elsewhere the writes are masked instead of synced
+        if box_eps is None and param.dtype == torch.float32 and param.device.type == "cpu" and _every_row(param, idx):
+            param.addcmul_(grad, scales[i])  # in place, already rounded once
             continue
-        # rows backed up just now still hold their original values: take them from the backup, not gather again
-        old = backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done:]])
-        gathered = _gather(grad, idx).float()
-        new = torch.addcmul(old.float(), gathered, scales[i], out=gathered)
-        if project_eps is not None:
-            origin = backup.float()
-            norm = torch.dist(new, origin)
-            if not on_cpu:
-                new = torch.where(norm > project_eps, torch.lerp(origin, new, project_eps / norm), new)
-            elif norm > project_eps:  # the check is free on the CPU, and the ball is rarely left
-                new = torch.lerp(origin, new, project_eps / norm)
-        new = new.to(param.dtype)
-        param.index_copy_(0, idx, new if on_cpu else torch.where(usable[i], new, old))  # masked: no host sync
+        for piece in _pieces(param, idx):
+            new = _stepped(param, grad, piece, scales[i], _current(param, idx, backup, n_backed[i], piece))
+            if box_eps is not None:
+                origin = _backup_of(backup, idx, piece).float()
+                reach = origin.abs().mul_(box_eps)  # fp32(box_eps) * |B|, as the seed computes it in fp32
+                new = torch.minimum(torch.maximum(new, origin - reach), origin + reach)
+            _store(param, piece, new, keep)
 
 
-def _perturb_every_row(
-    param: Tensor, grad: Tensor, backup: Tensor, scale: Tensor, usable: Tensor, eps: float | None
+def measure(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+) -> Tensor:
+    out = torch.zeros(len(params), dtype=torch.float32, device=scales.device)
+    for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
+        _back_up(param, idx, backup, n_backed[i])
+        if param.device.type == "cpu" and scales[i] == 0:
+            continue
+        total = torch.zeros((), dtype=torch.float32, device=param.device)
+        for piece in _pieces(param, idx):
+            delta = _stepped(param, grad, piece, scales[i], _current(param, idx, backup, n_backed[i], piece))
+            delta = delta.sub_(_backup_of(backup, idx, piece).float()).view(-1)
+            total += torch.dot(delta, delta)
+        out[i] = torch.where(scales[i] != 0, total, 0.0)
+    return out
+
+
+def project(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    scales: Tensor,
+    delta_sumsq: Tensor,
+    eps: float,
 ) -> None:
-    """perturb on every row of a dense gradient, chunk by chunk so the fp32 temporaries stay small; with a
-    projection, a first pass measures the norm of the whole update and a second writes it, rounded once."""
-    on_cpu = param.device.type == "cpu"
-    if eps is None and on_cpu and param.dtype == torch.float32:
-        param.addcmul_(grad, scale)  # the caller checked usable
-        return
-    chunks = _row_chunks(param)
-
-    def updated(rows: slice) -> Tensor:
-        return torch.addcmul(param[rows].float(), grad[rows].float(), scale)
-
-    if eps is not None:
-        norm = torch.stack([torch.dist(updated(rows), backup[rows].float()) for rows in chunks]).norm()
-        outside, factor = norm > eps, eps / norm
-    for rows in chunks:
-        new = updated(rows)
-        if eps is not None and (not on_cpu or outside):
-            projected = torch.lerp(backup[rows].float(), new, factor)
-            new = projected if on_cpu else torch.where(outside, projected, new)
-        param[rows] = new if on_cpu else torch.where(usable, new, param[rows].float())
+    norms = delta_sumsq.float().sqrt()
+    for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
+        keep = scales[i] != 0
+        on_cpu = param.device.type == "cpu"
+        if on_cpu and not keep:
+            continue
+        outside, factor = norms[i] > eps, eps / norms[i]
+        for piece in _pieces(param, idx):
+            new = _stepped(param, grad, piece, scales[i], None)
+            if not on_cpu:
+                new = torch.where(outside, torch.lerp(_backup_of(backup, idx, piece).float(), new, factor), new)
+            elif outside:  # the check is free on the CPU, and the ball is rarely left
+                new = torch.lerp(_backup_of(backup, idx, piece).float(), new, factor)
+            _store(param, piece, new, keep)
 
 
 def _gather(source: Tensor, idx: Tensor) -> Tensor:
@@ -116,7 +184,7 @@ def _gather(source: Tensor, idx: Tensor) -> Tensor:
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
     for param, idx, backup in zip(params, rows, backups):
-        if len(idx) == param.shape[0]:  # every row, in order
+        if _every_row(param, idx):
             param.copy_(backup)
         else:
             param.index_copy_(0, idx, backup)
