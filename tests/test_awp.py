@@ -1,0 +1,162 @@
+"""FusedAWP against fastadv.reference.AWP (the widely used AWP class): single attacks, several steps, the step helper,
+whole training loops, half precision, skips and bad input, on every backend."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE, TinyEncoder, Wrapped, assert_matches, batch
+from test_parity import HALF, assert_same_grads, assert_same_params, twins, widened
+
+from fastadv import FusedAWP
+from fastadv.reference import AWP, awp_step
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("adv_eps", [0.001, 0.01, 10.0], ids=["box-hit", "box-mostly-hit", "box-not-hit"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_attacks_match_reference(backend, seed, tied, adv_eps, steps):
+    """Several attacks in a row, each from a fresh adversarial gradient, then restore. (A step moves the weights by
+    ``adv_lr`` of their norm; 0.1 keeps the chained steps well-conditioned enough for a tight fp32 comparison.)"""
+    fused, ref = twins(tied=tied)
+    ids = batch()
+    original = {n: p.detach().clone() for n, p in fused.named_parameters()}
+    awp, oracle = FusedAWP(fused, adv_lr=0.1, adv_eps=adv_eps, backend=backend), AWP(ref, adv_lr=0.1, adv_eps=adv_eps)
+    for m in (fused, ref):
+        m(ids).backward()
+    for _ in range(steps):
+        awp.attack()
+        oracle.attack()
+        assert_same_params(fused, ref)
+        for m in (fused, ref):
+            m.zero_grad()
+            m(ids).backward()
+    assert any(not torch.equal(p, original[n]) for n, p in fused.named_parameters())
+    awp.restore()
+    for n, p in fused.named_parameters():
+        assert torch.equal(p, original[n]), n
+
+
+def test_only_parameters_with_a_gradient_and_a_matching_name(backend, seed):
+    fused, ref = twins()
+    ids = batch()
+    for m in (fused, ref):
+        m(ids).backward()
+        m.hidden.weight.grad = None  # the AWP class skips parameters without a gradient
+    biases = {n: p.detach().clone() for n, p in fused.named_parameters() if "bias" in n}
+    FusedAWP(fused, adv_eps=0.05, backend=backend).attack()
+    AWP(ref, adv_eps=0.05).attack()
+    assert_same_params(fused, ref)
+    assert torch.equal(fused.hidden.weight, ref.hidden.weight)
+    for n, p in fused.named_parameters():
+        if "bias" in n:
+            assert torch.equal(p, biases[n]), n
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_within_one_ulp(backend, seed, dtype):
+    fused = TinyEncoder(dtype=dtype)
+    fused(batch()).backward()
+    wide = widened(fused)
+    FusedAWP(fused, adv_lr=0.5, adv_eps=0.01, backend=backend).attack()
+    AWP(wide, adv_lr=0.5, adv_eps=0.01).attack()
+    assert_same_params(fused, wide)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_step_matches_the_awp_loop(backend, seed, k):
+    fused, ref = twins()
+    ids = batch()
+    loss = FusedAWP(fused, adv_eps=0.02, backend=backend).step(lambda: fused(ids), k=k)
+    want = awp_step(AWP(ref, adv_eps=0.02), ref, lambda: ref(ids), k)
+    assert loss.item() == want.item()
+    assert_same_grads(fused, ref)
+    assert_same_params(fused, ref)
+
+
+def test_step_keeps_gradients_of_earlier_micro_batches(backend, seed):
+    """Gradient accumulation: what ``.grad`` held before step() is added to the adversarial gradient."""
+    fused, ref = twins()
+    first, second = batch(), batch()
+    fused(first).backward()
+    earlier = {n: p.grad.clone() for n, p in fused.named_parameters()}
+    FusedAWP(fused, adv_eps=0.02, backend=backend).step(lambda: fused(second))
+    awp_step(AWP(ref, adv_eps=0.02), ref, lambda: ref(second))
+    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert_matches(a.grad, b.grad + earlier[n])
+
+
+def training_loop(model, fused: bool, backend: str, steps: int = 4):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    wrapped = Wrapped(model)
+    awp = (FusedAWP(wrapped, adv_lr=0.5, adv_eps=0.01, backend=backend) if fused
+           else AWP(wrapped, adv_lr=0.5, adv_eps=0.01))
+    gen = torch.Generator(device=DEVICE).manual_seed(99)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 6), device=DEVICE, generator=gen)
+        losses.append(awp_step(awp, model, functools.partial(model, ids)).item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_training_loop_fp32(backend, seed, tied):
+    fused, ref = twins(tied=tied)
+    got = training_loop(fused, True, backend)
+    want = training_loop(ref, False, backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(fused, ref)
+
+
+def test_restore_keeps_storage(backend, seed):
+    model = TinyEncoder()
+    weights = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    awp = FusedAWP(model, backend=backend)
+    model(batch()).backward()
+    awp.attack()
+    awp.restore()
+    for n, p in model.named_parameters():
+        param, ptr, value = weights[n]
+        assert p is param and p.data_ptr() == ptr and torch.equal(p, value), n
+
+
+def test_inf_gradient_is_skipped_and_counted(backend, seed):
+    """Deviation: the AWP class writes NaN for an inf gradient norm; fastadv skips that tensor and counts it."""
+    fused, ref = twins()
+    ids = batch()
+    for m in (fused, ref):
+        m(ids).backward()
+        m.hidden.weight.grad[0, 0] = float("inf")
+    before = fused.hidden.weight.detach().clone()
+    awp = FusedAWP(fused, backend=backend)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        awp.attack()
+    assert awp.nonfinite_skips == 1
+    assert torch.equal(fused.hidden.weight, before)
+    AWP(ref).attack()
+    assert ref.hidden.weight.isnan().any()
+    torch.testing.assert_close(fused.lm_head.weight, ref.lm_head.weight)
+
+
+@pytest.mark.parametrize(("name", "value"), [("adv_lr", 0.0), ("adv_eps", -0.1), ("adv_eps", float("nan"))])
+def test_bad_hyperparameters(name, value):
+    with pytest.raises(ValueError, match=name):
+        FusedAWP(TinyEncoder(), **{name: value})
+
+
+def test_errors_leave_weights_alone(backend, seed):
+    model = TinyEncoder()
+    original = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="adv_param='nothing'"):
+        FusedAWP(model, adv_param="nothing", backend=backend).attack()
+    with pytest.raises(RuntimeError, match="backward"):
+        FusedAWP(model, backend=backend).attack()  # no gradient yet
+    with pytest.raises(RuntimeError, match="without an active attack"):
+        FusedAWP(model, backend=backend).restore()
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, original[n]), n
