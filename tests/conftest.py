@@ -37,7 +37,14 @@ def seed(request: pytest.FixtureRequest) -> int:
 class TinyEncoder(nn.Module):
     """A BERT-shaped toy: word/position embeddings, an embedding LayerNorm, a head; optionally tied to an LM head."""
 
-    def __init__(self, vocab: int = 64, dim: int = 16, tied: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 16,
+        tied: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = DEVICE,
+    ):
         super().__init__()
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
@@ -47,7 +54,7 @@ class TinyEncoder(nn.Module):
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         if tied:
             self.lm_head.weight = self.embeddings.word_embeddings.weight
-        self.to(device=DEVICE, dtype=dtype)
+        self.to(device=device, dtype=dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)

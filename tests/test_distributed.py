@@ -1,0 +1,109 @@
+"""Several processes (gloo, CPU): DDP and FSDP2 (``fully_shard``, DTensor parameters sharded with ``Shard(0)``).
+
+Two processes each train on half of every batch; the result must be the single-process run of the seed's classes on
+the whole batch (DDP and FSDP2 average the halves' gradients, which is the whole batch's mean-loss gradient), and
+every rank must hold the same weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import BACKENDS, TinyEncoder
+
+from fastadv import FusedAWP, FusedFGM, FusedPGD
+from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
+    pytest.mark.skipif(sys.platform != "linux", reason="spawns processes with a file:// rendezvous (Linux CI)"),
+]
+
+WORLD = 2
+KINDS = ("fgm", "pgd", "awp")
+STEPS = 3
+
+
+def attacker(kind: str, model, fused: bool, backend: str = "torch"):
+    if kind == "fgm":
+        return FusedFGM(model, eps=0.5, backend=backend) if fused else FGM(model, eps=0.5)
+    if kind == "pgd":
+        return FusedPGD(model, eps=0.2, alpha=0.1, backend=backend) if fused else PGD(model, eps=0.2, alpha=0.1)
+    return FusedAWP(model, adv_eps=0.02, backend=backend) if fused else AWP(model, adv_eps=0.02)
+
+
+def train(model, kind: str, fused: bool, rank: int, world: int, backend: str = "torch") -> list[float]:
+    """The seed's usage loops; this process takes rows ``rank::world`` of every batch."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    adv = attacker(kind, model, fused, backend)
+    inner = model.module if hasattr(model, "module") else model
+    gen = torch.Generator().manual_seed(11)
+    losses = []
+    for _ in range(STEPS):
+        ids = torch.randint(0, 64, (4, 6), generator=gen)[rank::world]
+        closure = functools.partial(model, ids)
+        if kind == "fgm":
+            loss = fgm_step(adv, closure)
+        elif kind == "pgd":
+            loss = pgd_step(adv, inner, closure, 3)
+        else:
+            loss = awp_step(adv, inner, closure)
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def _worker(rank: int, mode: str, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for backend in BACKENDS:
+            for kind in KINDS:
+                torch.manual_seed(0)
+                model = TinyEncoder(device="cpu")
+                if mode == "ddp":
+                    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+                else:
+                    from torch.distributed.device_mesh import init_device_mesh
+                    from torch.distributed.fsdp import fully_shard
+
+                    wrapped = fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+                    shard = model.embeddings.word_embeddings.weight.to_local()
+                    assert shard.shape == (64 // WORLD, 16), shard.shape  # really sharded
+                train(wrapped, kind, True, rank, WORLD, backend)
+                if mode == "fsdp2":  # updated in place: the shard's storage was never rebound
+                    assert model.embeddings.word_embeddings.weight.to_local().data_ptr() == shard.data_ptr()
+                results[backend, kind] = {
+                    name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                    for name, p in model.named_parameters()
+                }
+        torch.save(results, os.path.join(out_dir, f"{mode}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, mode):
+    """Every backend and attack in one spawn per mode (starting processes is the slow part)."""
+    mp.spawn(_worker, args=(mode, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"{mode}-{rank}.pt") for rank in range(WORLD)]
+    for kind in KINDS:
+        torch.manual_seed(0)
+        single = TinyEncoder(device="cpu")
+        train(single, kind, False, 0, 1)
+        for backend in BACKENDS:
+            for rank, result in enumerate(ranks):
+                for name, param in single.named_parameters():
+                    torch.testing.assert_close(
+                        result[backend, kind][name], param.detach(), rtol=1e-5, atol=1e-6,
+                        msg=lambda m, where=(backend, kind, rank, name): f"{where}: {m}",
+                    )
+            for name, value in ranks[0][backend, kind].items():
+                assert torch.equal(value, ranks[1][backend, kind][name]), f"{backend} {kind}: ranks differ in {name}"
