@@ -1,10 +1,13 @@
 // Argument checks of the ops, shared by the CPU and CUDA implementations (host code only). The kernels rely on
 // what is checked here: every tensor on one device, parameters/backups 2-D and contiguous (they are written in
-// place), gradients/backups of the parameter's dtype, row indices int64.
+// place), gradients/backups of the parameter's dtype, row indices int64, per-tensor vectors float32 of the list's
+// length. Row indices are range-checked where they are read (TORCH_CHECK on the CPU, CUDA_KERNEL_ASSERT on CUDA).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <optional>
 
 namespace fastadv {
 
@@ -30,22 +33,64 @@ inline void check_row_flags(const at::Tensor& flags, int64_t rows, const at::Dev
               flags.sizes());
 }
 
-inline void check_scan(at::TensorList grads, at::TensorList touched, at::TensorList fresh) {
+// A 2-D [rows, cols] tensor of a supported dtype on `device` (read, not written).
+inline void check_matrix(const at::Tensor& t, const at::Device& device, const char* op, const char* what, size_t i) {
+  check_device(t, device, op, what, i);
+  check_floating(t, op, what, i);
+  TORCH_CHECK(t.dim() == 2, "fastadv::", op, ": ", what, "[", i, "] must be 2-D [rows, cols], got ", t.sizes());
+}
+
+// `other` (a gradient, or scan's parameter) has the shape and dtype of `like`.
+inline void check_same(const at::Tensor& other, const at::Tensor& like, const char* op, const char* what,
+                       const char* like_what, size_t i) {
+  check_device(other, like.device(), op, what, i);
+  TORCH_CHECK(other.sizes() == like.sizes() && other.scalar_type() == like.scalar_type(), "fastadv::", op, ": ", what,
+              "[", i, "] is ", other.scalar_type(), " ", other.sizes(), " but ", like_what, "[", i, "] is ",
+              like.scalar_type(), " ", like.sizes());
+}
+
+inline void check_index(const at::Tensor& rows, const at::Device& device, const char* op, size_t i) {
+  check_device(rows, device, op, "rows", i);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "fastadv::", op, ": rows[", i,
+              "] must be an int64 vector, got ", rows.scalar_type(), " ", rows.sizes());
+}
+
+// A float32 vector with one value per tensor (scales, delta_sumsq) on `device`.
+inline void check_per_tensor(const at::Tensor& t, size_t n, const at::Device& device, const char* op,
+                             const char* what) {
+  TORCH_CHECK(t.device() == device, "fastadv::", op, ": ", what, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == static_cast<int64_t>(n), "fastadv::", op,
+              ": ", what, " must be a float32 vector of ", n, " values, got ", t.scalar_type(), " ", t.sizes());
+}
+
+inline void check_scan(at::TensorList grads, at::TensorList touched, at::TensorList fresh,
+                       const std::optional<at::TensorList>& params) {
   TORCH_CHECK(!grads.empty(), "fastadv::scan: no gradients");
   check_count(touched.size(), grads.size(), "scan", "touched");
   check_count(fresh.size(), grads.size(), "scan", "fresh");
+  if (params) check_count(params->size(), grads.size(), "scan", "params");
   const auto device = grads[0].device();
   for (size_t i = 0; i < grads.size(); ++i) {
-    check_device(grads[i], device, "scan", "grads", i);
-    check_floating(grads[i], "scan", "grads", i);
-    TORCH_CHECK(grads[i].dim() == 2, "fastadv::scan: grads[", i, "] must be 2-D [rows, cols], got ", grads[i].sizes());
+    check_matrix(grads[i], device, "scan", "grads", i);
+    if (params) check_same((*params)[i], grads[i], "scan", "params", "grads", i);
     check_row_flags(touched[i], grads[i].size(0), device, "scan", "touched", i);
     check_row_flags(fresh[i], grads[i].size(0), device, "scan", "fresh", i);
     TORCH_CHECK(fresh[i].is_contiguous(), "fastadv::scan: fresh[", i, "] must be contiguous (it is written in place)");
   }
 }
 
-// The checks shared by perturb and restore: params[i] is written at rows[i], backups[i] holds those rows.
+inline void check_row_sumsq(at::TensorList tensors, at::TensorList rows) {
+  TORCH_CHECK(!tensors.empty(), "fastadv::row_sumsq: no tensors");
+  check_count(rows.size(), tensors.size(), "row_sumsq", "row lists");
+  const auto device = tensors[0].device();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_matrix(tensors[i], device, "row_sumsq", "tensors", i);
+    check_index(rows[i], device, "row_sumsq", i);
+  }
+}
+
+// The checks shared by perturb, measure, project and restore: params[i] is written (read by measure) at rows[i],
+// backups[i] holds those rows.
 inline void check_rows(const char* op, at::TensorList params, at::TensorList rows, at::TensorList backups) {
   check_count(rows.size(), params.size(), op, "row lists");
   check_count(backups.size(), params.size(), op, "backups");
@@ -53,13 +98,10 @@ inline void check_rows(const char* op, at::TensorList params, at::TensorList row
   const auto device = params[0].device();
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& param = params[i];
-    check_device(param, device, op, "params", i);
-    check_floating(param, op, "params", i);
-    TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "fastadv::", op, ": params[", i,
-                "] must be a contiguous 2-D [rows, cols] tensor (it is written in place), got ", param.sizes());
-    check_device(rows[i], device, op, "rows", i);
-    TORCH_CHECK(rows[i].scalar_type() == at::kLong && rows[i].dim() == 1, "fastadv::", op, ": rows[", i,
-                "] must be an int64 vector, got ", rows[i].scalar_type(), " ", rows[i].sizes());
+    check_matrix(param, device, op, "params", i);
+    TORCH_CHECK(param.is_contiguous(), "fastadv::", op, ": params[", i,
+                "] must be contiguous (it is written in place), got strides ", param.strides());
+    check_index(rows[i], device, op, i);
     const auto& backup = backups[i];
     check_device(backup, device, op, "backups", i);
     TORCH_CHECK(backup.scalar_type() == param.scalar_type(), "fastadv::", op, ": backups[", i, "] is ",
@@ -71,25 +113,20 @@ inline void check_rows(const char* op, at::TensorList params, at::TensorList row
   }
 }
 
-inline void check_perturb(at::TensorList params, at::TensorList grads, at::TensorList rows, at::TensorList backups,
-                          c10::IntArrayRef n_backed, const at::Tensor& sumsq) {
-  check_rows("perturb", params, rows, backups);
-  check_count(grads.size(), params.size(), "perturb", "grads");
-  check_count(n_backed.size(), params.size(), "perturb", "n_backed counts");
+// perturb, measure and project (project passes no n_backed: its backups are all written).
+inline void check_pass(const char* op, at::TensorList params, at::TensorList grads, at::TensorList rows,
+                       at::TensorList backups, std::optional<c10::IntArrayRef> n_backed, const at::Tensor& scales) {
+  check_rows(op, params, rows, backups);
+  check_count(grads.size(), params.size(), op, "grads");
+  if (n_backed) check_count(n_backed->size(), params.size(), op, "n_backed counts");
   if (params.empty()) return;
-  TORCH_CHECK(sumsq.device() == params[0].device(), "fastadv::perturb: sumsq is on ", sumsq.device(), ", expected ",
-              params[0].device());
-  TORCH_CHECK(sumsq.dim() == 1 && sumsq.size(0) == static_cast<int64_t>(params.size()) &&
-                  at::isFloatingType(sumsq.scalar_type()),
-              "fastadv::perturb: sumsq must be a floating vector of ", params.size(), " values, got ",
-              sumsq.scalar_type(), " ", sumsq.sizes());
+  check_per_tensor(scales, params.size(), params[0].device(), op, "scales");
   for (size_t i = 0; i < params.size(); ++i) {
-    check_device(grads[i], params[0].device(), "perturb", "grads", i);
-    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
-                "fastadv::perturb: grads[", i, "] is ", grads[i].scalar_type(), " ", grads[i].sizes(), " but params[",
-                i, "] is ", params[i].scalar_type(), " ", params[i].sizes());
-    TORCH_CHECK(n_backed[i] >= 0 && n_backed[i] <= rows[i].size(0), "fastadv::perturb: n_backed[", i, "] = ",
-                n_backed[i], " is outside [0, ", rows[i].size(0), "]");
+    check_same(grads[i], params[i], op, "grads", "params", i);
+    if (!n_backed) continue;
+    const int64_t backed = (*n_backed)[i];
+    TORCH_CHECK(backed >= 0 && backed <= rows[i].size(0), "fastadv::", op, ": n_backed[", i, "] = ", backed,
+                " is outside [0, ", rows[i].size(0), "]");
   }
 }
 

@@ -1,5 +1,6 @@
 // Device-independent pieces of the fastadv ops, shared by the CPU (.cpp) and CUDA (.cu) implementations so that the
-// two cannot drift: the per-element formulas, the skip decisions, the index math and the dtype dispatch.
+// two cannot drift: the per-element formulas (step, AWP box, lerp), the passes and the projection decision, the index
+// math and the dtype dispatch.
 //
 // The formulas are templates over the value type V so that the CPU can call them on at::vec::Vectorized<float>
 // and the GPU on float; every formula computes in fp32 (the caller widens bf16/fp16 first and rounds once when it
@@ -46,31 +47,34 @@ FASTADV_HD inline int find_segment(const int64_t* offsets, int n, int64_t index)
 // fp16 widen to fp32 exactly, so testing the widened values is the same as testing the stored ones.
 FASTADV_HD inline bool magnitude_bits_nonzero(uint32_t or_of_bits) { return (or_of_bits & 0x7fffffffu) != 0; }
 
-// ---- perturb ----
-
-// The step of one tensor: W += scale * G with scale = coef / ||G||, or nothing when ||G||^2 is zero or not finite.
-struct Step {
-  bool usable;
-  float scale;
-};
-
-FASTADV_HD inline Step step_for(double sumsq, double coef) {
-  // NaN fails both comparisons; computed in double and rounded once to fp32, as the torch backend does
-  const bool usable = sumsq > 0.0 && sumsq < static_cast<double>(INFINITY);
-  return {usable, usable ? static_cast<float>(coef / sqrt(sumsq)) : 0.0f};
-}
+// ---- perturb, measure, project ----
 
 template <typename V>
 FASTADV_HD inline V perturbed(V param, V grad, V scale) {
   return param + scale * grad;
 }
 
-// perturb goes over the touched rows once (FGM), or twice with a projection (PGD), since the projection needs the
-// norm of the whole unrounded update before anything is rounded and written.
+// torch.maximum/minimum on fp32 scalars: NaN in either operand gives NaN. Vectors (CPU) use at::vec::maximum/minimum,
+// which propagate NaN the same way and which the templates below find by argument-dependent lookup.
+FASTADV_HD inline float maximum(float a, float b) { return a != a || a > b ? a : b; }
+FASTADV_HD inline float minimum(float a, float b) { return a != a || a < b ? a : b; }
+
+// AWP's box: value clamped elementwise into [B - d, B + d] with d = eps * |B| (eps rounded to fp32 by the caller),
+// min(max(value, B - d), B + d) as torch.clamp computes it. |B| is max(B, 0 - B), which vectors have too.
+template <typename V>
+FASTADV_HD inline V boxed(V value, V origin, float eps) {
+  const V d = V(eps) * maximum(origin, V(0.0f) - origin);
+  return minimum(maximum(value, origin - d), origin + d);
+}
+
+// The passes over the perturbed rows. Every pass computes W + scale * G in fp32 from the one read of W and skips the
+// tensors whose scale is 0; the first three back up the rows j >= n_backed (the bits) before anything else, and the
+// box and measure read B from that read of W for those rows, from the backup for the others.
 enum class Pass {
-  kStep,     // FGM: back up the new rows, W += scale * G, round, store
-  kMeasure,  // PGD 1/2: back up the new rows, accumulate ||W + scale * G - B||^2, write nothing to W
-  kProject,  // PGD 2/2: W = projection of W + scale * G onto the eps ball around B, round, store
+  kStep,     // perturb: W += scale * G, round, store
+  kBox,      // perturb with box_eps (AWP): as kStep, clamped into the box around B (boxed) before rounding
+  kMeasure,  // measure (PGD 1/2): accumulate ||W + scale * G - B||^2, write nothing to W
+  kProject,  // project (PGD 2/2): W = projection of W + scale * G onto the eps ball around B, round, store
 };
 
 // The projection onto the eps ball around the backups B: W = B + eps / ||W - B|| * (W - B) where ||W - B|| > eps.

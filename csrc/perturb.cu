@@ -1,6 +1,6 @@
-// perturb on CUDA: warp per perturbed row. FGM is one launch (back up the new rows, W += scale * G); PGD is a measuring
-// launch (backups, per-block partials of ||W + scale * G - B||^2), their per-tensor sum in block order, and a writing
-// launch that decides the projection on the device. The scale comes from sumsq on the device too: no host sync.
+// perturb, measure and project on CUDA: warp per perturbed row, one launch per pass and dtype group (see Pass).
+// measure sums its per-block partials of ||W + scale * G - B||^2 per tensor in block order; the scales and project's
+// norms are read on the device: no host sync.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -26,10 +26,9 @@ struct PerturbArgs {
   Segments segments;
   PerturbTensor tensors[kMaxTensors];
   Pass pass;
-  const double* sumsq;  // per tensor of the op's lists
-  double coef;
+  const float* scales;       // per tensor of the op's lists
   const float* delta_sumsq;  // Pass::kProject: per tensor of the op's lists
-  double eps;
+  double eps;                // Pass::kBox: box_eps; Pass::kProject: the ball's radius
 };
 
 // partial: [blocks], the block's share of ||W + scale * G - B||^2 (Pass::kMeasure only).
@@ -39,7 +38,8 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs args, dou
   const PerturbTensor& t = args.tensors[place.slot];
   const int tensor = args.segments.index[place.slot];
   const Pass pass = args.pass;
-  const Step step = step_for(args.sumsq[tensor], args.coef);
+  const float scale = args.scales[tensor];
+  const float box_eps = static_cast<float>(args.eps);
   const Projection projection =
       pass == Pass::kProject ? projection_for(args.delta_sumsq[tensor], args.eps) : Projection{false, 1.0f};
   auto* param = static_cast<scalar_t*>(t.param);
@@ -52,20 +52,20 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs args, dou
     scalar_t* weights = param + row * t.cols;
     const scalar_t* g = grad + row * t.cols;
     scalar_t* saved = backup + j * t.cols;
-    const bool backing = pass != Pass::kProject && j >= t.n_backed;
-    if (!backing && !step.usable) return;  // nothing to back up, nothing to change
+    const bool backing = j >= t.n_backed;  // project: never (n_backed is every row)
+    if (!backing && scale == 0.0f) return;  // nothing to back up, nothing to change
     with_pack_width<scalar_t>(t.packed, [&](auto width) {
       constexpr int N = decltype(width)::value;
       for_each_lane_pack<N>(t.cols, [&](int64_t col) {
         const Pack<scalar_t, N> raw = load_pack<N>(weights + col);
         if (backing) store_pack<N>(saved + col, raw);  // bit-exact, from the one read of W
-        if (!step.usable) return;
+        if (scale == 0.0f) return;
         float old[N], grads[N], now[N];
         widen(raw, old);
         load_floats<N>(g + col, grads);
 #pragma unroll
-        for (int k = 0; k < N; ++k) now[k] = perturbed(old[k], grads[k], step.scale);
-        if (pass == Pass::kMeasure) {
+        for (int k = 0; k < N; ++k) now[k] = perturbed(old[k], grads[k], scale);
+        if (pass != Pass::kStep && (pass != Pass::kProject || projection.outside)) {
           float origin[N];
           if (backing) {
 #pragma unroll
@@ -75,18 +75,17 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs args, dou
           }
 #pragma unroll
           for (int k = 0; k < N; ++k) {
-            const float diff = now[k] - origin[k];
-            delta_sumsq = fmaf(diff, diff, delta_sumsq);
+            if (pass == Pass::kMeasure) {
+              const float diff = now[k] - origin[k];
+              delta_sumsq = fmaf(diff, diff, delta_sumsq);
+            } else if (pass == Pass::kBox) {
+              now[k] = boxed(now[k], origin[k], box_eps);
+            } else {
+              now[k] = lerp(origin[k], now[k], projection.factor);
+            }
           }
-          return;
         }
-        if (pass == Pass::kProject && projection.outside) {
-          float origin[N];
-          load_floats<N>(saved + col, origin);
-#pragma unroll
-          for (int k = 0; k < N; ++k) now[k] = lerp(origin[k], now[k], projection.factor);
-        }
-        store_rounded<N>(weights + col, now);
+        if (pass != Pass::kMeasure) store_rounded<N>(weights + col, now);
       });
     });
   });
@@ -96,55 +95,79 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs args, dou
   }
 }
 
-void perturb(at::TensorList params, at::TensorList grads, at::TensorList rows, at::TensorList backups,
-             c10::IntArrayRef n_backed, const at::Tensor& sumsq, double coef, std::optional<double> project_eps) {
-  check_perturb(params, grads, rows, backups, n_backed, sumsq);
+// Launches `pass` over every tensor, one launch per dtype group. Pass::kMeasure sums its partials into delta_sumsq;
+// Pass::kProject reads its norms from there.
+void run_pass(Pass pass, at::TensorList params, at::TensorList grads, at::TensorList rows,
+              at::TensorList backups, const std::vector<int64_t>& n_backed, const at::Tensor& scales, double eps,
+              const at::Tensor& delta_sumsq) {
   const size_t n = params.size();
-  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor sumsq64 = sumsq.to(at::kDouble).contiguous();
-  // per-tensor ||W + scale * G - B||^2 of PGD's measuring pass; every element is written before it is read
-  const at::Tensor delta_sumsq =
-      at::empty({project_eps ? static_cast<int64_t>(n) : 0}, sumsq64.options().dtype(at::kFloat));
-  std::vector<at::Tensor> dense_grads(n), indices(n);  // alive until the kernels are enqueued
+  // alive until the kernels are enqueued
+  const at::Tensor dense_scales = scales.contiguous();
+  std::vector<at::Tensor> dense_grads(n), indices(n);
   for (size_t i = 0; i < n; ++i) {
     dense_grads[i] = grads[i].contiguous();
     indices[i] = rows[i].contiguous();
   }
   for (const auto& group : launch_groups(params)) {
     PerturbArgs args;
-    args.sumsq = sumsq64.const_data_ptr<double>();
-    args.coef = coef;
-    args.delta_sumsq = delta_sumsq.const_data_ptr<float>();
-    args.eps = project_eps.value_or(0.0);
+    args.pass = pass;
+    args.scales = dense_scales.const_data_ptr<float>();
+    args.delta_sumsq = delta_sumsq.defined() ? delta_sumsq.const_data_ptr<float>() : nullptr;
+    args.eps = eps;
     for (int i : group) {
       const at::Tensor& param = params[i];
       args.tensors[args.segments.add(i, indices[i].size(0))] = {
-          param.mutable_data_ptr(), dense_grads[i].const_data_ptr(), indices[i].const_data_ptr<int64_t>(),
-          backups[i].mutable_data_ptr(), indices[i].size(0), param.size(0), param.size(1), n_backed[i],
+          param.data_ptr(), dense_grads[i].const_data_ptr(), indices[i].const_data_ptr<int64_t>(),
+          backups[i].data_ptr(), indices[i].size(0), param.size(0), param.size(1), n_backed[i],
           packable({&param, &dense_grads[i], &backups[i]})};
     }
-    const at::Tensor partial = at::empty({project_eps ? args.segments.blocks() : 0}, sumsq64.options());
-    const auto launch = [&](Pass pass) {
-      args.pass = pass;
-      FASTADV_DISPATCH_FLOATING(params[group[0]].scalar_type(), "fastadv::perturb", [&] {
-        perturb_kernel<scalar_t><<<args.segments.blocks(), kThreads, 0, stream>>>(args,
-                                                                                  partial.mutable_data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    };
-    if (!project_eps) {
-      launch(Pass::kStep);
-      continue;
-    }
-    launch(Pass::kMeasure);
-    sum_partials(args.segments, partial, 1, delta_sumsq.mutable_data_ptr<float>(), stream);
-    launch(Pass::kProject);
+    const bool measuring = pass == Pass::kMeasure;
+    const at::Tensor partial =
+        at::empty({measuring ? args.segments.blocks() : 0}, dense_scales.options().dtype(at::kDouble));
+    FASTADV_DISPATCH_FLOATING(params[group[0]].scalar_type(), "fastadv::perturb", [&] {
+      perturb_kernel<scalar_t><<<args.segments.blocks(), kThreads, 0, stream>>>(args,
+                                                                                partial.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (measuring) sum_partials(args.segments, partial, 1, delta_sumsq.mutable_data_ptr<float>(), stream);
   }
+}
+
+void perturb(at::TensorList params, at::TensorList grads, at::TensorList rows, at::TensorList backups,
+             c10::IntArrayRef n_backed, const at::Tensor& scales, std::optional<double> box_eps) {
+  check_pass("perturb", params, grads, rows, backups, n_backed, scales);
+  if (params.empty()) return;
+  run_pass(box_eps ? Pass::kBox : Pass::kStep, params, grads, rows, backups, n_backed.vec(), scales,
+           box_eps.value_or(0.0), at::Tensor());
+}
+
+at::Tensor measure(at::TensorList params, at::TensorList grads, at::TensorList rows, at::TensorList backups,
+                   c10::IntArrayRef n_backed, const at::Tensor& scales) {
+  check_pass("measure", params, grads, rows, backups, n_backed, scales);
+  // every element is written by sum_partials
+  at::Tensor delta_sumsq = at::empty({static_cast<int64_t>(params.size())}, scales.options().dtype(at::kFloat));
+  if (params.empty()) return delta_sumsq;
+  run_pass(Pass::kMeasure, params, grads, rows, backups, n_backed.vec(), scales, 0.0, delta_sumsq);
+  return delta_sumsq;
+}
+
+void project(at::TensorList params, at::TensorList grads, at::TensorList rows, at::TensorList backups,
+             const at::Tensor& scales, const at::Tensor& delta_sumsq, double eps) {
+  check_pass("project", params, grads, rows, backups, std::nullopt, scales);
+  if (params.empty()) return;
+  check_per_tensor(delta_sumsq, params.size(), params[0].device(), "project", "delta_sumsq");
+  std::vector<int64_t> every_row(params.size());  // every backup is written already
+  for (size_t i = 0; i < params.size(); ++i) every_row[i] = rows[i].size(0);
+  run_pass(Pass::kProject, params, grads, rows, backups, every_row, scales, eps, delta_sumsq.contiguous());
 }
 
 }  // namespace
 }  // namespace fastadv::cuda
 
-TORCH_LIBRARY_IMPL(fastadv, CUDA, m) { m.impl("perturb", &fastadv::cuda::perturb); }
+TORCH_LIBRARY_IMPL(fastadv, CUDA, m) {
+  m.impl("perturb", &fastadv::cuda::perturb);
+  m.impl("measure", &fastadv::cuda::measure);
+  m.impl("project", &fastadv::cuda::project);
+}

@@ -3,13 +3,20 @@
 // (a separate library, loaded after this one); fastadv/backends/ext_ops.py adds the fake (meta) kernels.
 //
 // Lists are Tensor[]: one op call covers every target parameter. (a!)/(b!) mark the lists written in place so that
-// torch.compile functionalises the calls correctly.
+// torch.compile functionalises the calls correctly. The contract of each op is in fastadv/backends/__init__.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastadv, m) {
-  m.def("scan(Tensor[] grads, Tensor[] touched, Tensor(a!)[] fresh) -> Tensor");
+  m.def("scan(Tensor[] grads, Tensor[] touched, Tensor(a!)[] fresh, Tensor[]? params=None) -> Tensor");
+  m.def("row_sumsq(Tensor[] tensors, Tensor[] rows) -> Tensor");
   m.def(
       "perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] rows, Tensor(b!)[] backups, int[] n_backed, "
-      "Tensor sumsq, float coef, float? project_eps) -> ()");
+      "Tensor scales, float? box_eps=None) -> ()");
+  m.def(
+      "measure(Tensor[] params, Tensor[] grads, Tensor[] rows, Tensor(a!)[] backups, int[] n_backed, "
+      "Tensor scales) -> Tensor");
+  m.def(
+      "project(Tensor(a!)[] params, Tensor[] grads, Tensor[] rows, Tensor[] backups, Tensor scales, "
+      "Tensor delta_sumsq, float eps) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] rows, Tensor[] backups) -> ()");
 }

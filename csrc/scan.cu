@@ -1,8 +1,11 @@
-// scan on CUDA: one read of each gradient, warp per row; per-block partial sums of squares and fresh-row counts, then
-// a per-tensor sum of the partials in block order (no atomics), all on the current stream without a host sync.
+// scan and row_sumsq on CUDA: one read of each gradient (and parameter), or of the listed rows, warp per row;
+// per-block partial sums, then a per-tensor sum of the partials in block order (no atomics), all on the current stream
+// without a host sync.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "checks.h"
 #include "cuda_utils.cuh"
@@ -11,41 +14,52 @@ namespace fastadv::cuda {
 namespace {
 
 struct ScanTensor {
-  const void* grad;
-  const bool* touched;
-  bool* fresh;
-  int64_t rows, cols;
+  const void* values;    // scan: the gradient; row_sumsq: the tensor
+  const void* param;     // scan with params: summed too, else nullptr
+  const int64_t* index;  // row_sumsq: the rows to read, else nullptr (every row)
+  const bool* touched;   // scan only
+  bool* fresh;           // scan only
+  int64_t rows, tensor_rows, cols;
   bool packed;
 };
 
 struct ScanArgs {
   Segments segments;
   ScanTensor tensors[kMaxTensors];
+  int columns;  // 3: scan (sum of squares, fresh rows, parameters' sum of squares); 1: row_sumsq
 };
 
-// partial: [2, blocks], the block's sum of squares then its fresh-row count.
+// partial: [columns, blocks], the block's share of each column.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs args, double* partial) {
   const BlockPlace place = place_block(args.segments);
   const ScanTensor& t = args.tensors[place.slot];
-  const auto* grad = static_cast<const scalar_t*>(t.grad);
-  float sumsq = 0;  // this lane's share, over all its rows
-  double fresh_rows = 0;  // counted by lane 0 of each warp
-  for_each_warp_row(place, t.rows, [&](int64_t row) {
-    const scalar_t* values = grad + row * t.cols;
+  const auto* values = static_cast<const scalar_t*>(t.values);
+  const auto* param = static_cast<const scalar_t*>(t.param);
+  float sumsq = 0, param_sumsq = 0;  // this lane's share, over all its rows
+  double fresh_rows = 0;             // counted by lane 0 of each warp
+  for_each_warp_row(place, t.rows, [&](int64_t j) {
+    const int64_t row = t.index ? t.index[j] : j;
+    CUDA_KERNEL_ASSERT(row >= 0 && row < t.tensor_rows);
     uint32_t bits = 0;
     with_pack_width<scalar_t>(t.packed, [&](auto width) {
       constexpr int N = decltype(width)::value;
       for_each_lane_pack<N>(t.cols, [&](int64_t col) {
         float v[N];
-        load_floats<N>(values + col, v);
+        load_floats<N>(values + row * t.cols + col, v);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           sumsq = fmaf(v[k], v[k], sumsq);
           bits |= __float_as_uint(v[k]);
         }
+        if (param) {
+          load_floats<N>(param + row * t.cols + col, v);
+#pragma unroll
+          for (int k = 0; k < N; ++k) param_sumsq = fmaf(v[k], v[k], param_sumsq);
+        }
       });
     });
+    if (!t.fresh) return;  // the same for the whole block
     bits = warp_or(bits);
     if (threadIdx.x % kWarpSize == 0) {
       const bool is_fresh = magnitude_bits_nonzero(bits) && !t.touched[row];
@@ -54,43 +68,80 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs args, double* p
     }
   });
   const double block_sumsq = block_sum(sumsq);
+  if (threadIdx.x == 0) partial[blockIdx.x] = block_sumsq;
+  if (args.columns == 1) return;
   const double block_fresh = block_sum(fresh_rows);
+  const double block_param_sumsq = block_sum(param_sumsq);
   if (threadIdx.x == 0) {
-    partial[blockIdx.x] = block_sumsq;
     partial[gridDim.x + blockIdx.x] = block_fresh;
+    partial[2 * gridDim.x + blockIdx.x] = block_param_sumsq;
   }
 }
 
-at::Tensor scan(at::TensorList grads, at::TensorList touched, at::TensorList fresh) {
-  check_scan(grads, touched, fresh);
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+// Launches scan_kernel over `tensors`, one launch per dtype group, describe(args, i) filling in tensor i, and sums the
+// partials into out ([n, columns] float64).
+template <typename F>
+void launch_scan(at::TensorList tensors, int columns, const at::Tensor& out, const F& describe) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const size_t n = grads.size();
-  at::Tensor stats = at::empty({static_cast<int64_t>(n), 2}, grads[0].options().dtype(at::kDouble));
-  std::vector<at::Tensor> dense_grads(n), dense_touched(n);  // alive until the kernels are enqueued
-  for (size_t i = 0; i < n; ++i) {
-    dense_grads[i] = grads[i].contiguous();
-    dense_touched[i] = touched[i].contiguous();
-  }
-  for (const auto& group : launch_groups(grads)) {
+  for (const auto& group : launch_groups(tensors)) {
     ScanArgs args;
-    for (int i : group) {
-      const at::Tensor& grad = dense_grads[i];
-      args.tensors[args.segments.add(i, grad.size(0))] = {
-          grad.const_data_ptr(), dense_touched[i].const_data_ptr<bool>(), fresh[i].mutable_data_ptr<bool>(),
-          grad.size(0), grad.size(1), packable({&grad})};
-    }
-    const at::Tensor partial = at::empty({2 * args.segments.blocks()}, stats.options());
-    FASTADV_DISPATCH_FLOATING(dense_grads[group[0]].scalar_type(), "fastadv::scan", [&] {
+    args.columns = columns;
+    for (int i : group) describe(args, i);
+    const at::Tensor partial = at::empty({columns * args.segments.blocks()}, out.options());
+    FASTADV_DISPATCH_FLOATING(tensors[group[0]].scalar_type(), "fastadv::scan", [&] {
       scan_kernel<scalar_t><<<args.segments.blocks(), kThreads, 0, stream>>>(args, partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    sum_partials(args.segments, partial, 2, stats.mutable_data_ptr<double>(), stream);
+    sum_partials(args.segments, partial, columns, out.mutable_data_ptr<double>(), stream);
   }
+}
+
+at::Tensor scan(at::TensorList grads, at::TensorList touched, at::TensorList fresh,
+                std::optional<at::TensorList> params) {
+  check_scan(grads, touched, fresh, params);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const size_t n = grads.size();
+  at::Tensor stats = at::empty({static_cast<int64_t>(n), 3}, grads[0].options().dtype(at::kDouble));
+  std::vector<at::Tensor> dense_grads(n), dense_touched(n), dense_params(n);  // alive until the kernels are enqueued
+  for (size_t i = 0; i < n; ++i) {
+    dense_grads[i] = grads[i].contiguous();
+    dense_touched[i] = touched[i].contiguous();
+    if (params) dense_params[i] = (*params)[i].contiguous();
+  }
+  launch_scan(dense_grads, 3, stats, [&](ScanArgs& args, int i) {
+    const at::Tensor& grad = dense_grads[i];
+    const at::Tensor& param = params ? dense_params[i] : grad;
+    args.tensors[args.segments.add(i, grad.size(0))] = {
+        grad.const_data_ptr(), params ? param.const_data_ptr() : nullptr, nullptr,
+        dense_touched[i].const_data_ptr<bool>(), fresh[i].mutable_data_ptr<bool>(), grad.size(0), grad.size(0),
+        grad.size(1), packable({&grad, &param})};
+  });
   return stats;
+}
+
+at::Tensor row_sumsq(at::TensorList tensors, at::TensorList rows) {
+  check_row_sumsq(tensors, rows);
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const size_t n = tensors.size();
+  at::Tensor out = at::empty({static_cast<int64_t>(n)}, tensors[0].options().dtype(at::kDouble));
+  std::vector<at::Tensor> dense(n), indices(n);  // alive until the kernels are enqueued
+  for (size_t i = 0; i < n; ++i) {
+    dense[i] = tensors[i].contiguous();
+    indices[i] = rows[i].contiguous();
+  }
+  launch_scan(dense, 1, out, [&](ScanArgs& args, int i) {
+    const at::Tensor& t = dense[i];
+    args.tensors[args.segments.add(i, indices[i].size(0))] = {
+        t.const_data_ptr(), nullptr, indices[i].const_data_ptr<int64_t>(), nullptr, nullptr, indices[i].size(0),
+        t.size(0), t.size(1), packable({&t})};
+  });
+  return out;
 }
 
 }  // namespace
 }  // namespace fastadv::cuda
 
-TORCH_LIBRARY_IMPL(fastadv, CUDA, m) { m.impl("scan", &fastadv::cuda::scan); }
+TORCH_LIBRARY_IMPL(fastadv, CUDA, m) {
+  m.impl("scan", &fastadv::cuda::scan);
+  m.impl("row_sumsq", &fastadv::cuda::row_sumsq);
+}

@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     except ExtensionUnavailable as err:
         print(f"fastadv: {err}", file=sys.stderr)
         return 1
-    ops = [name for name in ("scan", "perturb", "restore") if hasattr(torch.ops.fastadv, name)]
-    print(f"fastadv: torch.ops.fastadv: {', '.join(ops)}")
+    ops = ("scan", "row_sumsq", "perturb", "measure", "project", "restore")
+    print(f"fastadv: torch.ops.fastadv: {', '.join(op for op in ops if hasattr(torch.ops.fastadv, op))}")
     return 0
 
 

@@ -165,17 +165,18 @@ def typed(field, DTYPE: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _segment_sum_kernel(partials, bounds, out, K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i, :] = sum of partials[bounds[i]:bounds[i + 1], :], accumulated in out's dtype."""
+def _segment_sum_kernel(partials, bounds, out, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i, :] = sum of partials[bounds[i]:bounds[i + 1], :], accumulated in out's dtype; rows of K values."""
     i = tl.program_id(0)
     lo = tl.load(bounds + i)
     hi = tl.load(bounds + i + 1)
-    ks = tl.arange(0, K)
-    acc = tl.zeros([BLOCK, K], out.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK, BLOCK_K], out.dtype.element_ty)
     for start in range(lo, hi, BLOCK):
         p = start + tl.arange(0, BLOCK)
-        acc += tl.load(partials + p[:, None] * K + ks[None, :], mask=(p < hi)[:, None], other=0.0).to(acc.dtype)
-    tl.store(out + i * K + ks, tl.sum(acc, axis=0))
+        mask = (p < hi)[:, None] & (ks < K)[None, :]
+        acc += tl.load(partials + p[:, None] * K + ks[None, :], mask=mask, other=0.0).to(acc.dtype)
+    tl.store(out + i * K + ks, tl.sum(acc, axis=0), mask=ks < K)
 
 
 #: Whether these kernels run under the interpreter (decided by ``TRITON_INTERPRET`` when they were decorated).
@@ -186,5 +187,6 @@ def segment_sum(partials: Tensor, first: list[int], out: Tensor) -> None:
     """``out[i] = partials[first[i]:first[i + 1]].sum(0)`` in one launch; ``partials`` is ``[P, K]``, ``out``
     ``[len(first) - 1, K]`` (every row written, empty segments as zero)."""
     if out.shape[0]:
-        _segment_sum_kernel[(out.shape[0],)](partials, table([first], out.device), out, K=partials.shape[1],
-                                             BLOCK=256)
+        k = partials.shape[1]
+        _segment_sum_kernel[(out.shape[0],)](partials, table([first], out.device), out, K=k,
+                                             BLOCK_K=triton.next_power_of_2(k), BLOCK=256)

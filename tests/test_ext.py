@@ -1,5 +1,6 @@
-"""The C++/CUDA extension (backend="ext"): its ops against the torch backend, the classes against the seed, the
-build (CUDA included, when nvcc is here), the fallback without a compiler, and tracing under torch.compile.
+"""The C++/CUDA extension (backend="ext"): its ops against plain-torch readings of the contract, the classes against
+the seed, the build (CUDA included, when nvcc is here), the fallback without a compiler, and tracing under
+torch.compile.
 
 Skipped with the reason when the extension cannot be built here. The first run compiles it (about a minute on two
 cores; the CUDA library about three more); later runs load the cached build.
@@ -20,7 +21,6 @@ from conftest import assert_ulps
 from torch import nn
 
 from fastadv import FusedFGM, FusedPGD, ext
-from fastadv.backends import torch_ops
 from fastadv.reference import FGM, PGD
 
 try:
@@ -65,27 +65,34 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
         assert_ulps(actual, expected, 1)
 
 
-def run_scan(backend, grads: list[torch.Tensor], touched: list[torch.Tensor]):
+def run_scan(grads: list[torch.Tensor], touched: list[torch.Tensor], params: list[torch.Tensor] | None = None):
     fresh = [~t for t in touched]  # poison: the opposite of the answer wherever the row is zero
-    return backend.scan(grads, touched, fresh), fresh
+    return ext_ops.scan(grads, touched, fresh, params), fresh
 
 
-# ---- ops against the torch backend ----
+def fp32_sumsq(tensor: torch.Tensor) -> float:
+    return tensor.float().square().sum(dtype=torch.float64).item()
 
 
+# ---- ops against plain-torch readings of the contract ----
+
+
+@pytest.mark.parametrize("with_params", [False, True], ids=["grads", "grads+params"])
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-def test_scan_matches_torch(rng, dense):
+def test_scan(rng, dense, with_params):
     grads = sparse_grads(rng, dense)
     grads[0][3, 7] = float("nan")  # a NaN row counts as non-zero
+    params = [torch.randn(g.shape, generator=rng).to(g.dtype) for g in grads] if with_params else None
     touched = [torch.rand(g.shape[0], generator=rng) < 0.4 for g in grads]
-    stats, fresh = run_scan(ext_ops, grads, touched)
-    expected_stats, expected_fresh = run_scan(torch_ops, grads, touched)
+    stats, fresh = run_scan(grads, touched, params)
+    assert stats.dtype == torch.float64 and stats.shape == (len(grads), 3)
     for i, grad in enumerate(grads):
         assert torch.equal(fresh[i], (grad != 0).any(dim=1) & ~touched[i])
         assert stats[i, 1] == fresh[i].sum()
+        if i:
+            assert stats[i, 0].item() == pytest.approx(fp32_sumsq(grad), rel=1e-5)
+        assert stats[i, 2].item() == (pytest.approx(fp32_sumsq(params[i]), rel=1e-5) if params else 0.0)
     assert torch.isnan(stats[0, 0])
-    torch.testing.assert_close(stats[1:, 0], expected_stats[1:, 0], rtol=1e-5, atol=0)
-    assert torch.equal(stats[:, 1], expected_stats[:, 1])
 
 
 def test_scan_nonfinite_and_zero_tensors():
@@ -94,30 +101,47 @@ def test_scan_nonfinite_and_zero_tensors():
     grads[2][4, 1] = -0.0  # -0 is zero
     grads.append(torch.zeros(2, 40))
     grads[3][1, 39] = 1e-30  # its square underflows in fp32 (the torch backend misses this row), still non-zero
-    stats, fresh = run_scan(ext_ops, grads, [torch.zeros(g.shape[0], dtype=torch.bool) for g in grads])
-    assert stats[0].tolist() == [0.0, 0.0] and not fresh[0].any()
+    stats, fresh = run_scan(grads, [torch.zeros(g.shape[0], dtype=torch.bool) for g in grads])
+    assert stats[0].tolist() == [0.0, 0.0, 0.0] and not fresh[0].any()
     assert stats[1, 0] == float("inf") and fresh[1].tolist() == [False, True, False]
-    assert stats[2].tolist() == [0.0, 0.0] and not fresh[2].any()
-    assert stats[3].tolist() == [0.0, 1.0] and fresh[3].tolist() == [False, True]
+    assert stats[2].tolist() == [0.0, 0.0, 0.0] and not fresh[2].any()
+    assert stats[3].tolist() == [0.0, 1.0, 0.0] and fresh[3].tolist() == [False, True]
 
 
-def test_scan_is_deterministic_across_thread_counts(rng):
+def test_row_sumsq(rng):
+    tensors = [torch.randn(rows, cols, generator=rng).to(dtype) for dtype, rows, cols in LAYOUT]
+    rows = [torch.randperm(len(t), generator=rng)[: len(t) // 2] for t in tensors]  # unordered, no repeats
+    rows[3] = torch.arange(len(tensors[3]))  # every row, in order
+    rows[5] = torch.empty(0, dtype=torch.long)  # no rows: 0
+    sums = ext_ops.row_sumsq(tensors, rows)
+    assert sums.dtype == torch.float64 and sums.shape == (len(tensors),)
+    for i, (t, r) in enumerate(zip(tensors, rows)):
+        assert sums[i].item() == pytest.approx(fp32_sumsq(t[r]), rel=1e-5)
+    assert sums[5] == 0.0
+    with pytest.raises(RuntimeError, match="outside"):
+        ext_ops.row_sumsq(tensors[:1], [torch.tensor([len(tensors[0])])])
+
+
+def test_sums_are_deterministic_across_thread_counts(rng):
     grads = [torch.randn(3000, 96, generator=rng), torch.randn(700, 200, generator=rng).bfloat16()]
+    params = [torch.randn(g.shape, generator=rng).to(g.dtype) for g in grads]
     touched = [torch.zeros(g.shape[0], dtype=torch.bool) for g in grads]
+    rows = [torch.randperm(len(g), generator=rng)[:1500] for g in grads]
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(run_scan(ext_ops, grads, touched)[0])
+            results.append((run_scan(grads, touched, params)[0], ext_ops.row_sumsq(grads, rows)))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(r, results[0]) for r in results)
+    assert all(torch.equal(a, results[0][0]) and torch.equal(b, results[0][1]) for a, b in results)
 
 
 def perturb_case(rng: torch.Generator, dense: bool, moved: bool):
-    """Inputs of perturb: parameters, gradients, rows (the non-zero ones), backups with the first half of each list
-    already backed up (as after an earlier PGD step; ``moved``: the weights have moved since), the rest poisoned."""
+    """Inputs of perturb/measure: parameters, gradients, rows (the non-zero ones), backups with the first half of each
+    list already backed up (as after an earlier step; ``moved``: the weights have moved since), the rest poisoned, and
+    per-tensor scales."""
     grads = sparse_grads(rng, dense)
     params = [torch.randn(g.shape, generator=rng).to(g.dtype) for g in grads]
     rows = [(g != 0).any(dim=1).nonzero().view(-1) for g in grads]
@@ -129,46 +153,117 @@ def perturb_case(rng: torch.Generator, dense: bool, moved: bool):
         backups.append(backup)
         if moved:
             p[r[:n]] += (0.05 * torch.randn(n, p.shape[1], generator=rng)).to(p.dtype)
-    sumsq = torch.tensor([g.double().square().sum().item() for g in grads], dtype=torch.float64)
-    return params, grads, rows, backups, n_backed, sumsq
+    scales = 0.02 + 0.2 * torch.rand(len(grads), generator=rng)
+    return params, grads, rows, backups, n_backed, scales
 
 
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone() for t in tensors]
 
 
+def oracle_backups(params, rows, backups, n_backed) -> list[torch.Tensor]:
+    """The backups after perturb/measure: the rows j >= n_backed[i] copied from the parameters."""
+    out = clone_all(backups)
+    for p, r, b, n in zip(params, rows, out, n_backed):
+        b[n:] = p[r[n:]]
+    return out
+
+
+def oracle_passes(params, grads, rows, backups, scales, box_eps=None, delta_sumsq=None, eps=None):
+    """The contract in plain torch, on backups already complete: (new parameters, ||W + s * G - B||^2 per tensor).
+    With ``box_eps`` perturb's box; with ``delta_sumsq`` and ``eps`` project's projection."""
+    new_params, deltas = [], []
+    for i, (p, g, r, b) in enumerate(zip(params, grads, rows, backups)):
+        scale, origin = scales[i], b.float()
+        new = p[r].float() + scale * g[r].float()
+        deltas.append((new - origin).square().sum(dtype=torch.float64).item() if scale != 0 else 0.0)
+        if box_eps is not None:
+            d = torch.tensor(box_eps, dtype=torch.float32) * origin.abs()
+            new = torch.minimum(torch.maximum(new, origin - d), origin + d)
+        if eps is not None:
+            norm = delta_sumsq[i].float().sqrt()
+            if norm > eps:
+                new = torch.lerp(origin, new, torch.tensor(eps, dtype=torch.float32) / norm)
+        out = p.clone()
+        if scale != 0:
+            out[r] = new.to(p.dtype)
+        new_params.append(out)
+    return new_params, deltas
+
+
+def assert_params(actual, expected, originals, rows) -> None:
+    """The listed rows as expected (see assert_same), every other row untouched, bit for bit."""
+    for a, e, o, r in zip(actual, expected, originals, rows):
+        assert_same(a, e)
+        untouched = torch.ones(a.shape[0], dtype=torch.bool)
+        untouched[r] = False
+        assert torch.equal(a[untouched], o[untouched])
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-@pytest.mark.parametrize("project_eps", [None, 0.05, 1e6], ids=["fgm", "pgd-projection-hit", "pgd-inside"])
+@pytest.mark.parametrize("box_eps", [None, 0.01, 1e3], ids=["step", "box-hit", "box-inside"])
 @pytest.mark.parametrize("moved", [False, True], ids=["first-step", "later-step"])
-def test_perturb_matches_torch(rng, dense, project_eps, moved):
-    params, grads, rows, backups, n_backed, sumsq = perturb_case(rng, dense, moved)
+def test_perturb(rng, dense, box_eps, moved):
+    params, grads, rows, backups, n_backed, scales = perturb_case(rng, dense, moved)
+    scales[4] = 0.0  # left alone, its backups still written
     originals = clone_all(params)
-    expected_params, expected_backups = clone_all(params), clone_all(backups)
-    assert ext_ops.perturb(params, grads, rows, backups, n_backed, sumsq, 0.7, project_eps) is None
-    torch_ops.perturb(expected_params, grads, rows, expected_backups, n_backed, sumsq, 0.7, project_eps)
-    for i in range(len(params)):
-        assert torch.equal(backups[i], expected_backups[i])  # NaN-free: every poisoned row was written, bit-exact
-        assert_same(params[i], expected_params[i])
-        untouched = torch.ones(params[i].shape[0], dtype=torch.bool)
-        untouched[rows[i]] = False
-        assert torch.equal(params[i][untouched], originals[i][untouched])
-    if project_eps == 0.05:  # the ball is left: each update lies on its surface (bf16/fp16 rounding is coarser)
-        for p, r, b in zip(params, rows, backups):
-            if p.dtype == torch.float32:
-                assert (p[r] - b).norm().item() == pytest.approx(0.05, rel=1e-3)
+    expected_backups = oracle_backups(params, rows, backups, n_backed)
+    expected, _ = oracle_passes(params, grads, rows, expected_backups, scales, box_eps=box_eps)
+    assert ext_ops.perturb(params, grads, rows, backups, n_backed, scales, box_eps) is None
+    for b, e in zip(backups, expected_backups):
+        assert torch.equal(b, e)  # NaN-free: every poisoned row was written, bit-exact
+    assert_params(params, expected, originals, rows)
+    assert torch.equal(params[4], originals[4])
+    if box_eps == 0.01:  # the box is around the backup (not the moved weights), and the steps reach its walls
+        for i, (p, r, b) in enumerate(zip(params, rows, backups)):
+            if i == 4:  # scale 0: its weights (moved or not) are left alone
+                continue
+            beyond = (p[r].float() - b.float()).abs() - 0.01 * b.float().abs()
+            ulp = 2.0 ** -(7 if p.dtype == torch.bfloat16 else 10 if p.dtype == torch.float16 else 22)
+            assert (beyond <= b.float().abs() * ulp).all()  # within the box up to the rounding of the stored value
+        assert (params[3][rows[3]] != originals[3][rows[3]]).any()
 
 
-@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
-@pytest.mark.parametrize("project_eps", [None, 0.1])
-def test_perturb_leaves_a_tensor_alone_when_its_norm_is_unusable(rng, bad, project_eps):
-    params, grads, rows, backups, n_backed, sumsq = perturb_case(rng, dense=False, moved=False)
-    sumsq[1] = bad
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("eps", [0.05, 1e6], ids=["projection-hit", "inside"])
+@pytest.mark.parametrize("moved", [False, True], ids=["first-step", "later-step"])
+def test_measure_and_project(rng, dense, eps, moved):
+    params, grads, rows, backups, n_backed, scales = perturb_case(rng, dense, moved)
+    scales[1] = 0.0
     originals = clone_all(params)
-    ext_ops.perturb(params, grads, rows, backups, n_backed, sumsq, 1.0, project_eps)
+    expected_backups = oracle_backups(params, rows, backups, n_backed)
+    _, expected_deltas = oracle_passes(params, grads, rows, expected_backups, scales)
+
+    delta_sumsq = ext_ops.measure(params, grads, rows, backups, n_backed, scales)
+    assert delta_sumsq.dtype == torch.float32 and delta_sumsq.shape == (len(params),)
+    for b, e in zip(backups, expected_backups):
+        assert torch.equal(b, e)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals))  # measure writes no weight
+    torch.testing.assert_close(
+        delta_sumsq.double(), torch.tensor(expected_deltas, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    assert delta_sumsq[1] == 0.0
+
+    delta_sumsq[0] *= 4  # project takes the norms it is given (e.g. all-reduced), not its own
+    expected, _ = oracle_passes(params, grads, rows, backups, scales, delta_sumsq=delta_sumsq, eps=eps)
+    assert ext_ops.project(params, grads, rows, backups, scales, delta_sumsq, eps) is None
+    assert_params(params, expected, originals, rows)
     assert torch.equal(params[1], originals[1])
-    for i in range(len(params)):
-        assert torch.equal(backups[i], originals[i][rows[i]])
-    assert not torch.equal(params[0], originals[0])
+    if eps == 0.05:  # the ball is left: each update lies on its surface (bf16/fp16 rounding is coarser)
+        for i, (p, r, b) in enumerate(zip(params, rows, backups)):
+            if p.dtype == torch.float32:
+                expected_norm = 0.05 * (0.5 if i == 0 else 1.0)  # tensor 0's norm was given twice its own
+                assert (p[r].float() - b.float()).norm().item() == pytest.approx(expected_norm, rel=1e-3)
+
+
+def test_box_propagates_nan_and_handles_zero_backups():
+    params = [torch.tensor([[0.0, 1.0, 2.0, -3.0]])]
+    grads = [torch.tensor([[1.0, float("nan"), 0.5, -1.0]])]
+    rows, backups = [torch.tensor([0])], [torch.empty(1, 4)]
+    ext_ops.perturb(params, grads, rows, backups, [0], torch.tensor([1.0]), 0.1)
+    assert torch.equal(backups[0], torch.tensor([[0.0, 1.0, 2.0, -3.0]]))
+    assert params[0][0, 0] == 0.0 and torch.isnan(params[0][0, 1])  # a zero backup pins the weight
+    assert params[0][0, 2:].tolist() == pytest.approx([2.2, -3.3])
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
@@ -187,13 +282,54 @@ def test_restore_is_bit_exact(rng, dense):
 
 
 def test_ops_reject_bad_arguments():
-    grad = torch.zeros(4, 8)
+    grad, rows, backups = torch.zeros(4, 8), [torch.tensor([1])], [torch.zeros(1, 8)]
+    bools = [torch.zeros(4, dtype=torch.bool)]
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ext_ops.scan([grad.double()], [torch.zeros(4, dtype=torch.bool)], [torch.zeros(4, dtype=torch.bool)])
+        ext_ops.scan([grad.double()], bools, [torch.zeros(4, dtype=torch.bool)])
     with pytest.raises(RuntimeError, match="bool vector of 4 rows"):
-        ext_ops.scan([grad], [torch.zeros(3, dtype=torch.bool)], [torch.zeros(4, dtype=torch.bool)])
+        ext_ops.scan([grad], [torch.zeros(3, dtype=torch.bool)], bools)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is BFloat16"):
+        ext_ops.scan([grad], bools, [torch.zeros(4, dtype=torch.bool)], [grad.bfloat16()])
     with pytest.raises(RuntimeError, match="outside"):
-        ext_ops.restore([grad], [torch.tensor([4])], [torch.zeros(1, 8)])
+        ext_ops.restore([grad], [torch.tensor([4])], backups)
+    with pytest.raises(RuntimeError, match="scales must be a float32 vector of 1 values"):
+        ext_ops.perturb([grad], [grad], rows, backups, [0], torch.ones(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="n_backed"):
+        ext_ops.measure([grad], [grad], rows, backups, [2], torch.ones(1))
+    with pytest.raises(RuntimeError, match="delta_sumsq must be a float32 vector of 1 values"):
+        ext_ops.project([grad], [grad], rows, backups, torch.ones(1), torch.ones(2), 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not ext_ops.supports(torch.device("cuda")), reason="no GPU")
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_cuda_matches_cpu(rng, dense):
+    params, grads, rows, backups, n_backed, scales = perturb_case(rng, dense, moved=True)
+    scales[4] = 0.0
+    touched = [torch.rand(g.shape[0], generator=rng) < 0.4 for g in grads]
+
+    def run(device: torch.device) -> list:
+        def to(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device, copy=True) for t in tensors]
+
+        p, g, r, b = to(params), to(grads), to(rows), to(backups)
+        fresh = [~t for t in to(touched)]
+        stats = ext_ops.scan(g, to(touched), fresh, p)
+        sums = ext_ops.row_sumsq(p, r)
+        delta_sumsq = ext_ops.measure(p, g, r, b, n_backed, scales.to(device))
+        ext_ops.project(p, g, r, b, scales.to(device), delta_sumsq, 0.05)
+        boxed, boxed_backups = to(params), to(backups)  # the boxed step on the inputs, not on project's output
+        ext_ops.perturb(boxed, g, r, boxed_backups, n_backed, scales.to(device), 0.01)
+        return [t.cpu() for t in (stats, sums, delta_sumsq, *fresh, *b, *boxed_backups, *p, *boxed)]
+
+    n = len(params)
+    cpu, gpu = run(CPU), run(torch.device("cuda"))
+    assert torch.equal(cpu[0][:, 1], gpu[0][:, 1])
+    for a, e in zip(gpu[:3], cpu[:3]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=0)
+    for a, e in zip(gpu[3 : 3 + 3 * n], cpu[3 : 3 + 3 * n]):  # fresh flags and backups
+        assert torch.equal(a, e)
+    for a, e in zip(gpu[3 + 3 * n :], cpu[3 + 3 * n :]):  # weights after project, and after the boxed step
+        assert_same(a, e)
 
 
 def test_supports():
@@ -208,20 +344,30 @@ def test_opcheck():
     grads = [torch.randn(5, 8), torch.randn(1, 3).bfloat16()]
     touched = [torch.zeros(5, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)]
     fresh = [torch.empty(5, dtype=torch.bool), torch.empty(1, dtype=torch.bool)]
-    torch.library.opcheck(torch.ops.fastadv.scan.default, (grads, touched, fresh))
     params = [torch.randn(5, 8), torch.randn(1, 3).bfloat16()]
+    ops = torch.ops.fastadv
+    torch.library.opcheck(ops.scan.default, (grads, touched, fresh))
+    torch.library.opcheck(ops.scan.default, (grads, touched, fresh, params))
     rows = [torch.tensor([0, 3]), torch.tensor([0])]
-    backups = [torch.empty(2, 8), torch.empty(1, 3, dtype=torch.bfloat16)]
-    sumsq = torch.tensor([2.0, 3.0], dtype=torch.float64)
-    torch.library.opcheck(torch.ops.fastadv.perturb.default, (params, grads, rows, backups, [0, 0], sumsq, 0.5, 0.1))
-    torch.library.opcheck(torch.ops.fastadv.restore.default, (params, rows, backups))
+    torch.library.opcheck(ops.row_sumsq.default, (params, rows))
+    backups = [p[r] for p, r in zip(params, rows)]
+    scales = torch.tensor([0.5, 0.25])
+    torch.library.opcheck(ops.perturb.default, (params, grads, rows, backups, [0, 0], scales))
+    torch.library.opcheck(ops.perturb.default, (params, grads, rows, backups, [1, 1], scales, 0.01))
+    torch.library.opcheck(ops.measure.default, (params, grads, rows, backups, [0, 0], scales))
+    delta_sumsq = torch.tensor([0.1, 4.0])
+    torch.library.opcheck(ops.project.default, (params, grads, rows, backups, scales, delta_sumsq, 0.5))
+    torch.library.opcheck(ops.restore.default, (params, rows, backups))
 
 
 def test_compiled_function_calling_the_ops():
     def attack(params, grads, touched, fresh, rows, backups):
-        stats = ext_ops.scan(grads, touched, fresh)
-        ext_ops.perturb(params, grads, rows, backups, [0], stats[:, 0], 1.0, 0.5)
-        return stats
+        stats = ext_ops.scan(grads, touched, fresh, params)
+        scales = (1.0 / stats[:, 0].sqrt()).float()
+        delta_sumsq = ext_ops.measure(params, grads, rows, backups, [0], scales)
+        ext_ops.project(params, grads, rows, backups, scales, delta_sumsq, 0.5)
+        ext_ops.perturb(params, grads, rows, backups, [2], scales, box_eps=0.01)
+        return stats, delta_sumsq, ext_ops.row_sumsq(params, rows)
 
     def inputs() -> list[list[torch.Tensor]]:
         grad = torch.zeros(6, 4)
@@ -233,7 +379,7 @@ def test_compiled_function_calling_the_ops():
     eager, compiled = inputs(), inputs()
     expected = attack(*eager)
     actual = torch.compile(attack, backend="aot_eager", fullgraph=True)(*compiled)
-    assert torch.equal(actual, expected)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
     for a, b in zip(eager, compiled):
         assert torch.equal(a[0], b[0])
 
@@ -350,4 +496,4 @@ def test_cuda_build_compiles_links_and_imports():
     )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "fastadv: cuda library loaded" in result.stdout
-    assert "torch.ops.fastadv: scan, perturb, restore" in result.stdout
+    assert "torch.ops.fastadv: scan, row_sumsq, perturb, measure, project, restore" in result.stdout

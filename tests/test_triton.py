@@ -1,8 +1,9 @@
-"""The triton backend against the torch backend and dense math, on the cases its multi-tensor kernels make special.
+"""The triton backend against plain-PyTorch oracles, on the cases its multi-tensor kernels make special.
 
 One call mixes dtypes (one launch per dtype group), 1-row tensors, more rows than one program's ``BLOCK_M`` and more
-columns than one ``BLOCK_N`` chunk, tensors with no touched row, and unusable norms. Every output buffer, the
-kernels' internal ones included, starts poisoned. Without a GPU the kernels run under ``TRITON_INTERPRET=1``.
+columns than one ``BLOCK_N`` chunk, tensors with no listed row, zero scales, and rows backed up by an earlier call
+whose weights have moved since. Every output buffer, the kernels' internal ones included, starts poisoned. Without a
+GPU the kernels run under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone() for t in tensors]
 
 
-def assert_stats(stats: torch.Tensor, expected: torch.Tensor) -> None:
-    assert stats.dtype == torch.float64 and stats.shape == expected.shape
-    assert torch.equal(stats[:, 1], expected[:, 1])
-    torch.testing.assert_close(stats[:, 0], expected[:, 0], rtol=1e-5, atol=0.0, equal_nan=True)
+def sumsq(tensor: torch.Tensor) -> float:
+    return tensor.double().square().sum().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32-accumulated sums against float64 ones."""
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-5, atol=1e-30, equal_nan=True)
 
 
 def test_block_heuristics():
@@ -89,20 +93,20 @@ def test_block_heuristics():
     assert first[-1] == sum(g.grid[0] for g in groups)
 
 
+@pytest.mark.parametrize("with_params", [False, True], ids=["grads", "grads+params"])
 @pytest.mark.parametrize("density", [0.4, 1.0], ids=["sparse", "dense"])
-def test_scan(seed, density):
-    _, grads = make_case(density)
+def test_scan(seed, density, with_params):
+    params, grads = make_case(density)
     touched = [torch.rand(g.shape[0], device=DEVICE) < 0.5 for g in grads]
     fresh = [torch.ones(g.shape[0], dtype=torch.bool, device=DEVICE) for g in grads]
-    expected_fresh = [torch.zeros(g.shape[0], dtype=torch.bool, device=DEVICE) for g in grads]
     with poisoned_buffers():
-        stats = triton_backend.scan(grads, touched, fresh)
-    expected = torch_ops.scan(grads, touched, expected_fresh)
-    assert_stats(stats, expected)
-    for i, grad in enumerate(grads):
-        assert torch.equal(fresh[i], expected_fresh[i])
+        stats = triton_backend.scan(grads, touched, fresh, params if with_params else None)
+    assert stats.dtype == torch.float64 and stats.shape == (len(grads), 3)
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         assert torch.equal(fresh[i], (grad != 0).any(dim=1) & ~touched[i])
-        assert math.isclose(stats[i, 0].item(), grad.double().square().sum().item(), rel_tol=1e-5)
+        assert stats[i, 1].item() == fresh[i].sum().item()
+        assert math.isclose(stats[i, 0].item(), sumsq(grad), rel_tol=1e-5)
+        assert math.isclose(stats[i, 2].item(), sumsq(param) if with_params else 0.0, rel_tol=1e-5)
 
 
 def test_scan_zero_nonfinite_and_underflowing_gradients(seed):
@@ -116,15 +120,29 @@ def test_scan_zero_nonfinite_and_underflowing_gradients(seed):
     with poisoned_buffers():
         stats = triton_backend.scan(grads, touched, fresh)
     assert [f.nonzero().view(-1).tolist() for f in fresh] == [[], [2], [0], [4], [0, 2]]
-    assert stats[:, 1].tolist() == [0, 1, 1, 1, 2]
+    assert stats[:, 1].tolist() == [0, 1, 1, 1, 2] and stats[:, 2].tolist() == [0] * 5
     assert stats[0, 0].item() == 0 and stats[3, 0].item() == 0
     assert math.isnan(stats[1, 0].item()) and stats[2, 0].item() == math.inf
 
 
-def perturb_case():
-    """A mixed list after an earlier step: half of each tensor's rows already backed up (the rest poisoned), the
-    weights of those rows already moved; one tensor has no touched row, one a zero, NaN or inf norm, and one a step
-    ten times shorter than the others (0.07 rather than 0.7)."""
+def test_row_sumsq(seed):
+    tensors, _ = make_case()
+    # Rows in no particular order, every row of one tensor, and none of another.
+    rows = [torch.randperm(t.shape[0], device=DEVICE)[: max(1, t.shape[0] // 2)] for t in tensors]
+    rows[2] = torch.arange(tensors[2].shape[0], device=DEVICE)
+    rows[3] = rows[3][:0]
+    with poisoned_buffers():
+        out = triton_backend.row_sumsq(tensors, rows)
+    assert out.dtype == torch.float64 and out.shape == (len(tensors),)
+    assert_close(out, torch.tensor([sumsq(t[r]) for t, r in zip(tensors, rows, strict=True)], dtype=torch.float64))
+    assert out[3].item() == 0
+
+
+def perturb_case(move: float = 0.03):
+    """A mixed list after an earlier call: half of each tensor's rows already backed up (the rest poisoned), the
+    weights of those rows moved since (by about ``move``); one tensor has no listed row, one a zero scale, one a ten
+    times shorter step. The steps and the moves are of the order of the box ``0.05 * |B|``, so it clamps some
+    elements, not all."""
     params, grads = make_case()
     rows = [nonzero_rows(g) for g in grads]
     rows[3] = rows[3][:0]
@@ -133,38 +151,140 @@ def perturb_case():
                for r, p in zip(rows, params, strict=True)]
     for p, r, b, n in zip(params, rows, backups, n_backed, strict=True):
         b[:n] = p[r[:n]]
-        p[r[:n]] += (0.01 * torch.randn(n, p.shape[1], device=DEVICE)).to(p.dtype)
-    sumsq = torch.tensor([g.double().square().sum().item() for g in grads], dtype=torch.float64, device=DEVICE)
-    sumsq[4] = [0.0, math.nan, math.inf][torch.randint(3, ()).item()]
-    sumsq[5] *= 100
-    return params, grads, rows, backups, n_backed, sumsq
+        p[r[:n]] += (move * torch.randn(n, p.shape[1], device=DEVICE)).to(p.dtype)
+    scales = torch.full((len(params),), 0.05, device=DEVICE)
+    scales[4], scales[5] = 0.0, 0.005
+    return params, grads, rows, backups, n_backed, scales
 
 
-@pytest.mark.parametrize("project_eps", [None, 0.4, 1e6], ids=["fgm", "pgd-some-leave-the-ball", "pgd-inside"])
-def test_perturb(seed, project_eps):
-    params, grads, rows, backups, n_backed, sumsq = perturb_case()
-    before, expected_params, expected_backups = clones(params), clones(params), clones(backups)
+def stepped(param: torch.Tensor, grad: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``W + scale * G`` of the rows ``r``."""
+    return param[r].float() + scale * grad[r].float()
+
+
+def boxed(new: torch.Tensor, center: torch.Tensor, box_eps: float) -> torch.Tensor:
+    """``new`` clamped into ``[B - d, B + d]``, ``d = float32(box_eps) * |B|``, all in fp32."""
+    d = torch.tensor(box_eps, dtype=torch.float32) * center.abs()
+    return torch.minimum(torch.maximum(new, center - d), center + d)
+
+
+def check_backups(before, rows, backups, n_backed, old_backups) -> None:
+    for i, (p, r, b) in enumerate(zip(before, rows, backups, strict=True)):
+        assert torch.equal(b[n_backed[i]:], p[r[n_backed[i]:]]), i  # bit for bit
+        assert torch.equal(b[:n_backed[i]], old_backups[i][:n_backed[i]]), i
+
+
+@pytest.mark.parametrize("box_eps", [None, 0.05], ids=["fgm", "awp-box"])
+def test_perturb(seed, box_eps):
+    params, grads, rows, backups, n_backed, scales = perturb_case()
+    before, old_backups = clones(params), clones(backups)
     with poisoned_buffers():
-        result = triton_backend.perturb(params, grads, rows, backups, n_backed, sumsq, 0.7, project_eps)
-    assert result is None
-    torch_ops.perturb(expected_params, grads, rows, expected_backups, n_backed, sumsq, 0.7, project_eps)
+        assert triton_backend.perturb(params, grads, rows, backups, n_backed, scales, box_eps) is None
+    check_backups(before, rows, backups, n_backed, old_backups)
+    clamped = moved_center = 0
+    for i, (p, g, r, b) in enumerate(zip(params, grads, rows, backups, strict=True)):
+        expected = before[i].clone()
+        if scales[i] != 0:
+            new = stepped(before[i], g, r, scales[i])
+            if box_eps is not None:
+                box = boxed(new, b.float(), box_eps)  # around the backups: rows backed up earlier have moved since
+                clamped += int((box != new).sum())
+                around_w = boxed(new, before[i][r].float(), box_eps)
+                moved_center += int((box[: n_backed[i]] != around_w[: n_backed[i]]).sum())
+                new = box
+            expected[r] = new.to(p.dtype)
+        assert_matches(p, expected)
+        if i in (3, 4):  # no listed row; a zero scale
+            assert torch.equal(p, before[i]), i
+    if box_eps is not None:
+        assert clamped > 0 and moved_center > 0  # the box mattered, and around the backups
+
+
+def measured(params, grads, rows, backups, scales) -> torch.Tensor:
+    """float64 ``||W + scale * G - B||^2`` per tensor, 0 for a zero scale."""
+    return torch.tensor([sumsq(stepped(p, g, r, s) - b.float()) if s != 0 else 0.0
+                         for p, g, r, b, s in zip(params, grads, rows, backups, scales, strict=True)],
+                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("eps", [0.4, 1e6], ids=["some-leave-the-ball", "inside"])
+def test_measure_then_project_is_the_old_pgd_perturb(seed, eps):
+    """measure + project with ``scales = coef / ||G||`` equal the old ``perturb(..., sumsq, coef, project_eps)``:
+    the projection onto the ``eps`` ball around the backups of the step, rounded once (dense fp64 math)."""
+    params, grads, rows, backups, n_backed, scales = perturb_case(move=0.01)
+    coefs = (scales / 0.05 * 0.7).double()  # 0.7, but 0 and 0.07 for the zero and the short step
+    norms = torch.stack([g.double().norm() for g in grads])
+    scales = (coefs / norms).float()
+    before, old_backups = clones(params), clones(backups)
+    with poisoned_buffers():
+        delta_sumsq = triton_backend.measure(params, grads, rows, backups, n_backed, scales)
+    assert delta_sumsq.dtype == torch.float32 and delta_sumsq.shape == (len(params),)
+    check_backups(before, rows, backups, n_backed, old_backups)
+    for p, q in zip(params, before, strict=True):
+        assert torch.equal(p, q)  # measure writes no weight
+    assert_close(delta_sumsq, measured(before, grads, rows, backups, scales))
+    assert delta_sumsq[3].item() == 0 and delta_sumsq[4].item() == 0
+
+    with poisoned_buffers():
+        assert triton_backend.project(params, grads, rows, backups, scales, delta_sumsq, eps) is None
     left = []
     for i, (p, g, r, b) in enumerate(zip(params, grads, rows, backups, strict=True)):
-        assert torch.equal(b[n_backed[i]:], before[i][r[n_backed[i]:]]), i  # bit for bit
-        assert torch.equal(b, expected_backups[i]), i
-        assert_matches(p, expected_params[i])
-        if i in (3, 4):  # no touched row; an unusable norm
+        if i in (3, 4):  # no listed row; a zero scale
             assert torch.equal(p, before[i]), i
             continue
-        # Dense fp64 math over the whole tensor (untouched rows have a zero gradient).
         origin = before[i].double().index_copy(0, r, b.double())
-        new = before[i].double() + 0.7 / sumsq[i].sqrt() * g.double()
+        new = before[i].double() + coefs[i] / norms[i] * g.double()  # untouched rows have a zero gradient
         norm = (new - origin).norm()
-        if project_eps is not None and norm > project_eps:
-            new = origin + project_eps / norm * (new - origin)
+        if norm > eps:
+            new = origin + eps / norm * (new - origin)
             left.append(i)
         assert_matches(p, new)
-    assert left == {None: [], 0.4: [0, 1, 2], 1e6: []}[project_eps]
+    assert left == {0.4: [0, 1, 2], 1e6: []}[eps]
+
+
+def test_project_reads_the_given_norm(seed):
+    """project takes the norm from ``delta_sumsq`` (float32 of it), e.g. all-reduced over shards in between."""
+    params, grads, rows, _, _, scales = perturb_case()
+    backups = [p[r] for p, r in zip(params, rows, strict=True)]
+    before = clones(params)
+    delta_sumsq = 4 * measured(params, grads, rows, backups, scales)  # float64, as if four shards alike
+    eps = 0.5 * delta_sumsq.sqrt().float()[[0, 1, 2, 5]].min().item()
+    triton_backend.project(params, grads, rows, backups, scales, delta_sumsq, eps)
+    for i, (p, g, r, b) in enumerate(zip(params, grads, rows, backups, strict=True)):
+        expected = before[i].clone()
+        if scales[i] != 0 and len(r):
+            norm = delta_sumsq[i].float().sqrt()
+            expected[r] = torch.lerp(b.float(), stepped(before[i], g, r, scales[i]), eps / norm).to(p.dtype)
+        assert_matches(p, expected)
+
+
+@pytest.mark.skipif("measure" not in torch_ops.__all__, reason="the torch backend is not on the new contract yet")
+def test_matches_torch_backend(seed):
+    """Each op from the same inputs on both backends (chained, a one-ulp difference would grow)."""
+    params, grads, rows, backups, n_backed, scales = perturb_case()
+    touched = [torch.rand(g.shape[0], device=DEVICE) < 0.5 for g in grads]
+
+    def run(backend):
+        ps, bs, out = clones(params), clones(backups), []
+        fresh = [torch.empty(g.shape[0], dtype=torch.bool, device=DEVICE) for g in grads]
+        out += [backend.scan(grads, touched, fresh, ps), backend.row_sumsq(ps, rows), fresh]
+        for box_eps in (None, 0.05):
+            moved, moved_backups = clones(ps), clones(bs)
+            backend.perturb(moved, grads, rows, moved_backups, n_backed, scales, box_eps)
+            out += [moved, moved_backups]
+        delta = backend.measure(ps, grads, rows, bs, n_backed, scales)
+        backend.project(ps, grads, rows, bs, scales, delta, 0.3)
+        return out + [delta, ps, bs]
+
+    mine, theirs = run(triton_backend), run(torch_ops)
+    torch.testing.assert_close(mine[0], theirs[0], rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(mine[1], theirs[1], rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(mine[-3], theirs[-3], rtol=1e-5, atol=1e-12)
+    for k in (2, 4, 6, 9):  # fresh flags, backups: bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(mine[k], theirs[k], strict=True)), k
+    for k in (3, 5, 8):  # weights: rounded once from (nearly) the same fp32 values
+        for a, b in zip(mine[k], theirs[k], strict=True):
+            assert_matches(a, b)
 
 
 def test_restore_is_bit_exact(seed):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastadv import ext as _ext
 
-__all__ = ["scan", "perturb", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "perturb", "measure", "project", "restore", "supports"]
 
 try:
     _LIBRARIES = _ext.load(cuda=torch.cuda.is_available())
@@ -25,8 +25,12 @@ except ImportError as _err:
     raise
 
 
-def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor]) -> Tensor:
-    return torch.ops.fastadv.scan(grads, touched, fresh)
+def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None) -> Tensor:
+    return torch.ops.fastadv.scan(grads, touched, fresh, params)
+
+
+def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+    return torch.ops.fastadv.row_sumsq(tensors, rows)
 
 
 def perturb(
@@ -35,12 +39,34 @@ def perturb(
     rows: list[Tensor],
     backups: list[Tensor],
     n_backed: list[int],
-    sumsq: Tensor,
-    coef: float,
-    project_eps: float | None,
+    scales: Tensor,
+    box_eps: float | None = None,
 ) -> None:
-    eps = None if project_eps is None else float(project_eps)
-    torch.ops.fastadv.perturb(params, grads, rows, backups, [int(n) for n in n_backed], sumsq, float(coef), eps)
+    box = None if box_eps is None else float(box_eps)
+    torch.ops.fastadv.perturb(params, grads, rows, backups, [int(n) for n in n_backed], scales, box)
+
+
+def measure(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+) -> Tensor:
+    return torch.ops.fastadv.measure(params, grads, rows, backups, [int(n) for n in n_backed], scales)
+
+
+def project(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    scales: Tensor,
+    delta_sumsq: Tensor,
+    eps: float,
+) -> None:
+    torch.ops.fastadv.project(params, grads, rows, backups, scales, delta_sumsq, float(eps))
 
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
@@ -53,11 +79,18 @@ def supports(device: torch.device) -> bool:
 
 
 def _register_fakes() -> None:
-    """Shape-only kernels for FakeTensor/meta tracing (torch.compile); perturb and restore only write their inputs."""
+    """Shape-only kernels for FakeTensor/meta tracing (torch.compile); perturb, project and restore only write their
+    inputs."""
 
     @torch.library.register_fake("fastadv::scan")
-    def _(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor]) -> Tensor:
-        return grads[0].new_empty((len(grads), 2), dtype=torch.float64)
+    def _(
+        grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None
+    ) -> Tensor:
+        return grads[0].new_empty((len(grads), 3), dtype=torch.float64)
+
+    @torch.library.register_fake("fastadv::row_sumsq")
+    def _(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+        return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
     @torch.library.register_fake("fastadv::perturb")
     def _(
@@ -66,9 +99,31 @@ def _register_fakes() -> None:
         rows: list[Tensor],
         backups: list[Tensor],
         n_backed: list[int],
-        sumsq: Tensor,
-        coef: float,
-        project_eps: float | None,
+        scales: Tensor,
+        box_eps: float | None = None,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("fastadv::measure")
+    def _(
+        params: list[Tensor],
+        grads: list[Tensor],
+        rows: list[Tensor],
+        backups: list[Tensor],
+        n_backed: list[int],
+        scales: Tensor,
+    ) -> Tensor:
+        return scales.new_empty((len(params),), dtype=torch.float32)
+
+    @torch.library.register_fake("fastadv::project")
+    def _(
+        params: list[Tensor],
+        grads: list[Tensor],
+        rows: list[Tensor],
+        backups: list[Tensor],
+        scales: Tensor,
+        delta_sumsq: Tensor,
+        eps: float,
     ) -> None:
         return None
 

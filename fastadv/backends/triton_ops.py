@@ -1,9 +1,10 @@
-"""Triton backend: the three ops as multi-tensor Triton kernels (``kernels/``, installed as ``fastadv.kernels``).
+"""Triton backend: the ops as multi-tensor Triton kernels (``kernels/``, installed as ``fastadv.kernels``).
 
-Each op is one launch per dtype group over the whole list (one in practice); the reductions add a small per-tensor
-sum launch, and PGD's perturb a second pass over the touched rows (it projects before its single rounding). No op
-syncs with the host. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
-See :mod:`fastadv.backends` for the contract of each op.
+Each op is one launch per dtype group over the whole list (one in practice): ``scan`` reads whole tensors;
+``row_sumsq``, ``perturb``, ``measure`` and ``project`` are stages of one kernel over the listed rows
+(``kernels/perturb.py``), ``restore`` a copy of their bits. The reductions (``scan``, ``row_sumsq``, ``measure``) add
+a small per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
+CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it). See :mod:`fastadv.backends` for the contract of each op.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import torch
 
 try:
     from fastadv.kernels._common import INTERPRETED
-    from fastadv.kernels.perturb import perturb
+    from fastadv.kernels.perturb import measure, perturb, project, row_sumsq
     from fastadv.kernels.restore import restore
     from fastadv.kernels.scan import scan
 except ImportError as err:  # no triton, or a broken install: the registry reports the backend as not available
     raise ImportError(f"the triton backend needs a working triton: {err}") from err
 
-__all__ = ["scan", "perturb", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "perturb", "measure", "project", "restore", "supports"]
 
 
 def supports(device: torch.device) -> bool:
