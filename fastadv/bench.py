@@ -6,7 +6,8 @@ with a 250002-token vocabulary, ``--plot FILE.png`` draws the speed-ups. ``FASTA
 shrinks every shape, for CI. The pytest-benchmark suite in ``benchmarks/`` uses the same cases.
 
 A "call" is what an attack costs besides the forward/backward passes: FGM ``attack`` + ``restore``; PGD k=3
-``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``.
+``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``; AWP ``attack`` + ``restore``. An implementation
+``<backend>+batch`` is that backend with ``rows="batch"`` (row hints; the call includes recording the batch's lookup).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastadv import FusedFGM, FusedPGD, available_backends
+from fastadv import FusedAWP, FusedFGM, FusedPGD, available_backends
 from fastadv.backends import resolve_backend
-from fastadv.reference import FGM, PGD, fgm_step, pgd_step
+from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
 #: Embedding shapes (rows, dim) of the models users train.
 SHAPES = {"bert-base": (30522, 768), "xlm-r": (250002, 768), "llama": (32000, 4096)}
@@ -43,7 +44,7 @@ class Case:
     shape: str
     dtype: torch.dtype
     gradient: str  # "rows": a batch touched TOUCHED_ROWS rows; "dense": every row (a tied LM head)
-    method: str  # "fgm" or "pgd3"
+    method: str  # "fgm", "pgd3" or "awp"
 
     @property
     def group(self) -> str:
@@ -61,7 +62,7 @@ def cases(quick: bool = False) -> list[Case]:
     shapes = ["bert-base"] if quick else list(SHAPES)
     return [
         Case(shape, dtype, gradient, method)
-        for method in ("fgm", "pgd3")
+        for method in ("fgm", "pgd3", "awp")
         for shape in shapes
         for dtype in (torch.float32, torch.bfloat16)
         for gradient in ("rows", "dense")
@@ -69,7 +70,8 @@ def cases(quick: bool = False) -> list[Case]:
 
 
 def implementations(device: torch.device) -> list[str]:
-    """``"seed"`` and every backend that runs on ``device`` (Triton's CPU interpreter is for tests, not timings)."""
+    """``"seed"``, every backend that runs on ``device`` (Triton's CPU interpreter is for tests, not timings), and
+    each of them with row hints (``"<backend>+batch"``)."""
     usable = []
     for name in available_backends():
         if name == "triton" and device.type == "cpu":
@@ -79,23 +81,43 @@ def implementations(device: torch.device) -> list[str]:
         except RuntimeError:
             continue
         usable.append(name)
-    return ["seed", *usable]
+    return ["seed", *usable, *(f"{name}+batch" for name in usable)]
+
+
+def runs(case: Case, impl: str) -> bool:
+    """Whether ``impl`` applies to ``case``: row hints need untied rows and exist for FGM/PGD; torch.compile'd
+    peers exist for FGM/PGD."""
+    if impl.endswith("+batch"):
+        return case.gradient == "rows" and case.method != "awp"
+    return not (impl == COMPILED_SEED and case.method == "awp")
 
 
 def build_model(case: Case, device: torch.device) -> nn.Module:
-    """A module holding one ``word_embeddings`` parameter with the case's gradient already set."""
+    """A module holding one ``word_embeddings`` embedding with the case's gradient already set; ``model.ids`` are the
+    rows the batch looked up (every row for a dense gradient)."""
     rows, dim, touched = case.size()
     gen = torch.Generator(device=device).manual_seed(0)
     model = nn.Module()
-    model.word_embeddings = nn.Parameter(torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen))
+    model.word_embeddings = nn.Embedding(rows, dim, device=device, dtype=case.dtype)
+    weight = model.word_embeddings.weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen))
     if case.gradient == "dense":
-        grad = torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen)
+        model.ids = torch.arange(rows, device=device)
+        weight.grad = torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen)
     else:
-        grad = torch.zeros(rows, dim, device=device, dtype=case.dtype)
-        picked = torch.randperm(rows, device=device, generator=gen)[:touched]
-        grad[picked] = torch.randn(touched, dim, device=device, dtype=case.dtype, generator=gen)
-    model.word_embeddings.grad = grad
+        model.ids = torch.randperm(rows, device=device, generator=gen)[:touched]
+        weight.grad = torch.zeros(rows, dim, device=device, dtype=case.dtype)
+        weight.grad[model.ids] = torch.randn(touched, dim, device=device, dtype=case.dtype, generator=gen)
     return model
+
+
+def _record_lookup(model: nn.Module) -> None:
+    """What ``rows="batch"`` adds to a forward pass: its hooks record the looked-up ids (the lookup itself is part of
+    the forward pass with or without fastadv, so it is not timed)."""
+    embedding = model.word_embeddings
+    for hook in embedding._forward_pre_hooks.values():
+        hook(embedding, (model.ids,))
 
 
 #: The peer a user would try first: the seed's classes with their per-tensor math compiled by torch.compile.
@@ -134,7 +156,9 @@ class _CompiledPGD(PGD):
                 _compiled(_pgd_math)(param.data, param.grad, self.emb_backup[name], self.alpha, self.eps)
 
 
-_PEERS = {"seed": (FGM, PGD), COMPILED_SEED: (_CompiledFGM, _CompiledPGD)}
+_PEERS = {"seed": (FGM, PGD, AWP), COMPILED_SEED: (_CompiledFGM, _CompiledPGD, None)}
+_FUSED = (FusedFGM, FusedPGD, FusedAWP)
+_METHODS = ("fgm", "pgd3", "awp")
 _compiled_fns: dict[Callable, Callable] = {}
 
 
@@ -144,24 +168,36 @@ def _compiled(fn: Callable) -> Callable:
     return _compiled_fns[fn]
 
 
+def make_attacker(impl: str, method: str, model: nn.Module):
+    """The attack object of ``method`` for ``impl``: "seed", ``COMPILED_SEED``, a backend, or "<backend>+batch"."""
+    which = _METHODS.index(method)
+    if impl in _PEERS:
+        return _PEERS[impl][which](model)
+    backend, _, rows = impl.partition("+")
+    return _FUSED[which](model, backend=backend, **({"rows": rows} if rows else {}))
+
+
 def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
-    """One call of ``method`` through ``impl`` (``"seed"``, ``COMPILED_SEED`` or a backend name) on ``model``."""
-    if method == "fgm":
-        fgm = _PEERS[impl][0](model) if impl in _PEERS else FusedFGM(model, backend=impl)
+    """One call of ``method`` through ``impl`` on ``model``."""
+    attacker = make_attacker(impl, method, model)
+    record = _record_lookup if impl.endswith("+batch") else lambda model: None
+    record(model)  # construction registered the hooks; the first attack needs a recorded lookup
+    if method in ("fgm", "awp"):
 
         def call() -> None:
-            fgm.attack()
-            fgm.restore()
+            attacker.attack()
+            attacker.restore()
+            record(model)
 
         return call
-    pgd = _PEERS[impl][1](model) if impl in _PEERS else FusedPGD(model, backend=impl)
 
     def call() -> None:
-        pgd.backup_grad()
+        attacker.backup_grad()
         for t in range(PGD_K):
-            pgd.attack(is_first_attack=t == 0)
-        pgd.restore_grad()
-        pgd.restore()
+            attacker.attack(is_first_attack=t == 0)
+            record(model)
+        attacker.restore_grad()
+        attacker.restore()
 
     return call
 
@@ -235,12 +271,16 @@ def time_case(case: Case, device: torch.device, impls: list[str], repeats: int) 
     seed's freeing of gigabytes (the kernel returns the pages for a while after) to whoever runs next.
     """
     model = build_model(case, device)
-    weight, grad = model.word_embeddings.detach().clone(), model.word_embeddings.grad
+    param = model.word_embeddings.weight
+    weight, grad = param.detach().clone(), param.grad
     results = []
     for impl in impls:
+        if not runs(case, impl):
+            continue
         results.append(Result(case, impl, time_call(attack_call(impl, case.method, model), device, repeats)))
-        assert torch.equal(model.word_embeddings, weight), f"{impl} did not restore the weights"
-        model.word_embeddings.grad = grad  # the seed's restore_grad put a clone there
+        assert torch.equal(param, weight), f"{impl} did not restore the weights"
+        param.grad = grad  # the seed's restore_grad put a clone there
+        model.word_embeddings._forward_pre_hooks.clear()  # rows="batch" hooks of this implementation
     return results
 
 
@@ -254,7 +294,7 @@ def measure_peaks(case: Case, device: torch.device, results: list[Result]) -> No
 
 
 def end_to_end(
-    device: torch.device, impls: list[str], repeats: int, methods: tuple[str, ...] = ("fgm", "pgd3")
+    device: torch.device, impls: list[str], repeats: int, methods: tuple[str, ...] = _METHODS
 ) -> list[tuple[str, str, float, float]]:
     """Training steps of a transformers BERT (250002-token vocabulary, hidden 256, 2 layers, batch 16x64).
 
@@ -281,25 +321,27 @@ def end_to_end(
 
     rows = [("plain fwd+bwd", "-", time_call(plain, device, repeats=repeats), 1.0)]
     for method in methods:
-        passes = 2 if method == "fgm" else PGD_K + 1
+        passes = {"fgm": 2, "pgd3": PGD_K + 1, "awp": 2}[method]
         for impl in impls:
-            if impl in _PEERS:
-                attacker = _PEERS[impl][0 if method == "fgm" else 1](model)
+            if not runs(Case("xlm-r", torch.float32, "rows", method), impl):  # BERT's embedding: untied
+                continue
+            attacker = make_attacker(impl, method, model)
 
-                def step(attacker=attacker, method=method) -> None:
-                    model.zero_grad()
-                    fgm_step(attacker, closure) if method == "fgm" else pgd_step(attacker, model, closure, PGD_K)
-            else:
-                fused = FusedFGM(model, backend=impl) if method == "fgm" else FusedPGD(model, backend=impl)
-
-                def step(fused=fused, method=method) -> None:
-                    model.zero_grad()
-                    fused.step(closure) if method == "fgm" else fused.step(closure, k=PGD_K)
+            def step(attacker=attacker, method=method) -> None:
+                model.zero_grad()
+                if method == "fgm":
+                    fgm_step(attacker, closure)
+                elif method == "pgd3":
+                    pgd_step(attacker, model, closure, PGD_K)
+                else:
+                    awp_step(attacker, model, closure)
 
             # interleaved with the plain passes, so that drifts of the machine's speed cancel in the ratio
             pairs = [(time_call(plain, device, 1, 0), time_call(step, device, 1, 0)) for _ in range(repeats + 1)][1:]
             base, seconds = (statistics.median(times) for times in zip(*pairs))
             rows.append((method, impl, seconds, seconds / (passes * base)))
+            if hasattr(attacker, "_rows") and attacker._rows.batch_rows is not None:
+                attacker._rows.batch_rows.remove()
     return rows
 
 
@@ -332,16 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases(args.quick):  # memory last: see measure_peaks
         measure_peaks(case, device, [r for r in results if r.case == case])
 
-    header = f"{'case':<32} {'impl':<7} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11}"
+    header = f"{'case':<32} {'impl':<11} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11}"
     print(header + "\n" + "-" * len(header))
     seed = {r.case: r.seconds for r in results if r.impl == "seed"}
     for r in results:
-        print(f"{r.case.group:<32} {r.impl:<7} {r.seconds * 1e3:>10.2f} {seed[r.case] / r.seconds:>7.1f}x"
+        print(f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {seed[r.case] / r.seconds:>7.1f}x"
               f" {_fmt_bytes(r.extra_bytes):>11}")
     if e2e:
-        print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<7} {'ms/step':>10} {'/ passes':>8}")
+        print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ passes':>8}")
         for method, impl, seconds, ratio in e2e:
-            print(f"{method:<32} {impl:<7} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
+            print(f"{method:<32} {impl:<11} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
     if args.plot:
         _plot(results, args.plot)
     return 0
