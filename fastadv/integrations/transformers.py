@@ -1,0 +1,278 @@
+"""``AdversarialTrainer``: a ``transformers.Trainer`` that trains with FGM, PGD or AWP from :mod:`fastadv`.
+
+Every forward/backward pass (the clean one and each adversarial one) goes through ``Trainer.training_step``, so the
+Trainer's autocast (``bf16``/``fp16``), its loss scaling (``accelerator.backward``, the fp16 ``GradScaler``), the
+division of the loss for gradient accumulation and ``num_items_in_batch`` apply to each pass unchanged. The attacks
+normalise the gradient (``G / ||G||``), so a loss scale does not change them; an overflowed (inf) gradient skips the
+attack (counted in ``trainer.attacker.nonfinite_skips``) and the scaler then skips the optimizer step as usual.
+
+Requires ``transformers`` and ``accelerate``: ``pip install fastadv[transformers]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "fastadv.integrations.transformers needs transformers and accelerate: pip install fastadv[transformers]"
+    ) from exc
+
+from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
+
+__all__ = ["AdversarialTrainer", "METHODS"]
+
+METHODS = ("fgm", "pgd", "awp")
+_DEFAULT_EPS = {"fgm": 1.0, "pgd": 1.0, "awp": 0.01}
+_DEFAULT_K = {"fgm": 1, "pgd": 3, "awp": 1}
+
+Attacker = FusedFGM | FusedPGD | FusedAWP
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _quietly(undo: Callable[[], None]) -> None:
+    """Undo on the error path: a RuntimeError only means there was nothing to undo; the original error propagates."""
+    try:
+        undo()
+    except RuntimeError:
+        pass
+
+
+class AdversarialTrainer(Trainer):
+    """A ``transformers.Trainer`` whose training step adds adversarial passes with FGM, PGD or AWP.
+
+    Args:
+        *args, **trainer_kwargs: passed to ``transformers.Trainer`` unchanged.
+        adversarial: ``"fgm"``, ``"pgd"``, ``"awp"``, or ``None`` for the plain Trainer step.
+        adv_eps: FGM's perturbation size / PGD's ball radius (default 1.0), or AWP's box half-width relative to
+            ``|W|`` (default 0.01).
+        adv_alpha: PGD's step size.
+        adv_k: PGD's number of attack steps (default 3), or AWP's (default 1).
+        emb_name: FGM/PGD: substring of the names of the embedding weights to perturb.
+        adv_param: AWP: substring of the names of the weights to perturb.
+        adv_lr: AWP: step size relative to the weights' norm.
+        awp_start_epoch: AWP: plain steps while ``state.epoch`` (fractional) is below this, adversarial from then on.
+        adv_backend: the fastadv backend (``"auto"`` or a name from :func:`fastadv.available_backends`).
+
+    One call of ``training_step`` (one micro-batch) does:
+
+    - FGM: clean pass, ``attack()``, adversarial pass, ``restore()``: ``.grad`` gets both gradients, as in the seed.
+    - PGD: clean pass, ``backup_grad()``, ``k`` times ``attack()`` with ``zero_grad()`` between and
+      ``restore_grad()`` before the last adversarial pass, ``restore()``: clean + last adversarial gradient.
+    - AWP: gradients of earlier micro-batches set aside, clean pass, ``k`` times (``attack()``, ``zero_grad()``,
+      adversarial pass), ``restore()``, earlier gradients added back: the last adversarial gradient replaces the
+      clean one, as in :meth:`fastadv.FusedAWP.step`.
+
+    With gradient accumulation FGM's and PGD's first attack uses ``.grad`` as it stands, earlier micro-batches
+    included, exactly as the seed's code in an accumulation loop. Weights (and PGD's clean gradients) are restored
+    even when a pass raises. The step returns (and the Trainer logs as ``loss``) the clean loss; the loss of the last
+    adversarial pass is logged beside it as ``adv_loss``, averaged over the same optimizer steps. DeepSpeed (whose
+    ``backward`` also steps the optimizer) and the LOMO optimizers are refused.
+
+    Example::
+
+        from fastadv.integrations.transformers import AdversarialTrainer
+
+        trainer = AdversarialTrainer(
+            model=model, args=TrainingArguments("out", bf16=True), train_dataset=train_set,
+            adversarial="pgd", adv_eps=1.0, adv_alpha=0.3, adv_k=3, emb_name="word_embeddings",
+        )
+        trainer.train()   # log_history entries carry "loss" (clean) and "adv_loss"
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        adversarial: str | None = "fgm",
+        adv_eps: float | None = None,
+        adv_alpha: float = 0.3,
+        adv_k: int | None = None,
+        emb_name: str = "word_embeddings",
+        adv_param: str = "weight",
+        adv_lr: float = 1.0,
+        awp_start_epoch: float = 0.0,
+        adv_backend: str = "auto",
+        **trainer_kwargs: Any,
+    ) -> None:
+        method = adversarial.lower() if isinstance(adversarial, str) else adversarial
+        if method is not None and method not in METHODS:
+            raise ValueError(f"adversarial must be one of {', '.join(map(repr, METHODS))} or None, got {adversarial!r}")
+        self.adversarial: str | None = method
+        self.adv_eps = _positive("adv_eps", _DEFAULT_EPS.get(method or "fgm") if adv_eps is None else adv_eps)
+        self.adv_alpha = _positive("adv_alpha", adv_alpha)
+        self.adv_lr = _positive("adv_lr", adv_lr)
+        k = _DEFAULT_K.get(method or "fgm") if adv_k is None else adv_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"adv_k must be an int >= 1, got {adv_k!r}")
+        if method == "fgm" and k != 1:
+            raise ValueError(f"adv_k applies to 'pgd' and 'awp'; FGM makes one attack, got adv_k={adv_k!r}")
+        self.adv_k = k
+        if not (isinstance(awp_start_epoch, int | float) and math.isfinite(awp_start_epoch) and awp_start_epoch >= 0):
+            raise ValueError(f"awp_start_epoch must be a finite number >= 0, got {awp_start_epoch!r}")
+        self.awp_start_epoch = float(awp_start_epoch)
+        self.emb_name = emb_name
+        self.adv_param = adv_param
+        self.adv_backend = adv_backend
+        self._attacker: Attacker | None = None
+        self._adv_loss_sum: Tensor | None = None
+        self._adv_steps = 0
+        self._adv_last_step = -1
+
+        super().__init__(*args, **trainer_kwargs)
+
+        if method is not None:
+            if getattr(self, "is_deepspeed_enabled", False):
+                raise NotImplementedError(
+                    "AdversarialTrainer does not support DeepSpeed: its backward also steps the optimizer (so every"
+                    " adversarial pass would be an optimizer step) and ZeRO keeps gradients outside .grad"
+                )
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            if optim in ("lomo", "adalomo"):
+                raise NotImplementedError(f"AdversarialTrainer does not support optim={optim!r}: its backward updates")
+            if self.model is not None:  # fail now on a bad emb_name/adv_param/backend, not at the first step
+                self._attacker = self._build_attacker(_unwrap(self.model))
+
+    @property
+    def attacker(self) -> Attacker | None:
+        """The fastadv attack object of the model being trained (built on first use), or ``None``."""
+        return self._attacker
+
+    def _build_attacker(self, model: nn.Module) -> Attacker:
+        part, what = (self.adv_param, "adv_param") if self.adversarial == "awp" else (self.emb_name, "emb_name")
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not any(part in n for n in names):
+            hints = [n for n in names if "emb" in n.lower()] if what == "emb_name" else []
+            raise ValueError(
+                f"no trainable parameter name contains {what}={part!r}; candidates:"
+                f" {', '.join((hints or names)[:10]) or 'none'}"
+            )
+        if self.adversarial == "fgm":
+            return FusedFGM(model, eps=self.adv_eps, emb_name=self.emb_name, backend=self.adv_backend)
+        if self.adversarial == "pgd":
+            return FusedPGD(
+                model, eps=self.adv_eps, alpha=self.adv_alpha, emb_name=self.emb_name, backend=self.adv_backend
+            )
+        return FusedAWP(
+            model, adv_param=self.adv_param, adv_lr=self.adv_lr, adv_eps=self.adv_eps, backend=self.adv_backend
+        )
+
+    def _attacker_for(self, model: nn.Module) -> Attacker:
+        target = _unwrap(model)
+        if self._attacker is None or self._attacker.model is not target:  # e.g. a new model from model_init
+            self._attacker = self._build_attacker(target)
+        return self._attacker
+
+    def _pass(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> Tensor:
+        """One forward/backward pass through the Trainer's own step (autocast, loss scaling, GA division)."""
+        if num_items_in_batch is None:  # transformers < 4.46 has no such argument
+            return super().training_step(model, inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def awp_active(self) -> bool:
+        """Whether AWP attacks at the current step (``state.epoch >= awp_start_epoch``)."""
+        return self.adversarial == "awp" and (self.state.epoch or 0.0) >= self.awp_start_epoch
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """The clean pass plus the adversarial passes of the chosen method; returns the clean loss."""
+        if self.adversarial is None or (self.adversarial == "awp" and not self.awp_active()):
+            return self._pass(model, inputs, num_items_in_batch)
+        attacker = self._attacker_for(model)
+        if isinstance(attacker, FusedFGM):
+            loss, adv_loss = self._fgm_step(attacker, model, inputs, num_items_in_batch)
+        elif isinstance(attacker, FusedPGD):
+            loss, adv_loss = self._pgd_step(attacker, model, inputs, num_items_in_batch)
+        else:
+            loss, adv_loss = self._awp_step(attacker, model, inputs, num_items_in_batch)
+        self._record_adv_loss(adv_loss)
+        return loss
+
+    def _fgm_step(self, fgm: FusedFGM, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
+        loss = self._pass(model, inputs, n)
+        try:
+            fgm.attack()
+            adv_loss = self._pass(model, inputs, n)
+        except BaseException:
+            _quietly(fgm.restore)
+            raise
+        fgm.restore()
+        return loss, adv_loss
+
+    def _pgd_step(self, pgd: FusedPGD, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
+        loss = self._pass(model, inputs, n)
+        pgd.backup_grad()
+        try:
+            for t in range(self.adv_k):
+                pgd.attack(is_first_attack=(t == 0))
+                if t != self.adv_k - 1:
+                    model.zero_grad()
+                else:
+                    pgd.restore_grad()
+                adv_loss = self._pass(model, inputs, n)
+        except BaseException:
+            _quietly(pgd.restore)
+            _quietly(pgd.restore_grad)
+            raise
+        pgd.restore()
+        return loss, adv_loss
+
+    def _awp_step(self, awp: FusedAWP, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
+        params = [p for p in awp.model.parameters() if p.requires_grad]
+        earlier = [p.grad for p in params]  # earlier micro-batches: kept aside so the attack sees this batch only
+        for p in params:
+            p.grad = None
+        try:
+            loss = self._pass(model, inputs, n)
+            try:
+                for _ in range(self.adv_k):
+                    awp.attack()
+                    model.zero_grad()
+                    adv_loss = self._pass(model, inputs, n)
+            except BaseException:
+                _quietly(awp.restore)
+                raise
+            awp.restore()
+        finally:
+            for p, grad in zip(params, earlier):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad.add_(grad)
+        return loss, adv_loss
+
+    def _record_adv_loss(self, adv_loss: Tensor) -> None:
+        adv_loss = adv_loss.detach()
+        self._adv_loss_sum = adv_loss if self._adv_loss_sum is None else self._adv_loss_sum + adv_loss
+        if self.state.global_step != self._adv_last_step:  # micro-batches of one optimizer step count once
+            self._adv_last_step = self.state.global_step
+            self._adv_steps += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds ``adv_loss`` (mean loss of the last adversarial pass per optimizer step) to the training logs."""
+        if "loss" in logs and self._adv_loss_sum is not None:
+            total = self._adv_loss_sum
+            gather = getattr(self, "_nested_gather", None)  # transformers < 5
+            if gather is not None:
+                total = gather(total)
+            else:
+                from transformers.trainer_pt_utils import nested_gather
+
+                total = nested_gather(total, self.args.parallel_mode)
+            logs["adv_loss"] = total.float().mean().item() / self._adv_steps
+            self._adv_loss_sum, self._adv_steps, self._adv_last_step = None, 0, -1
+        super().log(logs, *args, **kwargs)

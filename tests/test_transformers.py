@@ -1,0 +1,340 @@
+"""AdversarialTrainer against hand-written training loops built on fastadv.reference, on a tiny random BERT (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from torch.utils.data import SequentialSampler, default_collate  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from fastadv import reference  # noqa: E402
+from fastadv.integrations.transformers import AdversarialTrainer  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "adversarial_bert.py"
+VOCAB, SEQ, BATCH, N = 100, 8, 4, 16  # 16 rows: 4 batches of 4
+LR = 1e-2
+PARAMS = {
+    "fgm": {"adv_eps": 0.5},
+    "pgd": {"adv_eps": 0.5, "adv_alpha": 0.2, "adv_k": 3},
+    "awp": {"adv_lr": 0.5, "adv_eps": 0.05, "adv_k": 1},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_and_single_threaded():
+    """One thread is much faster for a model this small; the Trainer's info logs are noise here."""
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity(verbosity)
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=32,
+    )
+    return BertForSequenceClassification(config)
+
+
+def make_data(n: int = N, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Tokens from half the vocabulary only, so most embedding rows get no gradient; label: is token 7 there."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB // 2, (n, SEQ), generator=g)
+    labels = (ids == 7).any(1).long()
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+class CheckedTrainer(AdversarialTrainer):
+    """Sequential batches (as the hand loop sees them); asserts that each step leaves the weights as it found them."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())), "weights not restored"
+        return loss
+
+
+def make_args(tmp_path: Path, ga: int = 1, epochs: float = 1, **kwargs) -> TrainingArguments:
+    kwargs.setdefault("use_cpu", True)
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        save_strategy="no",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        learning_rate=LR,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ga,
+        num_train_epochs=epochs,
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **kwargs,
+    )
+
+
+def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    if kind == "sgd":  # sensitive to the scale of the gradient, which AdamW mostly normalises away
+        return torch.optim.SGD(model.parameters(), lr=0.5)
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+
+
+def run_trainer(model, tmp_path, method, params=None, ga=1, opt="adamw", trainer_cls=CheckedTrainer, **kwargs):
+    trainer = trainer_cls(
+        model=model,
+        args=make_args(tmp_path, ga=ga, **kwargs),
+        train_dataset=make_data(),
+        optimizers=(make_optimizer(model, opt), None),
+        adversarial=method,
+        **(PARAMS.get(method, {}) if params is None else params),
+    )
+    trainer.train()
+    return trainer
+
+
+def hand_loop(model, method, params=None, ga=1, opt="adamw", divide=True, awp_from_step=0):
+    """The seed-style loop: reference classes and loops, optimizer step every ``ga`` batches.
+
+    Returns per optimizer step the clean loss and the loss of the last adversarial pass, summed over its micro-batches.
+    """
+    p = PARAMS.get(method, {}) if params is None else params
+    if method == "fgm":
+        attacker = reference.FGM(model, eps=p["adv_eps"])
+    elif method == "pgd":
+        attacker = reference.PGD(model, eps=p["adv_eps"], alpha=p["adv_alpha"])
+    elif method == "awp":
+        attacker = reference.AWP(model, adv_lr=p["adv_lr"], adv_eps=p["adv_eps"])
+    optimizer = make_optimizer(model, opt)
+    data = make_data()
+    batches = [default_collate(data[i : i + BATCH]) for i in range(0, len(data), BATCH)]
+    model.train()
+    model.zero_grad()
+    clean, adv, passes = [0.0], [0.0], []
+
+    def closure_for(batch):
+        def closure():
+            loss = model(**batch).loss / (ga if divide else 1)
+            passes.append(loss.item())
+            return loss
+
+        return closure
+
+    for i, batch in enumerate(batches):
+        closure = closure_for(batch)
+        passes.clear()
+        if method == "fgm":
+            reference.fgm_step(attacker, closure)
+        elif method == "pgd":
+            reference.pgd_step(attacker, model, closure, k=p["adv_k"])
+        elif method == "awp" and i // ga >= awp_from_step:
+            params = [q for q in model.parameters() if q.requires_grad]
+            earlier = [q.grad for q in params]
+            for q in params:
+                q.grad = None
+            reference.awp_step(attacker, model, closure, k=p["adv_k"])
+            for q, grad in zip(params, earlier):
+                if grad is not None:
+                    q.grad = grad if q.grad is None else q.grad.add_(grad)
+        else:
+            closure().backward()
+        clean[-1] += passes[0]
+        adv[-1] += passes[-1] if len(passes) > 1 else math.nan
+        if (i + 1) % ga == 0:
+            optimizer.step()
+            model.zero_grad()
+            clean.append(0.0)
+            adv.append(0.0)
+    return clean[:-1], adv[:-1]
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def train_logs(trainer: Trainer, key: str) -> list[float]:
+    return [entry.get(key, math.nan) for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize(
+    "method, extra, awp_from_step",
+    [
+        ("fgm", {}, 0),
+        ("pgd", {}, 0),
+        ("awp", {}, 0),
+        ("awp", {"adv_k": 2, "awp_start_epoch": 0.5}, 2),  # state.epoch: 0, .25, .5, .75 before steps 0..3
+    ],
+    ids=["fgm", "pgd", "awp", "awp-k2-start0.5"],
+)
+def test_parity_with_reference_loop(tmp_path, method, extra, awp_from_step):
+    model = tiny_bert()
+    twin = copy.deepcopy(model)
+    params = {**PARAMS[method], **extra}
+    trainer = run_trainer(model, tmp_path, method, params)
+    clean, adv = hand_loop(twin, method, params, awp_from_step=awp_from_step)
+    assert_same_weights(model, twin)
+    assert train_logs(trainer, "loss") == pytest.approx(clean, rel=1e-5)
+    assert train_logs(trainer, "adv_loss") == pytest.approx(adv, rel=1e-5, nan_ok=True)
+    assert trainer.attacker.nonfinite_skips == 0
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd", "awp"])
+def test_gradient_accumulation_parity(tmp_path, method):
+    """GA=2 over 4 micro-batches, SGD (sensitive to the gradient's scale); the Trainer divides each pass by GA."""
+    model = tiny_bert()
+    model.accepts_loss_kwargs = False  # the Trainer divides the loss by GA (BERT ignores num_items_in_batch)
+    twin = copy.deepcopy(model)
+    trainer = run_trainer(model, tmp_path, method, ga=2, opt="sgd")
+    clean, adv = hand_loop(twin, method, ga=2, opt="sgd")
+    assert_same_weights(model, twin, rtol=1e-5, atol=1e-6)
+    assert train_logs(trainer, "loss") == pytest.approx(clean, rel=1e-5)
+    assert train_logs(trainer, "adv_loss") == pytest.approx(adv, rel=1e-5)
+
+
+def test_gradient_accumulation_with_num_items_in_batch(tmp_path):
+    """BERT's forward takes **kwargs, so the Trainer passes num_items_in_batch and does not divide by GA; each
+    adversarial pass must be treated exactly like the clean one."""
+    model = tiny_bert()
+    twin = copy.deepcopy(model)
+    trainer = run_trainer(model, tmp_path, "pgd", ga=2, opt="sgd")
+    assert trainer.model_accepts_loss_kwargs
+    hand_loop(twin, "pgd", ga=2, opt="sgd", divide=False)
+    assert_same_weights(model, twin, rtol=1e-5, atol=1e-6)
+
+
+def test_none_is_the_plain_trainer(tmp_path):
+    model = tiny_bert()
+    twin = copy.deepcopy(model)
+    trainer = run_trainer(model, tmp_path, None)
+    assert trainer.attacker is None
+
+    class PlainTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    plain = PlainTrainer(
+        model=twin,
+        args=make_args(tmp_path),
+        train_dataset=make_data(),
+        optimizers=(make_optimizer(twin, "adamw"), None),
+    )
+    plain.train()
+    for pa, pb in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(pa, pb)
+    assert train_logs(trainer, "loss") == train_logs(plain, "loss")
+    assert all(math.isnan(v) for v in train_logs(trainer, "adv_loss"))
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd", "awp"])
+def test_bf16_autocast(tmp_path, method):
+    """bf16 autocast on the CPU: every pass runs under it, weights come back bit-exact after each step
+    (CheckedTrainer), and the SGD updates stay within a few per cent of the fp32 run's (AdamW would blow up
+    rounding differences in near-zero gradients to whole steps)."""
+    model = tiny_bert()
+    start, twin = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = run_trainer(model, tmp_path, method, opt="sgd", bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.native_amp
+    losses = train_logs(trainer, "loss") + train_logs(trainer, "adv_loss")
+    assert all(math.isfinite(v) for v in losses)
+    run_trainer(twin, tmp_path, method, opt="sgd")
+    params = list(zip(start.parameters(), model.parameters(), twin.parameters()))
+    update = torch.cat([(p32 - p0).flatten() for p0, _, p32 in params])
+    error = torch.cat([(p16 - p32).flatten() for _, p16, p32 in params])
+    assert update.norm() > 0.1
+    assert 0 < error.norm() < 0.03 * update.norm()  # bf16 did run (not 0), and close (measured 0.3-0.5%)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling (GradScaler) runs on CUDA only: with "
+                    "use_cpu, accelerate turns neither autocast nor the scaler on for fp16")
+@pytest.mark.parametrize("method", ["fgm", "pgd", "awp"])
+def test_fp16_grad_scaler_cuda(tmp_path, method):
+    trainer = run_trainer(tiny_bert(), tmp_path, method, fp16=True, use_cpu=False)
+    assert trainer.accelerator.scaler is not None
+    assert all(math.isfinite(v) for v in train_logs(trainer, "loss") + train_logs(trainer, "adv_loss"))
+
+
+@pytest.mark.parametrize("method, failing_pass", [("fgm", 2), ("pgd", 3), ("awp", 2)])
+def test_weights_restored_when_a_pass_raises(tmp_path, method, failing_pass):
+    model = tiny_bert()
+    original = copy.deepcopy(model)
+
+    class Failing(CheckedTrainer):
+        calls = 0
+
+        def compute_loss(self, *args, **kwargs):
+            Failing.calls += 1
+            if Failing.calls == failing_pass:
+                raise KeyboardInterrupt("boom")
+            return super().compute_loss(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt, match="boom"):
+        run_trainer(model, tmp_path, method, trainer_cls=Failing)
+    for pa, pb in zip(model.parameters(), original.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="'fgm', 'pgd', 'awp'"):
+        AdversarialTrainer(adversarial="fgsm")
+    with pytest.raises(ValueError, match="adv_eps"):
+        AdversarialTrainer(adversarial="pgd", adv_eps=-1.0)
+    with pytest.raises(ValueError, match="adv_k"):
+        AdversarialTrainer(adversarial="pgd", adv_k=0)
+    with pytest.raises(ValueError, match="adv_k"):
+        AdversarialTrainer(adversarial="fgm", adv_k=3)
+    with pytest.raises(ValueError, match="awp_start_epoch"):
+        AdversarialTrainer(adversarial="awp", awp_start_epoch=-1)
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="emb_name='wte'.*word_embeddings"):
+        AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="fgm", emb_name="wte")
+    with pytest.raises(ValueError, match="adv_param='nope'"):
+        AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="awp", adv_param="nope")
+    assert AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="AWP").adv_eps == 0.01
+
+
+def test_missing_transformers_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    monkeypatch.delitem(sys.modules, "fastadv.integrations.transformers")
+    with pytest.raises(ImportError, match=r"pip install fastadv\[transformers\]"):
+        importlib.import_module("fastadv.integrations.transformers")
+
+
+def test_example_script_runs(capsys):
+    spec = importlib.util.spec_from_file_location("adversarial_bert_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--steps", "4", "--train-size", "32", "--test-size", "16", "--batch-size", "8", "--hidden", "16"]
+    results = example.main([*argv, "--layers", "1"])
+    assert set(results) == {"none", "fgm", "pgd", "awp"}
+    for method, r in results.items():
+        assert math.isfinite(r["train_loss"]) and 0 <= r["acc"] <= 1
+        assert math.isfinite(r["attacked_loss"])
+        assert math.isnan(r["train_adv_loss"]) == (method == "none")
+    assert "attacked" in capsys.readouterr().out
