@@ -49,7 +49,7 @@ def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params
 
 
 def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
-    sums = [_gather(tensor, idx).float().square().sum() for tensor, idx in zip(tensors, rows)]
+    sums = [_row_norms(_gather(tensor, idx)).square().sum() for tensor, idx in zip(tensors, rows)]
     return torch.stack(sums).double() if sums else torch.zeros(0, dtype=torch.float64)
 
 
