@@ -8,8 +8,9 @@ touch tensors element by element.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch import Tensor, nn
 
@@ -31,6 +32,22 @@ def _check_positive(name: str, value: float) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def earlier_grads_set_aside(model: nn.Module) -> Iterator[None]:
+    """Gradients already in ``.grad`` (earlier micro-batches of gradient accumulation) are set aside for the block
+    and added back after it, so that AWP's passes see this batch's gradients only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    earlier = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in zip(params, earlier):
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad.add_(grad)
 
 
 def _normalised(coef: float) -> ScaleRule:
@@ -276,15 +293,9 @@ class FusedAWP:
         """
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"k must be an int >= 1, got {k!r}")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        earlier = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        try:
-            return awp_step(self, self.model, closure, k).detach()
-        finally:
-            if self._rows.active_name is not None:  # a pass raised: put the weights back
-                self.restore()
-            for p, grad in zip(params, earlier):
-                if grad is not None:
-                    p.grad = grad if p.grad is None else p.grad.add_(grad)
+        with earlier_grads_set_aside(self.model):
+            try:
+                return awp_step(self, self.model, closure, k).detach()
+            finally:
+                if self._rows.active_name is not None:  # a pass raised: put the weights back
+                    self.restore()

@@ -84,6 +84,16 @@ def _worker(rank: int, mode: str, init_file: str, out_dir: str) -> None:
                     name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                     for name, p in model.named_parameters()
                 }
+        if mode == "ddp":  # row hints see this rank's lookups, the all-reduced gradient every rank's rows
+            model = TinyEncoder(device="cpu")
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            fgm = FusedFGM(wrapped, rows="batch")
+            wrapped(torch.randint(0, 32, (2, 6)) + 32 * rank).backward()
+            try:
+                fgm.attack()
+                results["hints"] = "attacked"
+            except RuntimeError as err:
+                results["hints"] = str(err)
         torch.save(results, os.path.join(out_dir, f"{mode}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -107,3 +117,6 @@ def test_two_processes_match_one(tmp_path, mode):
                     )
             for name, value in ranks[0][backend, kind].items():
                 assert torch.equal(value, ranks[1][backend, kind][name]), f"{backend} {kind}: ranks differ in {name}"
+    if mode == "ddp":
+        for result in ranks:
+            assert "no recorded lookup" in result["hints"] and "DDP" in result["hints"]

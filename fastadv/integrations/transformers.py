@@ -24,7 +24,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "fastadv.integrations.transformers needs transformers and accelerate: pip install fastadv[transformers]"
     ) from exc
 
-from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
+from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD, _unwrap, earlier_grads_set_aside
+from fastadv.attacks import _check_positive as _positive
 
 __all__ = ["AdversarialTrainer", "METHODS"]
 
@@ -33,17 +34,6 @@ _DEFAULT_EPS = {"fgm": 1.0, "pgd": 1.0, "awp": 0.01}
 _DEFAULT_K = {"fgm": 1, "pgd": 3, "awp": 1}
 
 Attacker = FusedFGM | FusedPGD | FusedAWP
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
 
 
 def _quietly(undo: Callable[[], None]) -> None:
@@ -234,11 +224,7 @@ class AdversarialTrainer(Trainer):
         return loss, adv_loss
 
     def _awp_step(self, awp: FusedAWP, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
-        params = [p for p in awp.model.parameters() if p.requires_grad]
-        earlier = [p.grad for p in params]  # earlier micro-batches: kept aside so the attack sees this batch only
-        for p in params:
-            p.grad = None
-        try:
+        with earlier_grads_set_aside(awp.model):  # so the attack sees this micro-batch's gradient only
             loss = self._pass(model, inputs, n)
             try:
                 for _ in range(self.adv_k):
@@ -249,10 +235,6 @@ class AdversarialTrainer(Trainer):
                 _quietly(awp.restore)
                 raise
             awp.restore()
-        finally:
-            for p, grad in zip(params, earlier):
-                if grad is not None:
-                    p.grad = grad if p.grad is None else p.grad.add_(grad)
         return loss, adv_loss
 
     def _record_adv_loss(self, adv_loss: Tensor) -> None:
