@@ -31,6 +31,10 @@ float pass_rows(const char* op, Pass pass, const at::Tensor& params, const at::T
     TORCH_CHECK(row >= 0 && row < n_rows, "fastadv::", op, ": row ", row, " is outside [0, ", n_rows, ")");
     scalar_t* weights = param + row * cols;
     scalar_t* saved = backup + j * cols;
+    if (j + 1 < end && index[j + 1] >= 0 && index[j + 1] < n_rows) {
+      prefetch_row(param + index[j + 1] * cols, cols * sizeof(scalar_t), pass != Pass::kMeasure);
+      if (step != 0.0f) prefetch_row(grad + index[j + 1] * cols, cols * sizeof(scalar_t));
+    }
     const bool backing = j >= n_backed;  // project: never (n_backed is every row)
     if (backing) std::memcpy(saved, weights, cols * sizeof(scalar_t));  // bit-exact; the row stays in L1
     if (step == 0.0f) continue;

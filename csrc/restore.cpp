@@ -27,6 +27,9 @@ void restore(at::TensorList params, at::TensorList rows, at::TensorList backups)
       const int64_t row = index[j];
       TORCH_CHECK(row >= 0 && row < n_rows, "fastadv::restore: rows[", i, "] holds ", row, ", outside [0, ", n_rows,
                   ")");
+      if (j + 1 < end && index[j + 1] >= 0 && index[j + 1] < n_rows) {
+        prefetch_row(param + index[j + 1] * row_bytes[i], row_bytes[i], true);
+      }
       std::memcpy(param + row * row_bytes[i], backup + j * row_bytes[i], row_bytes[i]);
     }
   });

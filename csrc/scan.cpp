@@ -119,6 +119,9 @@ at::Tensor row_sumsq(at::TensorList tensors, at::TensorList rows) {
         const int64_t row = index[j];
         TORCH_CHECK(row >= 0 && row < n_rows, "fastadv::row_sumsq: rows[", i, "] holds ", row, ", outside [0, ",
                     n_rows, ")");
+        if (j + 1 < end && index[j + 1] >= 0 && index[j + 1] < n_rows) {
+          prefetch_row(values + index[j + 1] * cols, row_bytes[i]);
+        }
         sumsq += scan_row(values + row * cols, cols).sumsq;
       }
       chunk_sumsq[chunk] = sumsq;
