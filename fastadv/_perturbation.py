@@ -311,14 +311,14 @@ class RowPerturbation:
         grads = [as_rows(local(p.grad).contiguous()) for _, p in targets]
         backend = self._backend(params[0].device)
         states = [self._state(name, param) for name, param in zip(names, params)]
-        self.active_name = name_part
 
         if self.batch_rows is None:
             stats = backend.scan(grads, [s.touched for s in states], [s.fresh for s in states],
                                  params if read_params else None)
-            sums = stats[:, 0::2].contiguous()  # the sums of squares are global; the row counts stay local
-            sharding.all_reduce(sums)
-            stats[:, 0::2] = sums
+            if sharding.groups:  # the sums of squares are global; the row counts stay local
+                sums = stats[:, 0::2].contiguous()
+                sharding.all_reduce(sums)
+                stats[:, 0::2] = sums
             host = stats.tolist()  # the one host sync
             for name, state, (grad_sumsq, n_fresh, param_sumsq) in zip(names, states, host):
                 if not (math.isfinite(grad_sumsq) and math.isfinite(param_sumsq)):
@@ -328,6 +328,7 @@ class RowPerturbation:
         else:
             stats = self._batch_stats(backend, names, grads, states)
 
+        self.active_name = name_part  # rows were added: restore() has something to undo from here on
         grad_sumsq = stats[:, 0]
         raw = scales_of(stats)
         usable = (grad_sumsq > 0) & torch.isfinite(grad_sumsq) & torch.isfinite(raw)
@@ -363,7 +364,6 @@ class RowPerturbation:
         if check:
             missed = [name for name, extra in zip(names, host[n : 2 * n]) if extra]
             if missed:
-                self.active_name = None
                 raise RuntimeError(
                     f"rows='batch': the gradient of {', '.join(missed)} has non-zero rows that no recorded lookup"
                     " explains (the weight is used elsewhere too, or the ranks' gradients were all-reduced by DDP);"

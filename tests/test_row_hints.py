@@ -109,6 +109,10 @@ def test_attack_without_a_recorded_lookup(backend, seed):
     fgm = FusedFGM(model, backend=backend, rows="batch")  # built after the forward pass: it saw no lookup
     with pytest.raises(RuntimeError, match="no lookup"):
         fgm.attack()
+    model.zero_grad()
+    model(batch()).backward()
+    fgm.attack()  # the failed attack left nothing active
+    fgm.restore()
 
 
 def test_inf_gradient_is_skipped_and_counted(backend, seed):
