@@ -7,6 +7,8 @@ order, so the ops use slices of cache-sized row chunks instead of gathers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -74,24 +76,27 @@ def _rows_of(tensor: Tensor, piece: slice | Tensor) -> Tensor:
     return tensor[piece] if isinstance(piece, slice) else _gather(tensor, piece)
 
 
-def _backup_of(backup: Tensor, idx: Tensor, piece: slice | Tensor) -> Tensor:
-    return backup[piece] if isinstance(piece, slice) else backup[: len(idx)]
-
-
-def _stepped(param: Tensor, grad: Tensor, piece: slice | Tensor, scale: Tensor, current: Tensor | None) -> Tensor:
-    """A new fp32 tensor ``W + scale * G`` of the rows ``piece``; ``current``: those rows of W if already at hand."""
-    weights = (_rows_of(param, piece) if current is None else current).float()
-    if isinstance(piece, slice):  # views of the gradient: never write into them
-        return torch.addcmul(weights, grad[piece].float(), scale)
-    gathered = _gather(grad, piece).float()
-    return torch.addcmul(weights, gathered, scale, out=gathered)
-
-
-def _current(param: Tensor, idx: Tensor, backup: Tensor, done: int, piece: slice | Tensor) -> Tensor | None:
-    """The rows of W that were just backed up are in ``backup`` already: gather only the others."""
+def _current(param: Tensor, idx: Tensor, backup: Tensor, done: int, piece: slice | Tensor) -> Tensor:
+    """The rows ``piece`` of W; those backed up by this call are in ``backup`` already, so only the others are
+    gathered."""
     if isinstance(piece, slice) or done == len(idx):
-        return None
+        return _rows_of(param, piece)
     return backup if done == 0 else torch.cat([_gather(param, idx[:done]), backup[done : len(idx)]])
+
+
+def _steps(
+    param: Tensor, grad: Tensor, idx: Tensor, backup: Tensor, done: int, scale: Tensor
+) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
+    """For each piece of the perturbed rows: the piece, a new fp32 tensor ``W + scale * G`` of its rows, and their
+    backup rows ``B`` (in the parameter's dtype)."""
+    for piece in _pieces(param, idx):
+        weights = _current(param, idx, backup, done, piece).float()
+        origin = backup[piece] if isinstance(piece, slice) else backup[: len(idx)]
+        if isinstance(piece, slice):  # views of the gradient: never write into them
+            yield piece, torch.addcmul(weights, grad[piece].float(), scale), origin
+        else:
+            gathered = _gather(grad, piece).float()
+            yield piece, torch.addcmul(weights, gathered, scale, out=gathered), origin
 
 
 def _store(param: Tensor, piece: slice | Tensor, new: Tensor, keep: Tensor) -> None:
@@ -121,10 +126,9 @@ def perturb(
         if box_eps is None and param.dtype == torch.float32 and param.device.type == "cpu" and _every_row(param, idx):
             param.addcmul_(grad, scales[i])  # in place, already rounded once
             continue
-        for piece in _pieces(param, idx):
-            new = _stepped(param, grad, piece, scales[i], _current(param, idx, backup, n_backed[i], piece))
+        for piece, new, origin in _steps(param, grad, idx, backup, n_backed[i], scales[i]):
             if box_eps is not None:
-                origin = _backup_of(backup, idx, piece).float()
+                origin = origin.float()
                 reach = origin.abs().mul_(box_eps)  # fp32(box_eps) * |B|, as the seed computes it in fp32
                 new = torch.minimum(torch.maximum(new, origin - reach), origin + reach)
             _store(param, piece, new, keep)
@@ -144,9 +148,8 @@ def measure(
         if param.device.type == "cpu" and scales[i] == 0:
             continue
         total = torch.zeros((), dtype=torch.float32, device=param.device)
-        for piece in _pieces(param, idx):
-            delta = _stepped(param, grad, piece, scales[i], _current(param, idx, backup, n_backed[i], piece))
-            delta = delta.sub_(_backup_of(backup, idx, piece).float()).view(-1)
+        for _, new, origin in _steps(param, grad, idx, backup, n_backed[i], scales[i]):
+            delta = new.sub_(origin.float()).view(-1)
             total += torch.dot(delta, delta)
         out[i] = torch.where(scales[i] != 0, total, 0.0)
     return out
@@ -168,12 +171,11 @@ def project(
         if on_cpu and not keep:
             continue
         outside, factor = norms[i] > eps, eps / norms[i]
-        for piece in _pieces(param, idx):
-            new = _stepped(param, grad, piece, scales[i], None)
+        for piece, new, origin in _steps(param, grad, idx, backup, len(idx), scales[i]):  # all backed up
             if not on_cpu:
-                new = torch.where(outside, torch.lerp(_backup_of(backup, idx, piece).float(), new, factor), new)
+                new = torch.where(outside, torch.lerp(origin.float(), new, factor), new)
             elif outside:  # the check is free on the CPU, and the ball is rarely left
-                new = torch.lerp(_backup_of(backup, idx, piece).float(), new, factor)
+                new = torch.lerp(origin.float(), new, factor)
             _store(param, piece, new, keep)
 
 
