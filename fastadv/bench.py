@@ -345,6 +345,62 @@ def end_to_end(
     return rows
 
 
+def _op_calls(ops, weight: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """One call of each op of the backend module ``ops`` on one tensor whose gradient is non-zero in rows ``idx``."""
+    backup = torch.empty(len(idx), weight.shape[1], device=weight.device, dtype=weight.dtype)
+    flags = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    fresh = torch.empty_like(flags)
+    scales = torch.full((1,), 1e-3, device=weight.device)
+    delta = ops.measure([weight], [grad], [idx], [backup], [0], scales)
+    return {
+        "scan": lambda: ops.scan([grad], [flags], [fresh]),
+        "row_sumsq": lambda: ops.row_sumsq([grad], [idx]),
+        "perturb": lambda: ops.perturb([weight], [grad], [idx], [backup], [0], scales),
+        "measure": lambda: ops.measure([weight], [grad], [idx], [backup], [0], scales),
+        "project": lambda: ops.project([weight], [grad], [idx], [backup], scales, delta, 1e9),
+        "restore": lambda: ops.restore([weight], [idx], [backup]),
+    }
+
+
+def op_bandwidth(
+    device: torch.device, backends: list[str], dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> list[tuple[str, str, str, float, float]]:
+    """Each op of each backend alone at XLM-R size: rows of (op, gradient, backend, GB/s, fraction of the bandwidth
+    of a plain ``copy_`` moving as many bytes on the same device).
+
+    Bytes counted are those the op must move: scan reads the gradient (and a flag per row, writes one); row_sumsq
+    reads the listed gradient rows; perturb (FGM, first step) reads W and G rows and writes the backup and W rows;
+    measure reads W and G rows and writes the backup; project reads W, G and backup rows and writes W; restore reads
+    the backup and writes W.
+    """
+    rows, dim = SHAPES["xlm-r"]
+    rows = max(2, int(rows * bench_scale()))
+    weight = torch.randn(rows, dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
+    row_bytes = weight.element_size() * dim
+    out = []
+    for gradient in ("rows", "dense"):
+        if gradient == "dense":
+            idx = torch.arange(rows, device=device)
+        else:
+            idx = torch.randperm(rows, device=device)[: max(1, min(rows // 2, int(TOUCHED_ROWS * bench_scale())))]
+        grad = torch.zeros_like(weight)
+        grad[idx] = torch.randn(len(idx), dim, device=device, dtype=dtype)
+        touched = len(idx) * row_bytes
+        moved = {"scan": grad.numel() * grad.element_size() + 2 * rows, "row_sumsq": touched, "perturb": 4 * touched,
+                 "measure": 3 * touched, "project": 4 * touched, "restore": 2 * touched}
+        src = torch.empty(max(moved.values()) // 8 + 1, device=device, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        for name in backends:
+            for op, call in _op_calls(resolve_backend(name, device), weight, grad, idx.sort().values).items():
+                if op == "scan" and gradient == "dense":
+                    continue  # the same read either way
+                half = moved[op] // 8  # fp32 elements: a copy of n bytes moves 2n, a read and a write
+                copy_seconds = time_call(lambda a=dst[:half], b=src[:half]: a.copy_(b), device, repeats)
+                seconds = time_call(call, device, repeats)
+                out.append((op, gradient, name, moved[op] / seconds / 1e9, copy_seconds / seconds))
+    return out
+
+
 def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
 
@@ -359,8 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compiled-seed", action="store_true", help="also time the seed's math under torch.compile (compiles first)"
     )
+    parser.add_argument(
+        "--bandwidth", action="store_true", help="only each op alone: GB/s and the fraction of a device copy's"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.bandwidth:
+        backends = [i for i in implementations(device) if i != "seed" and "+" not in i]
+        print(f"fastadv.bench --bandwidth on {device}, torch {torch.__version__}, XLM-R fp32, scale {bench_scale()}")
+        print(f"{'op':<10} {'gradient':<9} {'backend':<8} {'GB/s':>8} {'of copy':>8}")
+        for op, gradient, name, rate, fraction in op_bandwidth(device, backends, repeats=args.repeats):
+            print(f"{op:<10} {gradient:<9} {name:<8} {rate:>8.1f} {fraction:>7.0%}")
+        return 0
     impls = implementations(device)
     if args.compiled_seed:
         impls.insert(1, COMPILED_SEED)
