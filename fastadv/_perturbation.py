@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from types import ModuleType
 
@@ -216,6 +217,8 @@ class RowPerturbation:
         self.model = model
         self.backend_name = backend
         self.batch_rows = BatchRows(model, emb_name) if rows == "batch" else None
+        if self.batch_rows is not None:  # the hooks go when the attack object does
+            weakref.finalize(self, self.batch_rows.remove)
         self.active_name: str | None = None
         self._skips = 0
         self._pending: list[tuple[list[str], Tensor]] = []  # skip flags not read yet (rows="batch"), by target names

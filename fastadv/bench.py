@@ -280,7 +280,6 @@ def time_case(case: Case, device: torch.device, impls: list[str], repeats: int) 
         results.append(Result(case, impl, time_call(attack_call(impl, case.method, model), device, repeats)))
         assert torch.equal(param, weight), f"{impl} did not restore the weights"
         param.grad = grad  # the seed's restore_grad put a clone there
-        model.word_embeddings._forward_pre_hooks.clear()  # rows="batch" hooks of this implementation
     return results
 
 
@@ -340,8 +339,6 @@ def end_to_end(
             pairs = [(time_call(plain, device, 1, 0), time_call(step, device, 1, 0)) for _ in range(repeats + 1)][1:]
             base, seconds = (statistics.median(times) for times in zip(*pairs))
             rows.append((method, impl, seconds, seconds / (passes * base)))
-            if hasattr(attacker, "_rows") and attacker._rows.batch_rows is not None:
-                attacker._rows.batch_rows.remove()
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 
 import pytest
 import torch
@@ -71,6 +72,16 @@ def test_lookups_without_autograd_are_not_recorded(backend, seed):
     fgm.attack()
     assert next(iter(fgm._rows._states.values())).n_rows == len(ids.unique())
     fgm.restore()
+
+
+def test_hooks_go_with_the_attack_object(backend):
+    model = TinyEncoder()
+    hooks = model.embeddings.word_embeddings._forward_pre_hooks
+    fgm = FusedFGM(model, backend=backend, rows="batch")
+    assert len(hooks) == 1
+    del fgm
+    gc.collect()
+    assert len(hooks) == 0
 
 
 def test_tied_weight_is_refused(backend):
