@@ -50,6 +50,20 @@ def local(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def matching_parameters(model: nn.Module, name_part: str, what: str = "emb_name") -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters whose names contain ``name_part``; a clear error listing candidates if none does
+    (``what`` names the argument the user passed it as)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and name_part in n]
+    if not named:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        hints = ([n for n in names if "emb" in n.lower()] if what == "emb_name" else []) or names[:10]
+        raise ValueError(
+            f"no trainable parameter name contains {what}={name_part!r}; candidates: {', '.join(hints) or 'none'}."
+            f" Pass {what}= (a substring of the names of the parameters to attack)"
+        )
+    return named
+
+
 class RowState:
     """The rows of one parameter perturbed since the last restore, and their original values.
 
@@ -235,15 +249,7 @@ class RowPerturbation:
     def targets(self, name_part: str, what: str, need_grad: bool) -> list[tuple[str, nn.Parameter]]:
         """The parameters whose names contain ``name_part``, validated before anything is modified; without
         ``need_grad`` those without a gradient are left out instead of refused."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and name_part in n]
-        if not named:
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            hints = [n for n in names if "emb" in n.lower()] if what == "emb_name" else []
-            hints = hints or names[:10]
-            raise ValueError(
-                f"no trainable parameter name contains {what}={name_part!r}; candidates: {', '.join(hints) or 'none'}."
-                f" Pass {what}= (a substring of the names of the parameters to attack)"
-            )
+        named = matching_parameters(self.model, name_part, what)
         if not need_grad:
             named = [(n, p) for n, p in named if p.grad is not None]
             if not named:

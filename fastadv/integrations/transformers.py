@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "fastadv.integrations.transformers needs transformers and accelerate: pip install fastadv[transformers]"
     ) from exc
 
+from fastadv._perturbation import matching_parameters
 from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD, _unwrap, earlier_grads_set_aside
 from fastadv.attacks import _check_positive as _positive
 
@@ -144,14 +145,10 @@ class AdversarialTrainer(Trainer):
         return self._attacker
 
     def _build_attacker(self, model: nn.Module) -> Attacker:
-        part, what = (self.adv_param, "adv_param") if self.adversarial == "awp" else (self.emb_name, "emb_name")
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not any(part in n for n in names):
-            hints = [n for n in names if "emb" in n.lower()] if what == "emb_name" else []
-            raise ValueError(
-                f"no trainable parameter name contains {what}={part!r}; candidates:"
-                f" {', '.join((hints or names)[:10]) or 'none'}"
-            )
+        if self.adversarial == "awp":  # fail now on a name that matches nothing, not at the first step
+            matching_parameters(model, self.adv_param, "adv_param")
+        else:
+            matching_parameters(model, self.emb_name, "emb_name")
         if self.adversarial == "fgm":
             return FusedFGM(model, eps=self.adv_eps, emb_name=self.emb_name, backend=self.adv_backend)
         if self.adversarial == "pgd":
