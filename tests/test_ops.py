@@ -86,6 +86,19 @@ def dense_step(param, grad, scale, origin=None, project_eps=None, box_eps=None):
     return new
 
 
+def assert_step_matches(actual, start, grad, scale, origin, **bounds):
+    """``actual`` against :func:`dense_step`. In bf16/fp16 one ulp of the output, except where ``W + scale * G``
+    nearly cancels: there the fp32 rounding of the terms (the contract's fp32 math, an FMA or not) can exceed an ulp
+    of the tiny result, so such elements may differ by up to a few fp32 ulps of the terms' magnitude."""
+    expected = dense_step(start, grad, scale, origin, **bounds)
+    if actual.dtype == torch.float32:
+        assert_matches(actual, expected)
+        return
+    terms = start.float().abs() + (scale * grad.float()).abs() + origin.float().abs()
+    cancelled = (actual.float() - expected).abs() <= 4 * torch.finfo(torch.float32).eps * terms
+    assert_matches(torch.where(cancelled, expected.to(actual.dtype), actual), expected)
+
+
 def step_case(dtype, density, moved):
     """Inputs of perturb/measure/project: rows (the non-zero ones), backups with the first half of each list
     already taken (the rest poisoned with NaN), and with ``moved`` weights that moved since their backup."""
@@ -123,7 +136,7 @@ def test_perturb(backend, seed, dtype, box_eps, density, moved):
     assert ops(backend).perturb(params, grads, rows, backups, n_backed, scales, box_eps) is None
     for i, (p, g) in enumerate(zip(params, grads)):
         assert torch.equal(backups[i], originals[i][rows[i]])
-        assert_matches(p, dense_step(start[i], g, scales[i].item(), around[i], box_eps=box_eps))
+        assert_step_matches(p, start[i], g, scales[i].item(), around[i], box_eps=box_eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,7 +156,7 @@ def test_measure_then_project(backend, seed, dtype, project_eps, density, moved)
         assert math.isclose(delta_sumsq[i].item(), expected, rel_tol=1e-4)
     assert ops(backend).project(params, grads, rows, backups, scales, delta_sumsq, project_eps) is None
     for i, (p, g) in enumerate(zip(params, grads)):
-        assert_matches(p, dense_step(start[i], g, scales[i].item(), around[i], project_eps=project_eps))
+        assert_step_matches(p, start[i], g, scales[i].item(), around[i], project_eps=project_eps)
 
 
 def test_project_uses_the_given_norm(backend, seed):
@@ -204,6 +217,5 @@ def test_torch_every_row_path_in_chunks(seed, dtype, bound, monkeypatch):
         torch_ops.perturb(params, grads, rows, backups, n_backed, scales, 0.02 if bound == "box" else None)
     for i, (p, g) in enumerate(zip(params, grads)):
         assert torch.equal(backups[i], originals[i][rows[i]])
-        expected = dense_step(start[i], g, scales[i].item(), around[i], project_eps=0.05 if bound == "ball" else None,
-                              box_eps=0.02 if bound == "box" else None)
-        assert_matches(p, expected)
+        assert_step_matches(p, start[i], g, scales[i].item(), around[i],
+                            project_eps=0.05 if bound == "ball" else None, box_eps=0.02 if bound == "box" else None)
