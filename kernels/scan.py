@@ -1,10 +1,11 @@
 """scan: one read of every gradient (and parameter) for their fp32 sums of squares and the gradient's fresh rows.
 
-Each program takes ``BLOCK_M`` rows of one gradient (and of its parameter, when ``params`` is given), walks their
-columns ``BLOCK_N`` at a time accumulating squares in fp32 tiles, flags its fresh rows (non-zero, not yet touched;
-every row of every ``fresh`` buffer is written by exactly one program) and writes one partial (gradient sum of
-squares, fresh count, parameter sum of squares); a second launch sums the partials of each tensor into ``stats``.
-A row is non-zero when any element is (NaN included), even where its squares underflow to zero in fp32.
+Each program walks ``blocks_per_program`` consecutive blocks of ``BLOCK_M`` rows of one gradient (and of its
+parameter, when ``params`` is given), each block's columns ``BLOCK_N`` at a time, accumulating squares in fp32 tiles;
+it flags the fresh rows (non-zero, not yet touched; every row of every ``fresh`` buffer is written by exactly one
+program) and writes one partial (gradient sum of squares, fresh count, parameter sum of squares); a second launch sums
+the partials of each tensor into ``stats``. A row is non-zero when any element is (NaN included), even where its
+squares underflow to zero in fp32.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TL_DTYPES, check, device_guard, locate, plan, segment_sum, table, typed
+from ._common import TL_DTYPES, block_range, check, device_guard, locate, plan, segment_sum, table, typed
 
 # Table fields, one row per tensor.
 (_GRAD, _PARAM, _TOUCHED, _FRESH, _ROWS, _COLS, _G_STRIDE, _P_STRIDE, _FIRST,
@@ -23,9 +24,10 @@ _FIELDS = tl.constexpr(10)
 
 
 @triton.jit
-def _scan_kernel(table, n, partials, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, HAS_PARAMS: tl.constexpr,
-                 NT: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    t, blk = locate(table, n, _FIELDS, _FIRST, NT)
+def _scan_kernel(table, n, blocks_per_program, partials, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr,
+                 HAS_PARAMS: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    t, program = locate(table, n, _FIELDS, _FIRST, NT)
     fields = table + t * _FIELDS
     grad = typed(fields + _GRAD, G_DTYPE, VEC)
     param = typed(fields + _PARAM, P_DTYPE, VEC)
@@ -33,30 +35,37 @@ def _scan_kernel(table, n, partials, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexp
     fresh = typed(fields + _FRESH, tl.int8, 1)
     n_rows = tl.load(fields + _ROWS)
     n_cols = tl.multiple_of(tl.load(fields + _COLS), VEC)
+    g_stride = tl.multiple_of(tl.load(fields + _G_STRIDE), VEC)
+    p_stride = tl.multiple_of(tl.load(fields + _P_STRIDE), VEC)
 
-    rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
+    lanes = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)[None, :]
-    g_ptrs = grad + rows[:, None].to(tl.int64) * tl.multiple_of(tl.load(fields + _G_STRIDE), VEC) + cols
-    p_ptrs = param + rows[:, None].to(tl.int64) * tl.multiple_of(tl.load(fields + _P_STRIDE), VEC) + cols
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    nonzero = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
-    for start in range(0, n_cols, BLOCK_N):
-        mask = row_ok[:, None] & (start + cols < n_cols)
-        x = tl.load(g_ptrs + start, mask=mask, other=0.0).to(tl.float32)
-        acc += x * x
-        nonzero |= x != 0
-        if HAS_PARAMS:
-            w = tl.load(p_ptrs + start, mask=mask, other=0.0).to(tl.float32)
-            acc_p += w * w
-    seen = tl.load(touched + rows, mask=row_ok, other=1)
-    new = (tl.max(nonzero.to(tl.int32), axis=1) > 0) & (seen == 0)
-    tl.store(fresh + rows, new.to(tl.int8), mask=row_ok)
+    n_fresh = tl.zeros([BLOCK_M], tl.float32)
+    first, last = block_range(program, blocks_per_program, n_rows, BLOCK_M)
+    for block in range(first, last):
+        rows = block * BLOCK_M + lanes
+        row_ok = rows < n_rows
+        g_ptrs = grad + rows[:, None].to(tl.int64) * g_stride + cols
+        p_ptrs = param + rows[:, None].to(tl.int64) * p_stride + cols
+        nonzero = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
+        for start in range(0, n_cols, BLOCK_N):
+            mask = row_ok[:, None] & (start + cols < n_cols)
+            x = tl.load(g_ptrs + start, mask=mask, other=0.0).to(tl.float32)
+            acc += x * x
+            nonzero |= x != 0
+            if HAS_PARAMS:
+                w = tl.load(p_ptrs + start, mask=mask, other=0.0).to(tl.float32)
+                acc_p += w * w
+        seen = tl.load(touched + rows, mask=row_ok, other=1)
+        new = (tl.max(nonzero.to(tl.int32), axis=1) > 0) & (seen == 0)
+        tl.store(fresh + rows, new.to(tl.int8), mask=row_ok)
+        n_fresh += new.to(tl.float32)
 
-    part = partials + (tl.load(fields + _PART) + blk) * 3
+    part = partials + (tl.load(fields + _PART) + program) * 3
     tl.store(part, tl.sum(tl.sum(acc, axis=1), axis=0))
-    tl.store(part + 1, tl.sum(new.to(tl.float32), axis=0))
+    tl.store(part + 1, tl.sum(n_fresh, axis=0))
     tl.store(part + 2, tl.sum(tl.sum(acc_p, axis=1), axis=0))
 
 
@@ -64,7 +73,8 @@ def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params
     """float64 ``[n, 3]`` stats (sum of squares of ``grads[i]``, its fresh row count, sum of squares of ``params[i]``
     or 0); flags ``fresh[i]``.
 
-    One launch per (gradient, parameter) dtype pair (one in practice) plus one for the per-tensor sums; no host sync.
+    One launch per (gradient, parameter) dtype pair and vector width (one in practice) plus one for the per-tensor
+    sums; no host sync.
     """
     device = grads[0].device
     if params is not None and len(params) != len(grads):
@@ -90,7 +100,8 @@ def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params
                        *grads[i].shape, grads[i].stride(0), ps[i].stride(0), group.first[k], first_part[i])
                       for k, i in enumerate(group.members)]
             g_dtype, p_dtype = group.key
-            _scan_kernel[group.grid](table(fields, device), len(group.members), partials, G_DTYPE=TL_DTYPES[g_dtype],
-                                     P_DTYPE=TL_DTYPES[p_dtype], HAS_PARAMS=params is not None, **group.meta)
+            _scan_kernel[group.grid](table(fields, device), len(group.members), group.blocks_per_program, partials,
+                                     G_DTYPE=TL_DTYPES[g_dtype], P_DTYPE=TL_DTYPES[p_dtype],
+                                     HAS_PARAMS=params is not None, **group.meta)
         segment_sum(partials, first_part, stats)
     return stats
