@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from fastadv._perturbation import RowPerturbation, ScaleRule
@@ -56,18 +57,25 @@ def _normalised(coef: float) -> ScaleRule:
 
 
 class _GradStash:
-    """PGD's gradient backup: references to the clean ``.grad`` tensors, not copies, guarded by ``_version``."""
+    """PGD's gradient backup: references to the clean ``.grad`` tensors, guarded by ``_version``, not copies.
+
+    A gradient is copied instead where a reference would be rewritten under us: always with ``copy=True``, and for a
+    gradient that is a view into a larger buffer (DDP's ``gradient_as_bucket_view=True`` buckets, which the next
+    backward writes into in place).
+    """
 
     def __init__(self, copy: bool) -> None:
         self.copy = copy
         self._grads: dict[str, tuple[Tensor, int]] | None = None
 
     def save(self, model: nn.Module) -> None:
-        self._grads = {
-            name: (p.grad.clone() if self.copy else p.grad, p.grad._version)
-            for name, p in model.named_parameters()
-            if p.requires_grad and p.grad is not None
-        }
+        saved = {}
+        with torch.inference_mode(False), torch.no_grad():  # copies must outlive an inference_mode block
+            for name, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    grad = p.grad.clone() if self.copy or p.grad._base is not None else p.grad
+                    saved[name] = (grad, grad._version)
+        self._grads = saved
 
     @property
     def pending(self) -> bool:

@@ -73,8 +73,8 @@ def train(model, kind: str, fused: bool, rank: int, world: int, backend: str = "
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
+    if mode.startswith("ddp"):  # with bucket views, .grad are views into buckets the next backward rewrites
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=mode == "ddp-bucket-view")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -116,7 +116,7 @@ def _worker(rank: int, mode: str, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp-bucket-view", "fsdp2"])
 def test_two_processes_match_one(tmp_path, mode):
     """Every backend and attack in one spawn per mode (starting processes is the slow part)."""
     mp.spawn(_worker, args=(mode, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
@@ -135,4 +135,4 @@ def test_two_processes_match_one(tmp_path, mode):
             for name, value in ranks[0][backend, kind].items():
                 assert torch.equal(value, ranks[1][backend, kind][name]), f"{backend} {kind}: ranks differ in {name}"
     for result in ranks:
-        assert ("no recorded lookup" if mode == "ddp" else "sharded") in result["hints"]
+        assert ("no recorded lookup" if mode.startswith("ddp") else "sharded") in result["hints"]

@@ -9,8 +9,8 @@ from conftest import BACKENDS, DEVICE, assert_matches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastadv import FusedFGM, FusedPGD
-from fastadv.reference import FGM, PGD
+from fastadv import FusedAWP, FusedFGM, FusedPGD
+from fastadv.reference import AWP, FGM, PGD
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -89,3 +89,60 @@ def test_pgd_any_shape(shape_list, dtype, density, seed, backend, eps, alpha, k)
     pgd.restore()
     for n, p in model.named_parameters():
         assert torch.equal(p.float(), origin[n])
+
+
+def fresh_grads(model, density, gen):
+    """A new gradient for every parameter, non-zero in a random subset of its rows (each row with ``density``)."""
+    for p in model.parameters():
+        keep = torch.rand(p.shape[:1] + (1,) * (p.dim() - 1), generator=gen) < density
+        p.grad = (torch.randn(p.shape, generator=gen) * keep).to(DEVICE, p.dtype)
+
+
+@fast
+@given(eps=st.floats(1e-2, 3.0), alpha=st.floats(1e-2, 1.0), k=st.integers(2, 5), **common)
+def test_pgd_rows_added_in_any_order(shape_list, dtype, density, seed, backend, eps, alpha, k):
+    """Each step brings a gradient with other non-zero rows, so later steps add rows to the perturbed set and may
+    complete it in any order; each step against the fp32 reference step from fastadv's previous state, and the
+    restore bit-exact."""
+    model = build(shape_list, dtype, density, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    origin = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    pgd = FusedPGD(model, eps=eps, alpha=alpha, backend=backend)
+    for t in range(k):
+        if t:
+            fresh_grads(model, max(density, 0.3), gen)
+        oracle = widened(model)
+        reference = PGD(oracle, eps=eps, alpha=alpha)
+        reference.emb_backup = {n: w.clone() for n, w in origin.items()}
+        reference.attack(is_first_attack=False)
+        pgd.attack(is_first_attack=t == 0)
+        for p, q in zip(model.parameters(), oracle.parameters()):
+            assert_matches(p.detach(), q.detach())
+    pgd.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.float(), origin[n])
+
+
+@fast
+@given(adv_eps=st.floats(1e-3, 1.0), k=st.integers(2, 4), **common)
+def test_awp_rows_added_in_any_order(shape_list, dtype, density, seed, backend, adv_eps, k):
+    """AWP's later attacks add rows the same way; the box is around the originals, the restore bit-exact."""
+    model = build(shape_list, dtype, density, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    oracle = widened(model)
+    original = [p.detach().clone() for p in model.parameters()]
+    awp = FusedAWP(model, adv_param="word", adv_lr=0.1, adv_eps=adv_eps, backend=backend)
+    reference = AWP(oracle, adv_param="word", adv_lr=0.1, adv_eps=adv_eps)
+    for t in range(k):
+        if t:
+            fresh_grads(model, max(density, 0.3), gen)
+            for p, q in zip(model.parameters(), oracle.parameters()):
+                q.grad = p.grad.float().clone()
+                q.data = p.detach().float().clone()  # the oracle steps from fastadv's state
+        awp.attack()
+        reference.attack()
+        for p, q in zip(model.parameters(), oracle.parameters()):
+            assert_matches(p.detach(), q.detach())
+    awp.restore()
+    for p, o in zip(model.parameters(), original):
+        assert torch.equal(p, o)

@@ -1,8 +1,9 @@
 """Pure-PyTorch backend: one read of each gradient in ``scan``, everything else on the touched rows only.
 
-It runs wherever PyTorch runs and is the fallback of every other backend. See :mod:`fastadv.backends` for the
-contract of each op. Where a tensor's every row is perturbed (a tied embedding, AWP's dense weights) the rows are in
-order, so the ops use slices of cache-sized row chunks instead of gathers.
+It runs wherever PyTorch runs, on every dtype (float64 in float64 math), and is the fallback of every other backend.
+See :mod:`fastadv.backends` for the contract of each op. Where a tensor's every row is perturbed (a tied embedding,
+AWP's dense weights) and backed up, the rows are in order, so the ops use slices of cache-sized row chunks instead of
+gathers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["scan", "row_sumsq", "perturb", "measure", "project", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
 
 # Whole-matrix work on the CPU goes through row chunks of about this many fp32 bytes: temporaries that stay in cache
 # (vector_norm(..., dtype=float32) of a whole bf16 matrix is ten times slower than chunk by chunk).
@@ -27,13 +28,19 @@ def _row_chunks(tensor: Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, tensor.shape[0], step)]
 
 
+def _math_dtype(tensor: Tensor) -> torch.dtype:
+    """What the ops compute in: fp32, or fp64 for float64 tensors."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def _row_norms(tensor: Tensor) -> Tensor:
-    """fp32 L2 norm of each row, accumulated in fp32, in one read of ``tensor``."""
-    if tensor.dtype == torch.float32 or tensor.device.type != "cpu":
-        return torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float32)
-    out = torch.empty(tensor.shape[0], dtype=torch.float32, device=tensor.device)
+    """L2 norm of each row, accumulated in the math dtype, in one read of ``tensor``."""
+    wide = _math_dtype(tensor)
+    if tensor.dtype == wide or tensor.device.type != "cpu":
+        return torch.linalg.vector_norm(tensor, dim=-1, dtype=wide)
+    out = torch.empty(tensor.shape[0], dtype=wide, device=tensor.device)
     for rows in _row_chunks(tensor):
-        torch.linalg.vector_norm(tensor[rows].float(), dim=-1, out=out[rows])
+        torch.linalg.vector_norm(tensor[rows].to(wide), dim=-1, out=out[rows])
     return out
 
 
@@ -55,21 +62,26 @@ def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
     return torch.stack(sums).double() if sums else torch.zeros(0, dtype=torch.float64)
 
 
-def _back_up(param: Tensor, idx: Tensor, backup: Tensor, done: int) -> None:
-    """``backup[done:] = param[idx[done:]]``: the rows not yet backed up."""
-    if _every_row(param, idx):
-        backup[done:] = param[done:]
-    elif done < len(idx):
-        torch.index_select(param, 0, idx[done:], out=backup[done:])
+def backup(params: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int]) -> None:
+    for param, idx, saved, done in zip(params, rows, backups, n_backed):
+        if done >= len(idx):
+            continue
+        if _every_row(param, idx, done):
+            saved.copy_(param)
+        else:
+            torch.index_select(param, 0, idx[done:], out=saved[done : len(idx)])
 
 
-def _every_row(param: Tensor, idx: Tensor) -> bool:
-    return len(idx) == param.shape[0]  # then rows 0..n-1 in order (the contract): slices, not gathers
+def _every_row(param: Tensor, idx: Tensor, done: int) -> bool:
+    """Whether the rows are ``0..n-1`` in order, so slices can replace gathers: a list holding every row is in order
+    unless some but not all of its rows are backed up (the contract)."""
+    return len(idx) == param.shape[0] and done in (0, len(idx))
 
 
-def _pieces(param: Tensor, idx: Tensor) -> list[slice | Tensor]:
-    """How to address the perturbed rows: cache-sized slices when they are every row, else the index list once."""
-    return _row_chunks(param) if _every_row(param, idx) else [idx]
+def _pieces(param: Tensor, idx: Tensor, done: int) -> list[slice | Tensor]:
+    """How to address the perturbed rows: cache-sized slices when they are every row in order, else the index list
+    once."""
+    return _row_chunks(param) if _every_row(param, idx, done) else [idx]
 
 
 def _rows_of(tensor: Tensor, piece: slice | Tensor) -> Tensor:
@@ -87,22 +99,24 @@ def _current(param: Tensor, idx: Tensor, backup: Tensor, done: int, piece: slice
 def _steps(
     param: Tensor, grad: Tensor, idx: Tensor, backup: Tensor, done: int, scale: Tensor
 ) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
-    """For each piece of the perturbed rows: the piece, a new fp32 tensor ``W + scale * G`` of its rows, and their
-    backup rows ``B`` (in the parameter's dtype)."""
-    for piece in _pieces(param, idx):
-        weights = _current(param, idx, backup, done, piece).float()
+    """For each piece of the perturbed rows: the piece, a new tensor ``W + scale * G`` of its rows in the math dtype,
+    and their backup rows ``B`` (in the parameter's dtype)."""
+    wide = _math_dtype(param)
+    scale = scale.to(wide)
+    for piece in _pieces(param, idx, done):
+        weights = _current(param, idx, backup, done, piece).to(wide)
         origin = backup[piece] if isinstance(piece, slice) else backup[: len(idx)]
         if isinstance(piece, slice):  # views of the gradient: never write into them
-            yield piece, torch.addcmul(weights, grad[piece].float(), scale), origin
+            yield piece, torch.addcmul(weights, grad[piece].to(wide), scale), origin
         else:
-            gathered = _gather(grad, piece).float()
+            gathered = _gather(grad, piece).to(wide)
             yield piece, torch.addcmul(weights, gathered, scale, out=gathered), origin
 
 
 def _store(param: Tensor, piece: slice | Tensor, new: Tensor, keep: Tensor) -> None:
     """Round ``new`` once into the rows ``piece``; on a GPU the write is masked by ``keep`` instead of a host sync."""
     if param.device.type != "cpu":
-        new = torch.where(keep, new, _rows_of(param, piece).float())
+        new = torch.where(keep, new, _rows_of(param, piece).to(new.dtype))
     if isinstance(piece, slice):
         param[piece] = new
     else:
@@ -118,17 +132,18 @@ def perturb(
     scales: Tensor,
     box_eps: float | None = None,
 ) -> None:
-    for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
-        _back_up(param, idx, backup, n_backed[i])
+    backup(params, rows, backups, n_backed)
+    for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
         if param.device.type == "cpu" and not keep:
             continue  # free to check on the CPU; elsewhere the writes are masked instead of synced
-        if box_eps is None and param.dtype == torch.float32 and param.device.type == "cpu" and _every_row(param, idx):
+        in_place = box_eps is None and param.dtype == torch.float32 and param.device.type == "cpu"
+        if in_place and _every_row(param, idx, n_backed[i]):
             param.addcmul_(grad, scales[i])  # in place, already rounded once
             continue
-        for piece, new, origin in _steps(param, grad, idx, backup, n_backed[i], scales[i]):
+        for piece, new, origin in _steps(param, grad, idx, saved, n_backed[i], scales[i]):
             if box_eps is not None:
-                origin = origin.float()
+                origin = origin.to(new.dtype)
                 reach = origin.abs().mul_(box_eps)  # fp32(box_eps) * |B|, as the seed computes it in fp32
                 new = torch.minimum(torch.maximum(new, origin - reach), origin + reach)
             _store(param, piece, new, keep)
@@ -142,16 +157,17 @@ def measure(
     n_backed: list[int],
     scales: Tensor,
 ) -> Tensor:
-    out = torch.zeros(len(params), dtype=torch.float32, device=scales.device)
-    for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
-        _back_up(param, idx, backup, n_backed[i])
+    backup(params, rows, backups, n_backed)
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    out = torch.zeros(len(params), dtype=wide, device=scales.device)
+    for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         if param.device.type == "cpu" and scales[i] == 0:
             continue
-        total = torch.zeros((), dtype=torch.float32, device=param.device)
-        for _, new, origin in _steps(param, grad, idx, backup, n_backed[i], scales[i]):
-            delta = new.sub_(origin.float()).view(-1)
+        total = torch.zeros((), dtype=_math_dtype(param), device=param.device)
+        for _, new, origin in _steps(param, grad, idx, saved, n_backed[i], scales[i]):
+            delta = new.sub_(origin.to(new.dtype)).view(-1)
             total += torch.dot(delta, delta)
-        out[i] = torch.where(scales[i] != 0, total, 0.0)
+        out[i] = torch.where(scales[i] != 0, total.to(wide), 0.0)
     return out
 
 
@@ -164,18 +180,18 @@ def project(
     delta_sumsq: Tensor,
     eps: float,
 ) -> None:
-    norms = delta_sumsq.float().sqrt()
-    for i, (param, grad, idx, backup) in enumerate(zip(params, grads, rows, backups)):
+    for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
         on_cpu = param.device.type == "cpu"
         if on_cpu and not keep:
             continue
-        outside, factor = norms[i] > eps, eps / norms[i]
-        for piece, new, origin in _steps(param, grad, idx, backup, len(idx), scales[i]):  # all backed up
+        norm = delta_sumsq[i].to(_math_dtype(param)).sqrt()
+        outside, factor = norm > eps, eps / norm
+        for piece, new, origin in _steps(param, grad, idx, saved, len(idx), scales[i]):  # all backed up
             if not on_cpu:
-                new = torch.where(outside, torch.lerp(origin.float(), new, factor), new)
+                new = torch.where(outside, torch.lerp(origin.to(new.dtype), new, factor), new)
             elif outside:  # the check is free on the CPU, and the ball is rarely left
-                new = torch.lerp(origin.float(), new, factor)
+                new = torch.lerp(origin.to(new.dtype), new, factor)
             _store(param, piece, new, keep)
 
 
@@ -185,12 +201,13 @@ def _gather(source: Tensor, idx: Tensor) -> Tensor:
 
 
 def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
-    for param, idx, backup in zip(params, rows, backups):
-        if _every_row(param, idx):
-            param.copy_(backup)
+    for param, idx, saved in zip(params, rows, backups):
+        if _every_row(param, idx, len(idx)):  # every listed row is backed up
+            param.copy_(saved)
         else:
-            param.index_copy_(0, idx, backup)
+            param.index_copy_(0, idx, saved)
 
 
-def supports(device: torch.device) -> bool:
+def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:
+    """Every device, every floating dtype, gradients of any floating dtype."""
     return True

@@ -1,0 +1,499 @@
+"""A hostile user: interrupts at every op boundary and inside the ops, rebinding and converting parameters, odd
+dtypes and shapes, pickling, inference mode, compiled models. After every case the weights are bit-exact (or the
+result matches the reference) and the attack object still works."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, TinyEncoder, assert_matches, batch
+from torch import nn
+
+from fastadv import FusedAWP, FusedFGM, FusedPGD
+from fastadv.backends import backend_for, torch_ops
+from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
+
+OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore")
+
+
+class Interrupt(BaseException):
+    """Stands for a KeyboardInterrupt or an out-of-memory error: not an Exception, so nothing swallows it."""
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bit_exact(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for n, p in model.named_parameters():
+        bits = p.detach().contiguous().view(torch.uint8)
+        assert p.dtype == before[n].dtype and torch.equal(bits, before[n].contiguous().view(torch.uint8)), n
+
+
+def make(kind: str, model: nn.Module, backend: str, **kwargs):
+    kwargs.setdefault("emb_name", "embeddings")
+    if kind == "fgm":
+        return FusedFGM(model, eps=0.5, backend=backend, **kwargs)
+    if kind == "pgd":
+        return FusedPGD(model, eps=0.2, alpha=0.1, backend=backend, **kwargs)
+    return FusedAWP(model, adv_lr=0.5, adv_eps=0.02, backend=backend)
+
+
+def run_step(kind: str, attacker, closure) -> torch.Tensor:
+    if kind == "fgm":
+        return attacker.step(closure)
+    return attacker.step(closure, k=3 if kind == "pgd" else 2)
+
+
+def the_backend(backend: str, model: nn.Module) -> object:
+    """The backend module the attack classes use for ``model``'s embeddings (after the self-check)."""
+    weight = model.embeddings.word_embeddings.weight
+    return backend_for(backend, [weight], [weight])
+
+
+# ---- interrupts at every op boundary, and inside the torch backend's loops ----
+
+
+class CallCounter:
+    """Wraps ``owner.name``: counts its calls and, with ``fail_at``, raises ``Interrupt`` at that call, just before
+    the real function runs (``after=False``: nothing done) or just after (``after=True``: all done)."""
+
+    def __init__(self, owner: object, name: str, fail_at: int = 0, after: bool = False) -> None:
+        self.real, self.fail_at, self.after, self.calls = getattr(owner, name), fail_at, after, 0
+        self.patch = pytest.MonkeyPatch()
+        self.patch.setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at and not self.after:
+            raise Interrupt
+        out = self.real(*args, **kwargs)
+        if self.calls == self.fail_at:
+            raise Interrupt
+        return out
+
+    def __enter__(self) -> CallCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.patch.undo()
+
+
+def one_step(kind: str, backend: str, attacker=None, model=None, ids=None):
+    """A fresh model and attack object (unless given), and one ``step`` of ``kind`` on a batch."""
+    model = TinyEncoder() if model is None else model
+    ids = batch() if ids is None else ids
+    attacker = make(kind, model, backend) if attacker is None else attacker
+    run_step(kind, attacker, lambda: model(ids))
+    return attacker, model, ids
+
+
+def interrupted_step(kind: str, backend: str, owner_of, name: str, nth: int, after: bool) -> None:
+    """One step interrupted at the ``nth`` call of ``name`` (of the module ``owner_of(model)``): the weights come
+    back bit-exact, PGD's clean gradients come back, nothing stays active, and the object works afterwards."""
+    model, ids = TinyEncoder(), batch()
+    attacker = make(kind, model, backend)
+    before = snapshot(model)
+    with CallCounter(owner_of(model), name, nth, after), pytest.raises(Interrupt):
+        run_step(kind, attacker, lambda: model(ids))
+    if attacker._rows.active_name is not None:  # only the final restore itself was interrupted: call it again
+        assert name == "restore" and not after
+        attacker.restore()
+    assert_bit_exact(model, before)
+    if kind == "pgd":
+        assert not attacker._grads.pending, "clean gradients not put back"
+    model.zero_grad()
+    one_step(kind, backend, attacker, model, ids)
+    assert_bit_exact(model, before)
+
+
+@pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
+@pytest.mark.parametrize("after", [False, True], ids=["before-op", "after-op"])
+def test_interrupt_at_every_op_boundary(backend, seed, kind, after):
+    """Each op call of a whole step, in turn, is interrupted just before or just after it runs."""
+    module_of = functools.partial(the_backend, backend)
+    for op in OPS:
+        model = TinyEncoder()
+        with CallCounter(module_of(model), op) as counter:
+            one_step(kind, backend, model=model)
+        for nth in range(1, counter.calls + 1):
+            interrupted_step(kind, backend, module_of, op, nth, after)
+
+
+@pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
+@pytest.mark.parametrize("helper", ["_store", "_gather"])
+def test_interrupt_inside_the_torch_backend(seed, kind, helper):
+    """An interrupt between two tensors of one op (the torch backend loops over them in Python)."""
+    with CallCounter(torch_ops, helper) as counter:
+        one_step(kind, "torch")
+    assert counter.calls > 1
+    for nth in range(1, counter.calls + 1):
+        interrupted_step(kind, "torch", lambda model: torch_ops, helper, nth, after=False)
+
+
+def test_failed_backup_leaves_nothing_active(backend, seed):
+    """An attack() called by hand whose backup fails: no weight was written, nothing is left to restore."""
+    model = TinyEncoder()
+    model(batch()).backward()
+    before = snapshot(model)
+    fgm = FusedFGM(model, backend=backend)
+    module = the_backend(backend, model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "backup", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+        with pytest.raises(MemoryError):
+            fgm.attack()
+    assert_bit_exact(model, before)
+    with pytest.raises(RuntimeError, match="without an active attack"):
+        fgm.restore()
+    fgm.attack()
+    fgm.restore()
+    assert_bit_exact(model, before)
+
+
+def test_failed_later_step_keeps_the_earlier_ones_restorable(backend, seed):
+    """PGD's second step fails in its backup: its new rows are forgotten, the first step's rows still restore."""
+    model = TinyEncoder()
+    ids = batch()
+    before = snapshot(model)
+    pgd = FusedPGD(model, emb_name="embeddings", backend=backend)
+    model(ids).backward()
+    pgd.attack(is_first_attack=True)
+    model.zero_grad()
+    model(batch()).backward()
+    module = the_backend(backend, model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "backup", lambda *a: (_ for _ in ()).throw(Interrupt()))
+        with pytest.raises(Interrupt):
+            pgd.attack()
+    pgd.attack()  # the attack is still active and goes on
+    pgd.restore()
+    assert_bit_exact(model, before)
+
+
+# ---- 1. rows completed out of order by a later step ----
+
+
+def crafted_steps(model: nn.Module, attacker, grads: list[torch.Tensor], kind: str, fused: bool) -> list[torch.Tensor]:
+    """Attack steps (PGD or AWP) on ``model.weight`` with the given gradient at each step; the weight after each."""
+    out = []
+    for t, grad in enumerate(grads):
+        model.weight.grad = grad.clone()
+        if kind == "awp":
+            attacker.attack()
+        elif fused:
+            attacker.attack(is_first_attack=t == 0)
+        else:
+            attacker.attack("weight", is_first_attack=t == 0)
+        out.append(model.weight.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["pgd-ball-hit", "pgd-inside", "awp"])
+@pytest.mark.parametrize("order", [[2, 3, 4, 5], [5, 3], [1, 0, 5, 4, 3]])
+def test_rows_completed_out_of_order(backend, seed, kind, order):
+    """A later step adds the rows that complete the set, after rows that are not its first ones: every step, the
+    projection or box and the restore must use the right rows (the torch backend copied them by position)."""
+    rows, cols = 6, 5
+    first = torch.zeros(rows, cols, device=DEVICE)
+    first[order] = torch.randn(len(order), cols, device=DEVICE)
+    grads = [first, torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)]
+    weight = torch.randn(rows, cols, device=DEVICE)
+    fused, ref = nn.Module(), nn.Module()
+    fused.weight, ref.weight = nn.Parameter(weight.clone()), nn.Parameter(weight.clone())
+    if kind == "awp":
+        attacker, oracle = FusedAWP(fused, adv_eps=0.05, backend=backend), AWP(ref, adv_eps=0.05)
+    else:
+        eps = 0.3 if kind == "pgd-ball-hit" else 50.0
+        attacker = FusedPGD(fused, eps=eps, alpha=0.4, emb_name="weight", backend=backend)
+        oracle = PGD(ref, eps=eps, alpha=0.4)
+    kind = kind[:3]
+    for a, b in zip(crafted_steps(fused, attacker, grads, kind, True), crafted_steps(ref, oracle, grads, kind, False)):
+        assert_matches(a, b)
+    attacker.restore()
+    assert torch.equal(fused.weight, weight)
+
+
+# ---- 2. gradients of another dtype than the weights ----
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradient_dtype_differs_from_the_weights(backend, seed, dtype):
+    """``weight.data = weight.data.half()`` after a backward: fp32 gradients on half weights, as the reference
+    (which promotes) handles them: within one ulp of it in fp32."""
+    model = TinyEncoder()
+    model(batch()).backward()
+    weight = model.embeddings.word_embeddings.weight
+    weight.data = weight.data.to(dtype)
+    original = weight.detach().clone()
+    wide = nn.Module()
+    wide.word_embeddings = nn.Parameter(original.float())
+    wide.word_embeddings.grad = weight.grad.clone()
+    fgm = FusedFGM(model, eps=2.0, backend=backend)
+    fgm.attack()
+    FGM(wide, eps=2.0).attack()
+    assert weight.dtype == dtype
+    assert_matches(weight.detach(), wide.word_embeddings.detach())
+    fgm.restore()
+    assert torch.equal(weight, original)
+
+
+# ---- 3. parameters rebound or converted between attack and restore ----
+
+
+@pytest.mark.parametrize("change", ["double", "half", "rebind", "clone"])
+def test_restore_after_the_parameter_was_converted_or_rebound(backend, seed, change):
+    model = TinyEncoder()
+    model(batch()).backward()
+    before = snapshot(model)
+    fgm = FusedFGM(model, emb_name="embeddings", backend=backend)
+    fgm.attack()
+    weight = model.embeddings.word_embeddings.weight
+    if change == "double":
+        model.to(torch.float64)
+    elif change == "half":
+        model.half()
+    elif change == "rebind":
+        weight.data = weight.data + 0  # new storage holding the perturbed values
+    else:
+        model.embeddings.word_embeddings.weight = nn.Parameter(weight.detach().clone())
+    with pytest.warns(RuntimeWarning, match="rebound or converted"):
+        fgm.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n].to(p.dtype)), n
+
+
+def test_restore_after_a_shape_change_raises(backend, seed):
+    model = TinyEncoder()
+    model(batch()).backward()
+    before = snapshot(model)
+    fgm = FusedFGM(model, emb_name="embeddings", backend=backend)
+    fgm.attack()
+    model.embeddings.word_embeddings.weight.data = torch.zeros(3, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="word_embeddings.weight.*changed shape"):
+        fgm.restore()
+    for n, p in model.named_parameters():  # the other targets were restored
+        if "word_embeddings" not in n:
+            assert torch.equal(p, before[n]), n
+    with pytest.raises(RuntimeError, match="without an active attack"):  # nothing is left active
+        fgm.restore()
+
+
+def test_continuing_after_a_conversion_raises_before_writing(backend, seed):
+    model = TinyEncoder()
+    ids = batch()
+    before = snapshot(model)
+    pgd = FusedPGD(model, backend=backend)
+    model(ids).backward()
+    pgd.attack(is_first_attack=True)
+    model.to(torch.float64)
+    converted = snapshot(model)
+    with pytest.raises(RuntimeError, match="rebound or converted.*restore"):
+        pgd.attack()
+    assert_bit_exact(model, converted)
+    with pytest.warns(RuntimeWarning, match="rebound or converted"):
+        pgd.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n].double()), n
+
+
+# ---- 4. copy_grads=True over several steps ----
+
+
+def test_copy_grads_over_several_steps(backend, seed):
+    """The documented remedy for zero_grad(set_to_none=False): whole training steps against the seed."""
+    fused, ref = TinyEncoder(), TinyEncoder()
+    ref.load_state_dict(fused.state_dict())
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    batches = [torch.randint(0, 64, (4, 6), device=DEVICE, generator=gen) for _ in range(3)]
+    for model, attacker in ((fused, FusedPGD(fused, backend=backend, copy_grads=True)), (ref, PGD(ref))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for ids in batches:
+            model(ids).backward()
+            attacker.backup_grad()
+            for t in range(3):
+                attacker.attack(is_first_attack=t == 0)
+                if t != 2:
+                    model.zero_grad(set_to_none=False)
+                else:
+                    attacker.restore_grad()
+                model(ids).backward()
+            attacker.restore()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_gradients_that_are_views_are_copied(backend, seed):
+    """A gradient that views a larger buffer (as DDP's gradient_as_bucket_view makes them) is rewritten in place by
+    the next backward: backup_grad copies it instead of keeping a reference."""
+    model = TinyEncoder()
+    model(batch()).backward()
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    offset = 0
+    for p in model.parameters():  # every gradient a view of one buffer, as DDP's buckets
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    clean = flat.clone()
+    pgd = FusedPGD(model, backend=backend)
+    pgd.backup_grad()
+    pgd.attack(is_first_attack=True)
+    model.zero_grad()
+    model(batch()).backward()
+    flat.add_(1.0)  # the bucket is rewritten by the next backward
+    pgd.restore_grad()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]), clean)
+    pgd.restore()
+
+
+# ---- 6. pickling and copying ----
+
+
+@pytest.mark.parametrize("rows", ["scan", "batch"])
+@pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
+def test_attack_objects_pickle_and_deep_copy(backend, seed, kind, rows):
+    if kind == "awp" and rows == "batch":
+        pytest.skip("row hints are for embeddings")
+    model = TinyEncoder()
+    ids = batch()
+    hints = {"rows": rows, "emb_name": "word_embeddings"} if rows == "batch" else {}
+    attacker = make(kind, model, backend, **hints)
+    model.zero_grad()
+    run_step(kind, attacker, lambda: model(ids))
+    for clone in (copy.deepcopy(attacker), pickle.loads(pickle.dumps(attacker))):
+        twin = clone.model
+        assert twin is not model
+        before = snapshot(twin)
+        twin.zero_grad()
+        run_step(kind, clone, lambda twin=twin: twin(ids))
+        assert_bit_exact(twin, before)
+        assert any(p.grad is not None for p in twin.parameters())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole model, with the row-hint hooks on it
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded(ids).backward()
+    for (n, a), (_, b) in zip(loaded.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+# ---- 7. float64 ----
+
+
+def reference_step(kind: str, model: nn.Module, closure) -> torch.Tensor:
+    """The seed's usage loop with the reference class of ``kind``, configured as :func:`make` configures fastadv's."""
+    if kind == "awp":
+        return awp_step(AWP(model, adv_lr=0.5, adv_eps=0.02), model, closure, 2)
+    attacker = FGM(model, eps=0.5) if kind == "fgm" else PGD(model, eps=0.2, alpha=0.1)
+    attacker.attack = functools.partial(attacker.attack, "embeddings")
+    attacker.restore = functools.partial(attacker.restore, "embeddings")
+    return fgm_step(attacker, closure) if kind == "fgm" else pgd_step(attacker, model, closure, 3)
+
+
+@pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
+def test_float64_models(backend, seed, kind):
+    """float64 works whatever the backend asked for, in float64 math: the reference's results to fp64 precision."""
+    fused = TinyEncoder(dtype=torch.float64)
+    ref = copy.deepcopy(fused)
+    ids = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a compiled backend says (once) that the torch backend does float64
+        got = run_step(kind, make(kind, fused, backend), lambda: fused(ids))
+    want = reference_step(kind, ref, lambda: ref(ids))
+    assert got.item() == want.item()
+    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_float64_auto_picks_a_backend_that_runs_it():
+    model = TinyEncoder(dtype=torch.float64)
+    weight = model.embeddings.word_embeddings.weight
+    assert backend_for("auto", [weight], [weight]).__name__ == "fastadv.backends.torch_ops"
+
+
+# ---- 8. row hints with a model compiled and run before the attack object ----
+
+
+def test_row_hints_on_a_model_compiled_before_the_attack_object(seed):
+    model = TinyEncoder()
+    compiled = torch.compile(model, backend="eager")
+    ids = batch()
+    compiled(ids).backward()
+    fgm = FusedFGM(model, rows="batch")
+    model.zero_grad()
+    compiled(ids).backward()
+    before = snapshot(model)
+    if fgm._rows.batch_rows.lookups.seen:  # this torch runs hooks added after compiling: the hints just work
+        fgm.attack()
+        fgm.restore()
+        return
+    with pytest.raises(RuntimeError, match=r"no lookup .* was recorded.*torch.compile.*rows='scan'"):
+        fgm.attack()
+    assert_bit_exact(model, before)
+
+
+# ---- 9. zero-size parameters ----
+
+
+def test_zero_size_parameters_are_skipped(backend, seed):
+    model = TinyEncoder()
+    model.added_embeddings = nn.Embedding(0, 16).to(DEVICE)  # an empty added-tokens embedding
+    model.empty = nn.Linear(16, 0).to(DEVICE)
+    ref = copy.deepcopy(model)
+    ids = batch()
+    loss = FusedAWP(model, adv_eps=0.02, backend=backend).step(lambda: model(ids) + model.empty.weight.sum())
+    want = awp_step(AWP(ref, adv_eps=0.02), ref, lambda: ref(ids) + ref.empty.weight.sum())
+    assert loss.item() == want.item()
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            assert_matches(a.grad, b.grad)
+    fgm = FusedFGM(model, emb_name="added_embeddings", backend=backend)  # only zero-size targets: nothing to do
+    fgm.attack()
+    fgm.restore()
+
+
+# ---- 10. inference mode ----
+
+
+def test_attack_under_inference_mode(backend, seed):
+    model = TinyEncoder()
+    ids = batch()
+    before = snapshot(model)
+    pgd = FusedPGD(model, backend=backend)
+    model(ids).backward()
+    with torch.inference_mode():
+        pgd.backup_grad()
+        pgd.attack(is_first_attack=True)
+        pgd.attack()
+    pgd.restore_grad()
+    pgd.restore()
+    assert_bit_exact(model, before)
+    model.zero_grad()
+    model(ids).backward()
+    pgd.step(lambda: model(ids))  # the buffers made under inference_mode are ordinary tensors
+    assert_bit_exact(model, before)
+
+
+# ---- 11. non-contiguous parameters ----
+
+
+def test_non_contiguous_parameter_is_refused_before_anything_is_written(backend, seed):
+    model = TinyEncoder()
+    model(batch()).backward()
+    weight = model.embeddings.word_embeddings.weight
+    weight.data = weight.data.t().contiguous().t()
+    weight.grad = weight.grad.contiguous()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="not contiguous.*contiguous"):
+        FusedFGM(model, emb_name="embeddings", backend=backend).attack()
+    assert_bit_exact(model, before)
+

@@ -1,0 +1,339 @@
+"""The runtime self-check (fastadv.selfcheck): the compiled backends pass it here, and injected faults are caught.
+
+Faults are injected into a fake backend (the torch backend's ops with one replaced: fast, and independent of what
+compiled backends this machine has) and into the real compiled backend modules.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE
+
+import fastadv.backends
+from fastadv import selfcheck
+from fastadv.backends import torch_ops
+
+CPU = torch.device("cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+COMPILED = [name for name in BACKENDS if name != "torch"]
+OPS = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.delenv("FASTADV_SELFCHECK", raising=False)
+    selfcheck.cache_clear()
+    yield
+    selfcheck.cache_clear()
+
+
+def nudged(t: torch.Tensor, row: int) -> None:
+    """Move one element of ``t[row]`` well past the tolerance: 2 ulps in bf16/fp16, 1e-3 relative in fp32."""
+    if t.dtype == torch.float32:
+        t[row, 0] *= 1.001
+    else:
+        t.view(torch.int16)[row, 0] += 2
+
+
+# The faults, each with the op and what the description must say.
+def wrong_weights(real):
+    def op(params, grads, rows, *args):
+        real(params, grads, rows, *args)
+        nudged(params[0], int(rows[0][0]))
+
+    return op
+
+
+def skipped_backups(real):
+    def op(params, grads, rows, backups, *args):
+        real(params, grads, rows, [b.clone() for b in backups], *args)  # the backups written elsewhere
+
+    return op
+
+
+def writes_weights(real):
+    def op(params, grads, rows, backups, n_backed, scales):
+        out = real(params, grads, rows, backups, n_backed, scales)
+        params[2].add_(1.0)
+        return out
+
+    return op
+
+
+def skipped_fresh(real):
+    def op(grads, touched, fresh, params=None):
+        return real(grads, touched, [torch.empty_like(f) for f in fresh], params)
+
+    return op
+
+
+def wrong_sums(real):
+    def op(tensors, rows):
+        return real(tensors, rows) * (1 + 1e-4)
+
+    return op
+
+
+def float32_sums(real):
+    def op(tensors, rows):
+        return real(tensors, rows).float()
+
+    return op
+
+
+def no_restore(real):
+    def op(params, rows, backups):
+        return None
+
+    return op
+
+
+def wrong_projection(real):
+    def op(params, grads, rows, backups, scales, delta_sumsq, eps):
+        real(params, grads, rows, backups, scales, delta_sumsq, eps * 0.9)
+
+    return op
+
+
+FAULTS = [
+    ("perturb", wrong_weights, "perturb: weights of tensor 0 (7x5) differ by up to"),
+    ("perturb", skipped_backups, "perturb: backups of tensor 0 (7x5) differ"),
+    ("measure", writes_weights, "measure: weights (measure must not write them) of tensor 2 (4x9) differ"),
+    ("scan", skipped_fresh, "scan: fresh flags of tensor 0 (7x5) differ"),
+    ("row_sumsq", wrong_sums, "row_sumsq: sums of squares differ by up to"),
+    ("row_sumsq", float32_sums, "row_sumsq: sums of squares are torch.float32"),
+    ("project", wrong_projection, "project: weights of tensor 0 (7x5) differ by up to"),
+    ("restore", no_restore, "restore: weights of tensor 0 (7x5) differ"),
+]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A backend named "fake": the torch backend's ops, resolved by check() like a real one; patch its ops."""
+    module = types.ModuleType("fake_ops")
+    for op in OPS:
+        setattr(module, op, getattr(torch_ops, op))
+    real_resolve = fastadv.backends.resolve_backend
+
+    def resolve(name, device):
+        return module if name == "fake" else real_resolve(name, device)
+
+    monkeypatch.setattr(fastadv.backends, "resolve_backend", resolve)
+    return module
+
+
+def where(name: str) -> torch.device:
+    """The CPU where the backend runs there (ext; triton under the interpreter), else the GPU."""
+    return CPU if _on_cpu(name) else DEVICE
+
+
+def _on_cpu(name: str) -> bool:
+    try:
+        fastadv.backends.resolve_backend(name, CPU)
+    except RuntimeError:
+        return False
+    return True
+
+
+def raising(*args, **kwargs):
+    raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore detail")
+
+
+# ------------------------------------------------------------------------------------------------ the real backends
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["torch", *COMPILED])
+def test_backends_pass(name, dtype):
+    assert selfcheck.check(name, where(name), dtype) is None
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_mismatch_in_a_compiled_backend_is_caught(name, monkeypatch):
+    device = where(name)
+    module = fastadv.backends.resolve_backend(name, device)
+    monkeypatch.setattr(module, "perturb", wrong_weights(module.perturb))
+    failure = selfcheck.check(name, device, torch.bfloat16)
+    assert failure == "perturb: weights of tensor 0 (7x5) differ by up to 2 ulps"
+    with pytest.warns(RuntimeWarning) as record:
+        assert not selfcheck.passed(name, device, torch.bfloat16)
+        assert not selfcheck.passed(name, device, torch.bfloat16)
+    assert len(record) == 1
+    message = str(record[0].message)
+    for part in (repr(name), "perturb", device.type, "bfloat16", "torch backend for the rest of this process"):
+        assert part in message
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_exception_in_a_compiled_backend_is_caught(name, monkeypatch):
+    device = where(name)
+    module = fastadv.backends.resolve_backend(name, device)
+    monkeypatch.setattr(module, "measure", raising)
+    expected = "measure raised RuntimeError: CUDA error: no kernel image is available for execution on the device"
+    assert selfcheck.check(name, device, torch.float16) == expected
+    with pytest.warns(RuntimeWarning, match="measure raised RuntimeError"):
+        assert not selfcheck.passed(name, device, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------ injected faults
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op, fault, expected", FAULTS, ids=[f"{op}-{fault.__name__}" for op, fault, _ in FAULTS])
+def test_fault_is_named(fake, op, fault, expected, dtype):
+    setattr(fake, op, fault(getattr(torch_ops, op)))
+    failure = selfcheck.check("fake", CPU, dtype)
+    assert failure is not None and failure.startswith(expected), failure
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op != "supports"])
+def test_exception_is_described_not_raised(fake, op):
+    setattr(fake, op, raising)
+    failure = selfcheck.check("fake", CPU, torch.float32)
+    assert failure.startswith(f"{op} raised RuntimeError: CUDA error: no kernel image")
+    assert "more detail" not in failure  # the first line only
+
+
+def test_a_backend_that_cannot_load_is_described(monkeypatch):
+    def resolve(name, device):
+        raise RuntimeError(f"backend {name!r} does not run on {device} tensors")
+
+    monkeypatch.setattr(fastadv.backends, "resolve_backend", resolve)
+    expected = "load raised RuntimeError: backend 'ext' does not run on cpu tensors"
+    assert selfcheck.check("ext", CPU, torch.float32) == expected
+
+
+def test_an_unsupported_dtype_is_described(fake):
+    fake.supports = lambda device, dtype=None, grad_dtype=None: dtype != torch.float16
+    assert selfcheck.check("fake", CPU, torch.float32) is None
+    assert selfcheck.check("fake", CPU, torch.float16) == "load: 'fake' does not support torch.float16 on cpu"
+
+
+def test_the_passing_fake_passes(fake):
+    for dtype in DTYPES:
+        assert selfcheck.check("fake", CPU, dtype) is None
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+
+
+def count_checks(monkeypatch) -> list[tuple]:
+    calls = []
+    real = selfcheck.check
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(selfcheck, "check", counting)
+    return calls
+
+
+def test_passed_warns_once_per_key_and_caches(fake, monkeypatch):
+    fake.perturb = wrong_weights(torch_ops.perturb)
+    calls = count_checks(monkeypatch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert not selfcheck.passed("fake", CPU, torch.bfloat16)
+            assert not selfcheck.passed("fake", "cpu", torch.bfloat16)
+        assert not selfcheck.passed("fake", CPU, torch.float16)  # another key: checked and warned separately
+    assert len(calls) == 2
+    assert [w.category for w in record] == [RuntimeWarning, RuntimeWarning]
+    assert "bfloat16" in str(record[0].message) and "float16" in str(record[1].message)
+    expected = "'fake' backend failed its self-check on cpu bfloat16 (perturb: weights of tensor 0 (7x5) differ"
+    assert expected in str(record[0].message)
+
+    selfcheck.cache_clear()  # a fresh cache checks (and warns) again
+    with pytest.warns(RuntimeWarning):
+        assert not selfcheck.passed("fake", CPU, torch.bfloat16)
+    assert len(calls) == 3
+
+
+def test_passed_caches_a_pass_without_warning(fake, monkeypatch):
+    calls = count_checks(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(selfcheck.passed("fake", CPU, torch.float32) for _ in range(3))
+    assert len(calls) == 1
+
+
+def test_disabled_by_environment(fake, monkeypatch):
+    fake.perturb = raising
+    calls = count_checks(monkeypatch)
+    monkeypatch.setenv("FASTADV_SELFCHECK", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert selfcheck.passed("fake", CPU, torch.float32)
+    assert calls == []
+    monkeypatch.setenv("FASTADV_SELFCHECK", "1")  # nothing was cached while off
+    with pytest.warns(RuntimeWarning):
+        assert not selfcheck.passed("fake", CPU, torch.float32)
+
+
+def test_torch_always_passes(monkeypatch):
+    calls = count_checks(monkeypatch)
+    assert all(selfcheck.passed("torch", CPU, dtype) for dtype in DTYPES)
+    assert calls == []
+
+
+def test_resolution_that_consults_the_gate_does_not_recurse(fake, monkeypatch):
+    """As wired into backend resolution: a resolve_backend that asks passed() while check() loads the backend."""
+
+    def resolve(name, device):
+        assert selfcheck.passed(name, device, torch.float32)  # answered True while the check runs
+        return fake
+
+    monkeypatch.setattr(fastadv.backends, "resolve_backend", resolve)
+    calls = count_checks(monkeypatch)
+    assert selfcheck.passed("fake", CPU, torch.float32)
+    assert len(calls) == 1
+
+
+def test_callers_state_is_left_alone(fake):
+    """No global RNG draw, and it runs inside inference_mode, no_grad or deterministic mode alike."""
+    rng = torch.get_rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with torch.inference_mode():
+        assert selfcheck.check("fake", CPU, torch.bfloat16) is None
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            assert selfcheck.check("fake", CPU, torch.float16) is None
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+
+
+def test_main_prints_a_table(capsys):
+    assert selfcheck.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["backend", "device", "dtype", "result", "time"]
+    body = [line.split() for line in lines[1:] if not line.startswith(("not run", "no compiled"))]
+    assert all(len(row) == 5 and row[3] == "ok" and row[4].endswith("s") for row in body), body
+    assert {(row[0], row[2]) for row in body} == {
+        (name, str(dtype).removeprefix("torch.")) for name in COMPILED for dtype in DTYPES
+    }
+
+
+def test_main_fails_on_a_failure(fake, capsys):
+    fake.restore = no_restore(torch_ops.restore)
+    assert selfcheck.main(["fake"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("restore: weights of tensor 0 (7x5) differ") == 3
+
+
+def test_a_failing_reference_is_a_failure_not_an_exception(fake, monkeypatch):
+    monkeypatch.setattr(torch_ops, "measure", raising)  # the reference, not the fake's own measure
+    failure = selfcheck.check("fake", CPU, torch.float32)
+    assert failure.startswith("measure: the check itself raised RuntimeError: CUDA error")
+    with pytest.warns(RuntimeWarning, match="measure: the check itself raised"):
+        assert not selfcheck.passed("fake", CPU, torch.float32)
