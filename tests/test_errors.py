@@ -133,22 +133,34 @@ def test_restore_grad_after_in_place_zeroing(backend, model):
 
 
 def test_copy_grads_supports_in_place_zeroing_like_the_seed(backend, seed):
+    """The documented remedy for zero_grad(set_to_none=False): whole training steps (the clones' versions, not the
+    gradients', are what is guarded) against the seed."""
     fused, ref = TinyEncoder(), TinyEncoder()
     ref.load_state_dict(fused.state_dict())
-    ids = batch()
+    batches = [batch() for _ in range(3)]
+    grads = []
     for m, attacker in ((fused, FusedPGD(fused, backend=backend, copy_grads=True)), (ref, PGD(ref))):
-        m(ids).backward()
-        attacker.backup_grad()
-        for t in range(3):
-            attacker.attack(is_first_attack=t == 0)
-            if t != 2:
-                m.zero_grad(set_to_none=False)
-            else:
-                attacker.restore_grad()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        grads.append([])
+        for ids in batches:
             m(ids).backward()
-        attacker.restore()
+            attacker.backup_grad()
+            for t in range(3):
+                attacker.attack(is_first_attack=t == 0)
+                if t != 2:
+                    m.zero_grad(set_to_none=False)
+                else:
+                    attacker.restore_grad()
+                m(ids).backward()
+            attacker.restore()
+            grads[-1].append([p.grad.clone() for p in m.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    for step_fused, step_ref in zip(*grads):
+        for a, b in zip(step_fused, step_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_restore_grad_without_backup(backend, model):

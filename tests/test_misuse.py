@@ -302,32 +302,7 @@ def test_continuing_after_a_conversion_raises_before_writing(backend, seed):
         assert torch.equal(p, before[n].double()), n
 
 
-# ---- 4. copy_grads=True over several steps ----
-
-
-def test_copy_grads_over_several_steps(backend, seed):
-    """The documented remedy for zero_grad(set_to_none=False): whole training steps against the seed."""
-    fused, ref = TinyEncoder(), TinyEncoder()
-    ref.load_state_dict(fused.state_dict())
-    gen = torch.Generator(device=DEVICE).manual_seed(5)
-    batches = [torch.randint(0, 64, (4, 6), device=DEVICE, generator=gen) for _ in range(3)]
-    for model, attacker in ((fused, FusedPGD(fused, backend=backend, copy_grads=True)), (ref, PGD(ref))):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for ids in batches:
-            model(ids).backward()
-            attacker.backup_grad()
-            for t in range(3):
-                attacker.attack(is_first_attack=t == 0)
-                if t != 2:
-                    model.zero_grad(set_to_none=False)
-                else:
-                    attacker.restore_grad()
-                model(ids).backward()
-            attacker.restore()
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+# ---- 4. copy_grads=True over several steps: tests/test_errors.py; 5. gradients that are bucket views ----
 
 
 def test_gradients_that_are_views_are_copied(backend, seed):
