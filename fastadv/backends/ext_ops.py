@@ -15,8 +15,12 @@ import torch
 from torch import Tensor
 
 from fastadv import ext as _ext
+from fastadv.backends.torch_ops import backup  # a gather: the same on every backend
 
-__all__ = ["scan", "row_sumsq", "perturb", "measure", "project", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
+
+#: What the kernels read and write: fp32 accumulation of these, gradients of the parameter's dtype.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
     _LIBRARIES = _ext.load(cuda=torch.cuda.is_available())
@@ -73,9 +77,11 @@ def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> 
     torch.ops.fastadv.restore(params, rows, backups)
 
 
-def supports(device: torch.device) -> bool:
-    """CPU tensors always (this module imported means the CPU kernels loaded); CUDA ones when the CUDA library did."""
-    return torch.device(device).type in _LIBRARIES
+def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:
+    """CPU tensors always (this module imported means the CPU kernels loaded); CUDA ones when the CUDA library did.
+    Parameters of :data:`DTYPES` (not float64) with gradients of the same dtype."""
+    dtype_ok = dtype is None or (dtype in DTYPES and grad_dtype in (None, dtype))
+    return torch.device(device).type in _LIBRARIES and dtype_ok
 
 
 def _register_fakes() -> None:
