@@ -1,16 +1,20 @@
 // CUDA helpers shared by the ops' .cu files: how a launch splits its blocks between the tensors of a list, 16-byte
-// vector loads and stores, warp/block reductions, and the deterministic per-tensor sum of per-block partials.
+// vector loads and stores in batches, warp/block reductions, and the deterministic per-tensor sum of per-block
+// partials.
 //
 // Every kernel works warp-per-row: a block's warps take rows of its tensor in a grid-stride loop, a warp's lanes take
-// 16-byte packs of the row. One launch covers up to kMaxTensors tensors of one dtype; their descriptors travel in the
-// kernel arguments, so nothing is copied to the device and nothing syncs with the host.
+// 16-byte packs of the row, kUnroll of them at a time. One launch covers up to kMaxTensors tensors of one dtype; their
+// descriptors travel in the kernel arguments, so nothing is copied to the device and nothing syncs with the host.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <map>
@@ -24,22 +28,42 @@ namespace fastadv::cuda {
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
-// Blocks per tensor at most (grid-stride loops cover the rest): a few waves of an H100's 132 SMs.
-constexpr int64_t kMaxBlocksPerTensor = 1024;
 // Tensors per launch; longer lists take several launches.
 constexpr int kMaxTensors = 16;
+// 16-byte packs a lane loads before it uses any: a warp keeps kUnroll loads per lane and input in flight, not one.
+constexpr int kUnroll = 4;
+
+// The blocks of `kernel` that the current device runs at once: the occupancy API's blocks per SM (from the kernel's
+// registers and shared memory) times the SMs, asked once per kernel and device. A tensor gets at most this many
+// blocks (grid-stride loops cover the rest): one even wave, where a fixed cap left a ragged second wave on some GPUs
+// and too few blocks on larger ones.
+template <auto kernel>
+int64_t resident_blocks() {
+  static std::array<std::atomic<int64_t>, C10_COMPILE_TIME_MAX_GPUS> cached{};  // 0: not asked yet
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int64_t blocks = cached[device].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    blocks = std::max(1, per_sm * sms);
+    cached[device].store(blocks, std::memory_order_relaxed);  // a race stores the same value
+  }
+  return blocks;
+}
 
 // Which blocks of a launch work on which tensor: blocks [block_offset[s], block_offset[s + 1]) on the launch's tensor
 // s, which is tensor index[s] of the op's lists (where per-tensor inputs and outputs live).
 struct Segments {
   int n = 0;
+  int64_t max_blocks = 1;  // per tensor: resident_blocks of the launch's kernel (set before add)
   int64_t block_offset[kMaxTensors + 1] = {0};
   int index[kMaxTensors] = {0};
 
   // Appends tensor `tensor_index` with `rows` rows to process; returns its slot in the launch.
   int add(int tensor_index, int64_t rows) {
     index[n] = tensor_index;
-    const int64_t blocks = std::min(std::max<int64_t>(1, ceil_div(rows, kWarps)), kMaxBlocksPerTensor);
+    const int64_t blocks = std::min(std::max<int64_t>(1, ceil_div(rows, kWarps)), max_blocks);
     block_offset[n + 1] = block_offset[n] + blocks;
     return n++;
   }
@@ -60,12 +84,21 @@ __device__ inline BlockPlace place_block(const Segments& segments) {
           segments.block_offset[slot + 1] - segments.block_offset[slot]};
 }
 
-// Calls fn(row) for the rows [0, rows) of this warp: warp w of block rank b takes rows w + kWarps * b, then strides by
-// all the tensor's warps. The trip count is the same for every lane of a warp.
+// Calls fn(j, row) for the entries j of [0, n) of this warp, row = index[j] (j without an index): warp w of block rank
+// b takes entries w + kWarps * b, then strides by all the tensor's warps. The trip count is the same for every lane of
+// a warp. A row outside [0, tensor_rows) ends the loop and is asserted on after it: an assert in the loop holds
+// registers across its call, which spilled the batched loads.
 template <typename F>
-__device__ inline void for_each_warp_row(const BlockPlace& place, int64_t rows, const F& fn) {
+__device__ inline void for_each_warp_row(const BlockPlace& place, int64_t n, const int64_t* index, int64_t tensor_rows,
+                                         const F& fn) {
   const int64_t stride = place.blocks * kWarps;
-  for (int64_t row = place.rank * kWarps + threadIdx.x / kWarpSize; row < rows; row += stride) fn(row);
+  int64_t j = place.rank * kWarps + threadIdx.x / kWarpSize;
+  for (; j < n; j += stride) {
+    const int64_t row = index ? index[j] : j;
+    if (row < 0 || row >= tensor_rows) break;
+    fn(j, row);
+  }
+  CUDA_KERNEL_ASSERT(j >= n && "a row index is outside the tensor");
 }
 
 // ---- 16-byte packs ----
@@ -98,40 +131,72 @@ __device__ inline void with_pack_width(bool packed, const F& fn) {
   }
 }
 
-// Calls fn(col) for the packs of N elements of a row of `cols` elements that belong to this lane.
+// kUnroll packs of N elements of a row that belong to one lane: pack u starts at column col(u) and exists where
+// has(u) (the last batch of a row may be partial).
+template <int N>
+struct LaneBatch {
+  int64_t first, cols;
+  __device__ int64_t col(int u) const { return first + u * kWarpSize * N; }
+  __device__ bool has(int u) const { return col(u) < cols; }
+};
+
+// Calls fn(batch) for the batches of this lane's packs of a row of `cols` elements.
 template <int N, typename F>
-__device__ inline void for_each_lane_pack(int64_t cols, const F& fn) {
-  for (int64_t col = (threadIdx.x % kWarpSize) * N; col < cols; col += kWarpSize * N) fn(col);
+__device__ inline void for_each_lane_batch(int64_t cols, const F& fn) {
+#pragma unroll 1  // a batch is the unrolled unit: unrolling batches too would only take registers from occupancy
+  for (int64_t first = (threadIdx.x % kWarpSize) * N; first < cols; first += kUnroll * kWarpSize * N) {
+    fn(LaneBatch<N>{first, cols});
+  }
+}
+
+// A pack as registers hold it from its load to its use: four 32-bit words when it fills 16 bytes. Held as eight 2-byte
+// elements, a bf16/fp16 pack took eight registers and was unpacked before the next input's loads were issued.
+template <typename scalar_t, int N>
+using Bits = std::conditional_t<N * sizeof(scalar_t) == 16, uint4, Pack<scalar_t, N>>;
+
+// The batch's packs of the row at p, every load issued before any is used; missing packs are not read (left unset).
+template <int N, typename scalar_t>
+__device__ inline void load_batch(const scalar_t* __restrict__ p, const LaneBatch<N>& batch,
+                                  Bits<scalar_t, N> (&out)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (batch.has(u)) out[u] = *reinterpret_cast<const Bits<scalar_t, N>*>(p + batch.col(u));
+  }
 }
 
 template <int N, typename scalar_t>
-__device__ inline Pack<scalar_t, N> load_pack(const scalar_t* p) {
-  return *reinterpret_cast<const Pack<scalar_t, N>*>(p);
+__device__ inline void store_batch(scalar_t* __restrict__ p, const LaneBatch<N>& batch,
+                                   const Bits<scalar_t, N> (&packs)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (batch.has(u)) *reinterpret_cast<Bits<scalar_t, N>*>(p + batch.col(u)) = packs[u];
+  }
 }
 
-template <int N, typename scalar_t>
-__device__ inline void store_pack(scalar_t* p, const Pack<scalar_t, N>& pack) {
-  *reinterpret_cast<Pack<scalar_t, N>*>(p) = pack;
-}
-
-template <int N, typename scalar_t>
-__device__ inline void widen(const Pack<scalar_t, N>& pack, float (&out)[N]) {
+// The N elements of a pack as fp32 (call as widen<scalar_t>).
+template <typename scalar_t, int N>
+__device__ inline void widen(const Bits<scalar_t, N>& bits, float (&out)[N]) {
+  Pack<scalar_t, N> pack;
+  memcpy(&pack, &bits, sizeof(pack));
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = static_cast<float>(pack.v[k]);
 }
 
-template <int N, typename scalar_t>
-__device__ inline void load_floats(const scalar_t* p, float (&out)[N]) {
-  widen(load_pack<N>(p), out);
-}
-
 // Rounds v once to scalar_t and stores it.
 template <int N, typename scalar_t>
-__device__ inline void store_rounded(scalar_t* p, const float (&v)[N]) {
+__device__ inline void store_rounded(scalar_t* __restrict__ p, const float (&v)[N]) {
   Pack<scalar_t, N> pack;
 #pragma unroll
   for (int k = 0; k < N; ++k) pack.v[k] = static_cast<scalar_t>(v[k]);
-  store_pack<N>(p, pack);
+  *reinterpret_cast<Pack<scalar_t, N>*>(p) = pack;
+}
+
+// The sum of per-pack accumulators in a fixed order.
+__device__ inline float sum_of(const float (&partial)[kUnroll]) {
+  float total = 0;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) total += partial[u];
+  return total;
 }
 
 // ---- reductions ----

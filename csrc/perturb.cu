@@ -32,8 +32,9 @@ struct PerturbArgs {
 };
 
 // partial: [blocks], the block's share of ||W + scale * G - B||^2 (Pass::kMeasure only).
+// 2 blocks per SM (128 registers): up to three inputs' batches in flight; at 80 registers ptxas spills them.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs args, double* partial) {
+__global__ void __launch_bounds__(kThreads, 2) perturb_kernel(PerturbArgs args, double* partial) {
   const BlockPlace place = place_block(args.segments);
   const PerturbTensor& t = args.tensors[place.slot];
   const int tensor = args.segments.index[place.slot];
@@ -42,55 +43,64 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs args, dou
   const float box_eps = static_cast<float>(args.eps);
   const Projection projection =
       pass == Pass::kProject ? projection_for(args.delta_sumsq[tensor], args.eps) : Projection{false, 1.0f};
-  auto* param = static_cast<scalar_t*>(t.param);
-  const auto* grad = static_cast<const scalar_t*>(t.grad);
-  auto* backup = static_cast<scalar_t*>(t.backup);
-  float delta_sumsq = 0;
-  for_each_warp_row(place, t.n_rows, [&](int64_t j) {
-    const int64_t row = t.rows[j];
-    CUDA_KERNEL_ASSERT(row >= 0 && row < t.param_rows);
+  auto* __restrict__ param = static_cast<scalar_t*>(t.param);
+  const auto* __restrict__ grad = static_cast<const scalar_t*>(t.grad);
+  auto* __restrict__ backup = static_cast<scalar_t*>(t.backup);
+  // measure's share of this lane, one accumulator per pack of a batch (summed in a fixed order at the end)
+  float delta_sumsq[kUnroll] = {};
+  for_each_warp_row(place, t.n_rows, t.rows, t.param_rows, [&](int64_t j, int64_t row) {
     scalar_t* weights = param + row * t.cols;
     const scalar_t* g = grad + row * t.cols;
     scalar_t* saved = backup + j * t.cols;
     const bool backing = j >= t.n_backed;  // project: never (n_backed is every row)
     if (!backing && scale == 0.0f) return;  // nothing to back up, nothing to change
+    // whether this pass needs B, and whether from the backup (else from the read of W)
+    const bool uses_origin = pass != Pass::kStep && (pass != Pass::kProject || projection.outside);
+    const bool reading_backup = uses_origin && !backing && scale != 0.0f;
     with_pack_width<scalar_t>(t.packed, [&](auto width) {
       constexpr int N = decltype(width)::value;
-      for_each_lane_pack<N>(t.cols, [&](int64_t col) {
-        const Pack<scalar_t, N> raw = load_pack<N>(weights + col);
-        if (backing) store_pack<N>(saved + col, raw);  // bit-exact, from the one read of W
+      for_each_lane_batch<N>(t.cols, [&](const LaneBatch<N>& batch) {
+        Bits<scalar_t, N> raw[kUnroll], grads[kUnroll], origins[kUnroll];
+        load_batch(weights, batch, raw);
+        if (scale != 0.0f) load_batch(g, batch, grads);
+        if (reading_backup) load_batch(saved, batch, origins);
+        if (backing) store_batch(saved, batch, raw);  // bit-exact, from the one read of W
         if (scale == 0.0f) return;
-        float old[N], grads[N], now[N];
-        widen(raw, old);
-        load_floats<N>(g + col, grads);
 #pragma unroll
-        for (int k = 0; k < N; ++k) now[k] = perturbed(old[k], grads[k], scale);
-        if (pass != Pass::kStep && (pass != Pass::kProject || projection.outside)) {
-          float origin[N];
-          if (backing) {
+        for (int u = 0; u < kUnroll; ++u) {
+          if (!batch.has(u)) continue;
+          float old[N], step[N], now[N];
+          widen<scalar_t>(raw[u], old);
+          widen<scalar_t>(grads[u], step);
 #pragma unroll
-            for (int k = 0; k < N; ++k) origin[k] = old[k];
-          } else {
-            load_floats<N>(saved + col, origin);
-          }
+          for (int k = 0; k < N; ++k) now[k] = perturbed(old[k], step[k], scale);
+          if (uses_origin) {
+            float origin[N];
+            if (reading_backup) {
+              widen<scalar_t>(origins[u], origin);
+            } else {  // B is this read of W (copied by value: a select between two arrays put them in local memory)
 #pragma unroll
-          for (int k = 0; k < N; ++k) {
-            if (pass == Pass::kMeasure) {
-              const float diff = now[k] - origin[k];
-              delta_sumsq = fmaf(diff, diff, delta_sumsq);
-            } else if (pass == Pass::kBox) {
-              now[k] = boxed(now[k], origin[k], box_eps);
-            } else {
-              now[k] = lerp(origin[k], now[k], projection.factor);
+              for (int k = 0; k < N; ++k) origin[k] = old[k];
+            }
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+              if (pass == Pass::kMeasure) {
+                const float diff = now[k] - origin[k];
+                delta_sumsq[u] = fmaf(diff, diff, delta_sumsq[u]);
+              } else if (pass == Pass::kBox) {
+                now[k] = boxed(now[k], origin[k], box_eps);
+              } else {
+                now[k] = lerp(origin[k], now[k], projection.factor);
+              }
             }
           }
+          if (pass != Pass::kMeasure) store_rounded<N>(weights + batch.col(u), now);
         }
-        if (pass != Pass::kMeasure) store_rounded<N>(weights + col, now);
       });
     });
   });
   if (pass == Pass::kMeasure) {
-    const double total = block_sum(delta_sumsq);
+    const double total = block_sum(sum_of(delta_sumsq));
     if (threadIdx.x == 0) partial[blockIdx.x] = total;
   }
 }
@@ -111,27 +121,28 @@ void run_pass(Pass pass, at::TensorList params, at::TensorList grads, at::Tensor
     indices[i] = rows[i].contiguous();
   }
   for (const auto& group : launch_groups(params)) {
-    PerturbArgs args;
-    args.pass = pass;
-    args.scales = dense_scales.const_data_ptr<float>();
-    args.delta_sumsq = delta_sumsq.defined() ? delta_sumsq.const_data_ptr<float>() : nullptr;
-    args.eps = eps;
-    for (int i : group) {
-      const at::Tensor& param = params[i];
-      args.tensors[args.segments.add(i, indices[i].size(0))] = {
-          param.data_ptr(), dense_grads[i].const_data_ptr(), indices[i].const_data_ptr<int64_t>(),
-          backups[i].data_ptr(), indices[i].size(0), param.size(0), param.size(1), n_backed[i],
-          packable({&param, &dense_grads[i], &backups[i]})};
-    }
-    const bool measuring = pass == Pass::kMeasure;
-    const at::Tensor partial =
-        at::empty({measuring ? args.segments.blocks() : 0}, dense_scales.options().dtype(at::kDouble));
     FASTADV_DISPATCH_FLOATING(params[group[0]].scalar_type(), "fastadv::perturb", [&] {
+      PerturbArgs args;
+      args.pass = pass;
+      args.scales = dense_scales.const_data_ptr<float>();
+      args.delta_sumsq = delta_sumsq.defined() ? delta_sumsq.const_data_ptr<float>() : nullptr;
+      args.eps = eps;
+      args.segments.max_blocks = resident_blocks<perturb_kernel<scalar_t>>();
+      for (int i : group) {
+        const at::Tensor& param = params[i];
+        args.tensors[args.segments.add(i, indices[i].size(0))] = {
+            param.data_ptr(), dense_grads[i].const_data_ptr(), indices[i].const_data_ptr<int64_t>(),
+            backups[i].data_ptr(), indices[i].size(0), param.size(0), param.size(1), n_backed[i],
+            packable({&param, &dense_grads[i], &backups[i]})};
+      }
+      const bool measuring = pass == Pass::kMeasure;
+      const at::Tensor partial =
+          at::empty({measuring ? args.segments.blocks() : 0}, dense_scales.options().dtype(at::kDouble));
       perturb_kernel<scalar_t><<<args.segments.blocks(), kThreads, 0, stream>>>(args,
                                                                                 partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (measuring) sum_partials(args.segments, partial, 1, delta_sumsq.mutable_data_ptr<float>(), stream);
     });
-    if (measuring) sum_partials(args.segments, partial, 1, delta_sumsq.mutable_data_ptr<float>(), stream);
   }
 }
 

@@ -21,20 +21,21 @@ struct RestoreArgs {
   RestoreTensor tensors[kMaxTensors];
 };
 
+// 4 blocks per SM or more (64 registers): a batch of packs and its addresses, unspilled.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) restore_kernel(RestoreArgs args) {
+__global__ void __launch_bounds__(kThreads, 4) restore_kernel(RestoreArgs args) {
   const BlockPlace place = place_block(args.segments);
   const RestoreTensor& t = args.tensors[place.slot];
-  auto* param = static_cast<scalar_t*>(t.param);
-  const auto* backup = static_cast<const scalar_t*>(t.backup);
-  for_each_warp_row(place, t.n_rows, [&](int64_t j) {
-    const int64_t row = t.rows[j];
-    CUDA_KERNEL_ASSERT(row >= 0 && row < t.param_rows);
-    scalar_t* weights = param + row * t.cols;
-    const scalar_t* saved = backup + j * t.cols;
+  auto* __restrict__ param = static_cast<scalar_t*>(t.param);
+  const auto* __restrict__ backup = static_cast<const scalar_t*>(t.backup);
+  for_each_warp_row(place, t.n_rows, t.rows, t.param_rows, [&](int64_t j, int64_t row) {
     with_pack_width<scalar_t>(t.packed, [&](auto width) {
       constexpr int N = decltype(width)::value;
-      for_each_lane_pack<N>(t.cols, [&](int64_t col) { store_pack<N>(weights + col, load_pack<N>(saved + col)); });
+      for_each_lane_batch<N>(t.cols, [&](const LaneBatch<N>& batch) {
+        Bits<scalar_t, N> packs[kUnroll];
+        load_batch(backup + j * t.cols, batch, packs);
+        store_batch(param + row * t.cols, batch, packs);
+      });
     });
   });
 }
@@ -48,14 +49,15 @@ void restore(at::TensorList params, at::TensorList rows, at::TensorList backups)
   std::vector<at::Tensor> indices(n);  // alive until the kernels are enqueued
   for (size_t i = 0; i < n; ++i) indices[i] = rows[i].contiguous();
   for (const auto& group : launch_groups(params)) {
-    RestoreArgs args;
-    for (int i : group) {
-      const at::Tensor& param = params[i];
-      args.tensors[args.segments.add(i, indices[i].size(0))] = {
-          param.mutable_data_ptr(), indices[i].const_data_ptr<int64_t>(), backups[i].const_data_ptr(),
-          indices[i].size(0), param.size(0), param.size(1), packable({&param, &backups[i]})};
-    }
     FASTADV_DISPATCH_FLOATING(params[group[0]].scalar_type(), "fastadv::restore", [&] {
+      RestoreArgs args;
+      args.segments.max_blocks = resident_blocks<restore_kernel<scalar_t>>();
+      for (int i : group) {
+        const at::Tensor& param = params[i];
+        args.tensors[args.segments.add(i, indices[i].size(0))] = {
+            param.mutable_data_ptr(), indices[i].const_data_ptr<int64_t>(), backups[i].const_data_ptr(),
+            indices[i].size(0), param.size(0), param.size(1), packable({&param, &backups[i]})};
+      }
       restore_kernel<scalar_t><<<args.segments.blocks(), kThreads, 0, stream>>>(args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -30,30 +30,38 @@ struct ScanArgs {
 };
 
 // partial: [columns, blocks], the block's share of each column.
+// At least 3 blocks per SM (80 registers): the batched loads fit unspilled (ptxas -v, sm_80 to sm_90); unbounded,
+// ptxas takes ~90 registers and 2 blocks fit.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs args, double* partial) {
+__global__ void __launch_bounds__(kThreads, 3) scan_kernel(ScanArgs args, double* partial) {
   const BlockPlace place = place_block(args.segments);
   const ScanTensor& t = args.tensors[place.slot];
-  const auto* values = static_cast<const scalar_t*>(t.values);
-  const auto* param = static_cast<const scalar_t*>(t.param);
-  float sumsq = 0, param_sumsq = 0;  // this lane's share, over all its rows
-  double fresh_rows = 0;             // counted by lane 0 of each warp
-  for_each_warp_row(place, t.rows, [&](int64_t j) {
-    const int64_t row = t.index ? t.index[j] : j;
-    CUDA_KERNEL_ASSERT(row >= 0 && row < t.tensor_rows);
+  const auto* __restrict__ values = static_cast<const scalar_t*>(t.values);
+  const auto* __restrict__ param = static_cast<const scalar_t*>(t.param);
+  // This lane's shares over all its rows: one accumulator per pack of a batch for the gradient (summed in a fixed order
+  // at the end), one for the parameters (AWP only), so that the kernel fits 80 registers (3 blocks per SM) unspilled.
+  float sumsq[kUnroll] = {}, param_sumsq = 0;
+  double fresh_rows = 0;  // counted by lane 0 of each warp
+  for_each_warp_row(place, t.rows, t.index, t.tensor_rows, [&](int64_t, int64_t row) {
     uint32_t bits = 0;
     with_pack_width<scalar_t>(t.packed, [&](auto width) {
       constexpr int N = decltype(width)::value;
-      for_each_lane_pack<N>(t.cols, [&](int64_t col) {
-        float v[N];
-        load_floats<N>(values + row * t.cols + col, v);
+      for_each_lane_batch<N>(t.cols, [&](const LaneBatch<N>& batch) {
+        Bits<scalar_t, N> packs[kUnroll], param_packs[kUnroll];
+        load_batch(values + row * t.cols, batch, packs);
+        if (param) load_batch(param + row * t.cols, batch, param_packs);
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          sumsq = fmaf(v[k], v[k], sumsq);
-          bits |= __float_as_uint(v[k]);
-        }
-        if (param) {
-          load_floats<N>(param + row * t.cols + col, v);
+        for (int u = 0; u < kUnroll; ++u) {
+          if (!batch.has(u)) continue;
+          float v[N];
+          widen<scalar_t>(packs[u], v);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            sumsq[u] = fmaf(v[k], v[k], sumsq[u]);
+            bits |= __float_as_uint(v[k]);
+          }
+          if (!param) continue;
+          widen<scalar_t>(param_packs[u], v);
 #pragma unroll
           for (int k = 0; k < N; ++k) param_sumsq = fmaf(v[k], v[k], param_sumsq);
         }
@@ -67,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs args, double* p
       fresh_rows += is_fresh;
     }
   });
-  const double block_sumsq = block_sum(sumsq);
+  const double block_sumsq = block_sum(sum_of(sumsq));
   if (threadIdx.x == 0) partial[blockIdx.x] = block_sumsq;
   if (args.columns == 1) return;
   const double block_fresh = block_sum(fresh_rows);
@@ -84,15 +92,16 @@ template <typename F>
 void launch_scan(at::TensorList tensors, int columns, const at::Tensor& out, const F& describe) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& group : launch_groups(tensors)) {
-    ScanArgs args;
-    args.columns = columns;
-    for (int i : group) describe(args, i);
-    const at::Tensor partial = at::empty({columns * args.segments.blocks()}, out.options());
     FASTADV_DISPATCH_FLOATING(tensors[group[0]].scalar_type(), "fastadv::scan", [&] {
+      ScanArgs args;
+      args.columns = columns;
+      args.segments.max_blocks = resident_blocks<scan_kernel<scalar_t>>();
+      for (int i : group) describe(args, i);
+      const at::Tensor partial = at::empty({columns * args.segments.blocks()}, out.options());
       scan_kernel<scalar_t><<<args.segments.blocks(), kThreads, 0, stream>>>(args, partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_partials(args.segments, partial, columns, out.mutable_data_ptr<double>(), stream);
     });
-    sum_partials(args.segments, partial, columns, out.mutable_data_ptr<double>(), stream);
   }
 }
 

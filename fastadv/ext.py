@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -32,11 +33,15 @@ import torch
 
 __all__ = ["ExtensionUnavailable", "load", "load_cpu", "load_cuda", "main"]
 
-#: What nvcc compiles for when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: the H100.
-DEFAULT_CUDA_ARCH = "9.0"
+#: What nvcc compiles for when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: machine code for the A100 (8.0),
+#: A10/RTX 30 (8.6), L4/L40/RTX 40 (8.9) and H100/H200 (9.0), and PTX that the driver compiles when it loads the
+#: library on anything newer (B200, RTX 50). nvcc 13 has no Maxwell, Pascal or Volta targets (5.x to 7.2) any more.
+DEFAULT_CUDA_ARCH = "8.0;8.6;8.9;9.0+PTX"
 
 CUDA_FLAGS = ["-O3"]
 _AOT_MODULES = {"cpu": "fastadv._C", "cuda": "fastadv._C_cuda"}
+#: Beside the ahead-of-time CUDA library: the targets it was compiled for (:func:`cuda_targets`), one line.
+CUDA_TARGETS_FILE = "_C_cuda.targets"
 
 # What each load attempt gave, so that a failure is reported (and warned about) once and never retried.
 _loaded: dict[str, str] = {}
@@ -94,14 +99,48 @@ def cuda_include_dirs() -> list[str]:
     return sorted({str(header.parent) for header in nvidia.glob("*/include/cusparse.h")})
 
 
+def _visible_capabilities() -> list[tuple[int, int]]:
+    """The compute capabilities of the visible GPUs, each once, in order; none without a GPU."""
+    if not torch.cuda.is_available():
+        return []
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
 def cuda_arch_list() -> str:
-    """What nvcc compiles for: TORCH_CUDA_ARCH_LIST, else the visible GPU, else the H100 (a build without a GPU)."""
+    """What nvcc compiles for: TORCH_CUDA_ARCH_LIST, else the visible GPUs, else :data:`DEFAULT_CUDA_ARCH`."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
+    capabilities = _visible_capabilities()
+    if capabilities:
+        return ";".join(f"{major}.{minor}" for major, minor in capabilities)
     return DEFAULT_CUDA_ARCH
+
+
+def cuda_targets(gencode_flags: list[str]) -> list[str]:
+    """What nvcc's ``-gencode=arch=compute_XY,code=T`` flags put in a library: each ``T``, ``sm_XY`` (machine code) or
+    ``compute_XY`` (PTX), sorted."""
+    return sorted({flag.rsplit("code=", 1)[1] for flag in gencode_flags if "code=" in flag})
+
+
+def runs_on(targets: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a library compiled for ``targets`` (as :func:`cuda_targets` names them) has code for a GPU of this
+    compute capability: machine code of the same major version and an older or equal minor one (sm_80 runs on 8.6;
+    sm_90a only on 9.0), or PTX of an older or equal capability, which the driver compiles for the GPU (compute_90 on
+    10.0 and 12.0; compute_90a only on 9.0)."""
+    for target in targets:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", target)
+        if match is None:
+            continue
+        kind, arch, suffix = match[1], (int(match[2]), int(match[3])), match[4]
+        if suffix == "a":
+            covered = capability == arch
+        elif kind == "sm" or suffix == "f":
+            covered = capability[0] == arch[0] and capability[1] >= arch[1]
+        else:
+            covered = capability >= arch
+        if covered:
+            return True
+    return False
 
 
 def _library_name(kind: str, sources: list[Path], flags: list[str]) -> str:
@@ -167,7 +206,7 @@ def _jit(kind: str, verbose: bool) -> str:
         torch.ops.load_library(str(library))
         return str(library)
     _check_toolchain(cuda)
-    what = "CUDA extension (once, ~2 min)" if cuda else "C++ extension (once, ~1 min)"
+    what = "CUDA extension (once, 2-5 min)" if cuda else "C++ extension (once, ~1 min)"
     print(f"fastadv: building the {what}...", file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     from torch.utils import cpp_extension
@@ -204,10 +243,25 @@ def _jit(kind: str, verbose: bool) -> str:
 
 
 def _ahead_of_time(kind: str) -> str | None:
-    """Load the library that setup.py built (FASTADV_BUILD_EXT=1), if there is one that loads; returns its path."""
+    """Load the library that setup.py built (FASTADV_BUILD_EXT=1), if there is one that loads and, for the CUDA one,
+    has code for every visible GPU; returns its path."""
     spec = importlib.util.find_spec(_AOT_MODULES[kind])
     if spec is None or spec.origin is None:
         return None
+    if kind == "cuda":
+        record = Path(spec.origin).with_name(CUDA_TARGETS_FILE)
+        targets = record.read_text().split() if record.exists() else []
+        capabilities = _visible_capabilities()
+        missing = [f"{major}.{minor}" for major, minor in capabilities if not runs_on(targets, (major, minor))]
+        if missing:  # its kernels would fail there with "no kernel image is available"
+            held = " ".join(targets) or "no record of its targets"
+            warnings.warn(
+                f"fastadv: the prebuilt {spec.origin} has no code for compute capability {', '.join(missing)} (it "
+                f"holds {held}); compiling for this machine's GPUs instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
     try:
         torch.ops.load_library(spec.origin)
     except OSError as err:  # e.g. built against another torch: fall back to the JIT build

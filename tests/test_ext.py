@@ -1,9 +1,10 @@
 """The C++/CUDA extension (backend="ext"): its ops against plain-torch readings of the contract, the classes against
-the seed, the build (CUDA included, when nvcc is here), the fallback without a compiler, and tracing under
-torch.compile.
+the seed, the build (CUDA included, when nvcc is here) and which GPUs it runs on, the fallback without a compiler, and
+tracing under torch.compile.
 
 Skipped with the reason when the extension cannot be built here. The first run compiles it (about a minute on two
-cores; the CUDA library about three more); later runs load the cached build.
+cores; the CUDA library, for four GPU generations without a GPU, about five more); later runs load the cached build.
+The CUDA sources are also checked without a GPU: compiled with nvcc and read with cuobjdump.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +34,8 @@ except ImportError as err:  # no compiler, no ninja, or a failed build: the reas
     pytest.skip(f"the C++ extension is unavailable: {err}", allow_module_level=True)
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+DEVICES = [CPU, CUDA] if torch.cuda.is_available() and ext_ops.supports(CUDA) else [CPU]
 # (dtype, rows, cols) of the tensors of one op call: widths that are and aren't a multiple of the vector width, a
 # one-row tensor (a 1-D parameter), and mixed dtypes in the same list.
 LAYOUT = [
@@ -266,6 +273,24 @@ def test_box_propagates_nan_and_handles_zero_backups():
     assert params[0][0, 2:].tolist() == pytest.approx([2.2, -3.3])
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_box_rounds_its_radius_before_the_bounds(rng, device):
+    """d = fp32(box_eps * |B|) is rounded on its own, then B - d and B + d: fused into one multiply-add (as nvcc and
+    GCC -mfma contract them) about 1% of the clamped fp32 elements ended one ulp off. A power-of-two scale makes the
+    step exact, so every element is compared bit for bit."""
+    origin = torch.randn(300, 64, generator=rng)  # 64 columns: 16-byte packs on the GPU, whole vectors on the CPU
+    grad = torch.randn(300, 64, generator=rng)
+    box_eps = 0.013
+    d = torch.tensor(box_eps, dtype=torch.float32) * origin.abs()
+    new = origin + 4.0 * grad
+    expected = torch.minimum(torch.maximum(new, origin - d), origin + d)
+    assert ((new < origin - d) | (new > origin + d)).float().mean() > 0.9  # nearly every element is clamped
+    params, backups = [origin.to(device)], [torch.empty(300, 64, device=device)]
+    rows, scales = [torch.arange(300, device=device)], torch.tensor([4.0], device=device)
+    ext_ops.perturb(params, [grad.to(device)], rows, backups, [0], scales, box_eps)
+    assert torch.equal(params[0].cpu(), expected)
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 def test_restore_is_bit_exact(rng, dense):
     grads = sparse_grads(rng, dense)
@@ -483,17 +508,299 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path):
     assert "no C++ compiler" in explicit
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build")
-@pytest.mark.skipif(ext.cuda_home() is None, reason="no CUDA toolkit (nvcc) found")
-def test_cuda_build_compiles_links_and_imports():
-    """A cold build takes 40 s to 3 min on two cores, a cached one a second; deselect with -k 'not cuda_build'."""
+# ---- which GPUs a CUDA library runs on ----
+
+needs_nvcc = pytest.mark.skipif(
+    torch.version.cuda is None or ext.cuda_home() is None, reason="no CUDA build of torch, or no CUDA toolkit (nvcc)"
+)
+
+
+def fake_gpus(monkeypatch, *capabilities: tuple[int, int]) -> None:
+    """torch.cuda as on a machine with these GPUs (none: no GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[device or 0])
+
+
+def test_cuda_arch_list_is_the_visible_gpus_else_several_generations_with_ptx(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    fake_gpus(monkeypatch)
+    assert ext.cuda_arch_list() == ext.DEFAULT_CUDA_ARCH
+    assert ext.DEFAULT_CUDA_ARCH.endswith("+PTX")  # newer GPUs run its PTX
+    fake_gpus(monkeypatch, (8, 0))
+    assert ext.cuda_arch_list() == "8.0"  # a JIT build on a GPU compiles for that GPU only
+    fake_gpus(monkeypatch, (9, 0), (8, 0), (9, 0))
+    assert ext.cuda_arch_list() == "8.0;9.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert ext.cuda_arch_list() == "7.5"
+
+
+@needs_nvcc
+def test_default_cuda_archs_are_ones_nvcc_compiles_for(monkeypatch):
+    """nvcc 13 dropped sm_50 to sm_72: every default target is one this nvcc lists, and the library has PTX."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", ext.DEFAULT_CUDA_ARCH)
+    targets = ext.cuda_targets(cpp_extension._get_cuda_arch_flags(ext.CUDA_FLAGS))
+    assert {"sm_80", "sm_86", "sm_89", "sm_90", "compute_90"} <= set(targets)
+    nvcc = str(ext.cuda_home() / "bin" / "nvcc")
+    known = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True).stdout.split()
+    known += subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+    assert set(targets) <= set(known)
+
+
+def test_runs_on_follows_cuda_binary_compatibility():
+    default = ["compute_90", "sm_80", "sm_86", "sm_89", "sm_90"]
+    for capability in [(8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0)]:
+        assert ext.runs_on(default, capability), capability
+    assert not ext.runs_on(default, (7, 5))  # older than every target
+    assert not ext.runs_on(["sm_90"], (8, 0)) and not ext.runs_on(["sm_90"], (10, 0))  # machine code: same major
+    assert ext.runs_on(["sm_80"], (8, 9)) and not ext.runs_on(["sm_86"], (8, 0))
+    assert ext.runs_on(["compute_80"], (12, 0)) and not ext.runs_on(["compute_90"], (8, 9))  # PTX: newer GPUs
+    assert ext.runs_on(["sm_90a"], (9, 0)) and not ext.runs_on(["sm_90a", "compute_90a"], (10, 0))  # arch-specific
+    assert ext.runs_on(["sm_100f"], (10, 3)) and not ext.runs_on(["sm_100f"], (12, 0))  # family-specific
+    assert not ext.runs_on([], (9, 0))
+
+
+@pytest.fixture
+def prebuilt_cuda(monkeypatch, tmp_path):
+    """An ahead-of-time CUDA library that ext finds (loading it is recorded, not done), and the JIT build stubbed."""
+    library = tmp_path / "_C_cuda.so"
+    library.touch()
+    find_spec = importlib.util.find_spec
+    spec = types.SimpleNamespace(origin=str(library))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: spec if name == "fastadv._C_cuda" else find_spec(name, *a)
+    )
+    loaded: list[str] = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(ext, "_jit", lambda kind, verbose: f"jit-{kind}")
+    monkeypatch.setattr(ext, "_loaded", {})
+    monkeypatch.setattr(ext, "_failed", {})
+    return library.with_name(ext.CUDA_TARGETS_FILE), loaded
+
+
+def test_prebuilt_cuda_library_is_used_on_the_gpus_it_has_code_for(monkeypatch, prebuilt_cuda):
+    record, loaded = prebuilt_cuda
+    record.write_text("compute_90 sm_80 sm_86 sm_89 sm_90\n")
+    fake_gpus(monkeypatch, (8, 0), (10, 0))  # machine code for one, PTX for the other
+    assert ext._load("cuda", verbose=False, prebuilt=True) == str(record.with_name("_C_cuda.so"))
+    assert loaded == [str(record.with_name("_C_cuda.so"))]
+
+
+@pytest.mark.parametrize("recorded", ["sm_90\n", None], ids=["sm_90-only", "no-record"])
+def test_prebuilt_cuda_library_without_code_for_the_gpu_falls_back_to_a_jit_build(monkeypatch, prebuilt_cuda, recorded):
+    record, loaded = prebuilt_cuda
+    if recorded:
+        record.write_text(recorded)
+    fake_gpus(monkeypatch, (8, 0))
+    with pytest.warns(RuntimeWarning, match="no code for compute capability 8.0"):
+        assert ext._load("cuda", verbose=False, prebuilt=True) == "jit-cuda"
+    assert loaded == []
+    fake_gpus(monkeypatch)  # without a GPU there is nothing to check: the prebuilt library loads
+    monkeypatch.setattr(ext, "_loaded", {})
+    assert ext._load("cuda", verbose=False, prebuilt=True) == str(record.with_name("_C_cuda.so"))
+
+
+@needs_nvcc
+def test_setup_records_the_cuda_targets_beside_the_library(tmp_path):
+    """setup.py's build_ext (FASTADV_BUILD_EXT=1 FASTADV_BUILD_CUDA=1), compilers stubbed: it writes the targets of
+    TORCH_CUDA_ARCH_LIST, named architectures expanded, next to fastadv/_C_cuda in the build tree."""
+    root = Path(ext.__file__).resolve().parent.parent
+    if not (root / "setup.py").exists():
+        pytest.skip("fastadv is installed, not a checkout: no setup.py")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import runpy, setuptools.command.build_ext as b; b.build_ext.build_extension = lambda self, e: None; "
+            "runpy.run_path('setup.py', run_name='__main__')",
+            "build_ext",
+            f"--build-lib={tmp_path / 'lib'}",
+            f"--build-temp={tmp_path / 'temp'}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FASTADV_BUILD_EXT": "1", "FASTADV_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0;Hopper"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = tmp_path / "lib" / "fastadv" / ext.CUDA_TARGETS_FILE
+    assert record.read_text().split() == ["compute_90", "sm_80", "sm_90"]
+
+
+# ---- the CUDA sources compiled with nvcc (no GPU needed) ----
+
+
+def cuda_tool(name: str) -> str | None:
+    """A CUDA binary utility (cuobjdump): the toolkit's, else one on PATH, else the copy that ships with triton."""
+    home = ext.cuda_home()
+    candidates = [home / "bin" / name] if home else []
+    candidates += [Path(path) for path in [shutil.which(name)] if path]
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin is not None:
+        candidates.append(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / name)
+    return next((str(path) for path in candidates if path.is_file()), None)
+
+
+def run_tool(*command: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def nvcc(tmp_path: Path, source: str, *flags: str) -> Path:
+    """Compiles `source` (which may include csrc/'s headers) with the toolkit's nvcc; returns the output file."""
+    from torch.utils import cpp_extension
+
+    (tmp_path / "harness.cu").write_text(textwrap.dedent(source))
+    out = tmp_path / "harness.out"
+    includes = [str(ext.source_dir()), *cpp_extension.include_paths(), *ext.cuda_include_dirs()]
+    run_tool(
+        str(ext.cuda_home() / "bin" / "nvcc"),
+        "-std=c++20",
+        "--expt-relaxed-constexpr",
+        *(f"-I{path}" for path in includes),
+        *flags,
+        str(tmp_path / "harness.cu"),
+        "-o",
+        str(out),
+    )
+    return out
+
+
+@needs_nvcc
+def test_box_radius_is_multiplied_on_its_own_on_the_gpu(tmp_path):
+    """common.h's boxed() on the device: d = eps * |B| is one rounded multiply (__fmul_rn), then B - d and B + d.
+    Before, ptxas turned the plain multiply and its two uses into two FFMAs (the PTX had mul.f32, not mul.rn.f32)."""
+    source = """
+        #include "common.h"
+        __global__ void box(const float* value, const float* origin, float eps, float* out) {
+          out[threadIdx.x] = fastadv::boxed(value[threadIdx.x], origin[threadIdx.x], eps);
+        }
+    """
+    ptx = nvcc(tmp_path, source, "-arch=compute_80", "-ptx").read_text()
+    assert re.findall(r"\b(mul(?:\.rn)?\.f32|fma\.rn\.f32)", ptx) == ["mul.rn.f32"]
+    cuobjdump = cuda_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump to read the machine code with")
+    sass = run_tool(cuobjdump, "-sass", str(nvcc(tmp_path, source, "-arch=sm_90", "-cubin")))
+    ops = re.findall(r"\b(FFMA|FMUL|FADD)\b", sass)
+    assert "FFMA" not in ops and ops.count("FMUL") == 1, ops
+
+
+@needs_nvcc
+def test_grids_take_at_most_the_resident_blocks_per_tensor(tmp_path):
+    """Segments::add caps a tensor's blocks at max_blocks (resident_blocks: blocks per SM from the occupancy API
+    times the SMs), not at a fixed 1024: a large tensor gets exactly one wave. Host code only: runs without a GPU."""
+    source = """
+        #include <cstdio>
+        #include "cuda_utils.cuh"
+        int main() {
+          fastadv::cuda::Segments segments;
+          segments.max_blocks = 132 * 3;  // an H100 at 3 blocks per SM
+          segments.add(0, 250002);        // 31251 blocks' worth of rows
+          segments.add(1, 20);            // 3 blocks of 8 warps
+          std::printf("%lld %lld\\n", (long long)segments.block_offset[1], (long long)segments.blocks());
+        }
+    """
+    program = nvcc(tmp_path, source)
+    assert run_tool(str(program)).split() == ["396", "399"]
+
+
+@pytest.fixture(scope="module")
+def cuda_library() -> str:
+    """The CUDA library's JIT build (python -m fastadv.ext build --cuda): its path. A cold build takes 2 to 6 min on
+    two cores, a cached one a second; deselect with -k 'not cuda_'."""
+    if torch.version.cuda is None or ext.cuda_home() is None:
+        pytest.skip("no CUDA build of torch, or no CUDA toolkit (nvcc)")
     result = subprocess.run(
         [sys.executable, "-m", "fastadv.ext", "build", "--cuda"],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=1800,
         env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    assert "fastadv: cuda library loaded" in result.stdout
     assert "torch.ops.fastadv: scan, row_sumsq, perturb, measure, project, restore" in result.stdout
+    return re.search(r"fastadv: cuda library loaded in [\d.]+ s: (\S+)", result.stdout)[1]
+
+
+def test_cuda_build_compiles_links_and_imports(cuda_library):
+    assert Path(cuda_library).is_file()
+
+
+@pytest.fixture(scope="module")
+def cuobjdump() -> str:
+    tool = cuda_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    return tool
+
+
+def test_cuda_library_holds_code_for_its_arch_list(cuda_library, cuobjdump, monkeypatch):
+    """Machine code for every listed architecture and, by default, PTX for the newest (GPUs newer than all of them)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", ext.cuda_arch_list())
+    expected = ext.cuda_targets(cpp_extension._get_cuda_arch_flags(ext.CUDA_FLAGS))
+    listed = run_tool(cuobjdump, "--list-elf", "--list-ptx", cuda_library)
+    held = {f"sm_{arch}" for arch in re.findall(r"\.sm_(\d+a?f?)\.cubin", listed)}
+    held |= {f"compute_{arch}" for arch in re.findall(r"\.sm_(\d+a?f?)\.ptx", listed)}
+    assert held == set(expected)
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        assert "compute_90" in held
+
+
+def test_cuda_kernels_keep_their_batches_in_registers(cuda_library, cuobjdump):
+    """The batched loads (kUnroll packs per lane and input) are not spilled: no stack frame, no local memory."""
+    usage = run_tool(cuobjdump, "--dump-resource-usage", cuda_library)
+    kernels = re.findall(
+        r"Function (\S*(?:scan|perturb|restore)_kernel\S*):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage
+    )
+    assert len(kernels) >= 9  # three kernels times three dtypes, per architecture
+    assert all(stack == local == "0" for _, _, stack, local in kernels), kernels
+
+
+def loads_in_flight(sass: str) -> int:
+    """The most 16-byte loads (LDG.E.128) a function's machine code issues before an instruction reads one of their
+    registers (in program order, a lower bound across branches)."""
+    best, pending = 0, set()
+    for instruction in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass):
+        if "LDG.E.128" in instruction:
+            first = int(re.search(r"LDG\.E\.128\S*\s+R(\d+)", instruction)[1])
+            pending |= set(range(first, first + 4))
+            best = max(best, len(pending) // 4)
+        elif {int(r) for r in re.findall(r"\bR(\d+)\b", instruction)} & pending:
+            pending = set()
+    return best
+
+
+def test_cuda_kernels_batch_their_loads(cuda_library, cuobjdump):
+    """kUnroll (4) packs per lane and input loaded before any is used: 4 for restore (the backup), 8 for scan
+    (gradient and parameter), 12 for perturb (W, G, B). One pack per input was in flight before (two for scan)."""
+    sass = run_tool(cuobjdump, "-sass", cuda_library)
+    inputs = {"restore": 1, "scan": 2, "perturb": 3}
+    seen = 0
+    for name, code in re.findall(r"Function : (\S+)(.*?)(?=Function : |\Z)", sass, re.S):
+        kernel = re.search(r"(scan|perturb|restore)_kernel", name)
+        if kernel:
+            seen += 1
+            assert loads_in_flight(code) >= 4 * inputs[kernel[1]], name
+    assert seen >= 9
+
+
+def test_cuda_box_radius_is_a_rounded_multiply_in_the_library(cuda_library, cuobjdump):
+    """The library's own PTX (see test_box_radius_is_multiplied_on_its_own_on_the_gpu): perturb's box pass has it."""
+    ptx = run_tool(cuobjdump, "-ptx", cuda_library)
+    if ".entry" not in ptx:
+        pytest.skip("the library holds no PTX (TORCH_CUDA_ARCH_LIST without +PTX)")
+    assert "mul.rn.f32" in ptx
+
+
+def test_cuda_grids_are_sized_by_the_occupancy_api(cuda_library):
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm")
+    assert "cudaOccupancyMaxActiveBlocksPerMultiprocessor" in run_tool(nm, "-D", "--undefined-only", cuda_library)
