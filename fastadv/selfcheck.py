@@ -291,12 +291,11 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
         _expect_sums(sums, expected, "sums of squares")
 
     with _op("backup"):  # the same gather on every backend today, but part of the contract
-        if hasattr(ops, "backup"):
-            backups = _clone(case.backups)
-            inputs, originals = read_only(params=case.params, rows=case.rows)
-            _run(device, ops.backup, inputs["params"], inputs["rows"], backups, list(case.n_backed))
-            _expect_unchanged(inputs, originals)
-            _expect_bits(backups, case.full_backups, "backups")
+        backups = _clone(case.backups)
+        inputs, originals = read_only(params=case.params, rows=case.rows)
+        _run(device, ops.backup, inputs["params"], inputs["rows"], backups, list(case.n_backed))
+        _expect_unchanged(inputs, originals)
+        _expect_bits(backups, case.full_backups, "backups")
 
     # FGM: half of each row list backed up (the rest poisoned), so perturb backs up the others first; AWP's box: the
     # rows all backed up beforehand (as the attack classes do), and a zero scale on tensor 1.
@@ -381,13 +380,6 @@ def _eager_fp_state() -> Iterator[None]:
             torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
-def _supports(ops: ModuleType, device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        return bool(ops.supports(device, dtype, dtype))
-    except TypeError:  # supports(device) only
-        return bool(ops.supports(device))
-
-
 def check(name: str, device: torch.device, dtype: torch.dtype, *, seed: int = _SEED) -> str | None:
     """Run every op of backend ``name`` once on a tiny random case on (``device``, ``dtype``) and compare each with the
     torch backend on identical inputs.
@@ -408,7 +400,7 @@ def check(name: str, device: torch.device, dtype: torch.dtype, *, seed: int = _S
             with _op("load"):
                 _, device, dtype = _key(name, device, dtype)
                 ops = _run(torch.device("cpu"), resolve_backend, name, device)
-                if not _supports(ops, device, dtype):
+                if not ops.supports(device, dtype, dtype):
                     raise _Mismatch(f"{name!r} does not support {dtype} on {device}")
             with _op("setup"):
                 case = _Case(device, dtype, seed)
