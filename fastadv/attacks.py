@@ -1,59 +1,57 @@
 """FusedFGM, FusedPGD and FusedAWP: the seed's FGM/PGD classes and the widely used AWP class, with the same calls,
 on touched rows only.
 
-The classes hold state (which parameters are perturbed, which rows, their original values, the step count) through
-:class:`fastadv._perturbation.RowPerturbation`, which calls the ops of a backend (:mod:`fastadv.backends`); they never
-touch tensors element by element.
+As in ``torch.optim`` (the optimizer owns the state, a functional owns the math), one base class owns the state (the
+model, which rows are perturbed and their originals, the skip count) and each method supplies its rule
+(:mod:`fastadv.rules`), which the driver (:mod:`fastadv._driver`) runs through a backend's ops
+(:mod:`fastadv.backends`). Their training steps (``step``, ``run``) are the loops of :mod:`fastadv.loops`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable, Iterator
+import abc
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from fastadv._perturbation import RowPerturbation, ScaleRule
-from fastadv.reference import awp_step, fgm_step, pgd_step
+from fastadv._driver import RowPerturbation
+from fastadv._util import check_positive, unwrap
+from fastadv.loops import Pass, awp_loop, backward_pass, fgm_loop, pgd_loop
+from fastadv.rules import Rule, awp_rule, fgm_rule, pgd_rule
 
 __all__ = ["FusedFGM", "FusedPGD", "FusedAWP"]
 
-# AWP's guard against zero norms, as in the AWP class: W += lr * G / (||G|| + e) * (||W|| + e).
-_AWP_E = 1e-6
 
+class _Attack(abc.ABC):
+    """What every attack class shares: the model (unwrapped from DDP-style ``.module`` wrappers), the perturbed rows
+    and their originals, ``nonfinite_skips``, ``restore`` and ``cleanup``."""
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    def __init__(self, model: nn.Module, backend: str, rows: str, target: str) -> None:
+        self.model = unwrap(model)
+        self._rows = RowPerturbation(self.model, backend, rows, target)
 
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many parameter attacks were skipped because the gradient (or, for AWP, weight) norm was inf or NaN."""
+        return self._rows.nonfinite_skips
 
-def _check_positive(name: str, value: float) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
+    def _attack(self, target: str, first: bool, rule: Rule) -> None:
+        self._rows.attack(target, first, rule)
 
+    def restore(self, emb_name: str | None = None) -> None:
+        """Put the original rows back, bit-exact and in place."""
+        self._rows.restore(emb_name)
 
-@contextlib.contextmanager
-def earlier_grads_set_aside(model: nn.Module) -> Iterator[None]:
-    """Gradients already in ``.grad`` (earlier micro-batches of gradient accumulation) are set aside for the block
-    and added back after it, so that AWP's passes see this batch's gradients only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    earlier = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        yield
-    finally:
-        for p, grad in zip(params, earlier):
-            if grad is not None:
-                p.grad = grad if p.grad is None else p.grad.add_(grad)
+    def cleanup(self) -> None:
+        """After a failed pass: put back whatever an attack left changed (a no-op when nothing is)."""
+        if self._rows.active_name is not None:
+            self.restore()
 
-
-def _normalised(coef: float) -> ScaleRule:
-    """FGM/PGD's step size ``coef / ||G||`` (fp64 math, rounded once to fp32 by the caller)."""
-    return lambda stats: coef / stats[:, 0].sqrt()
+    @abc.abstractmethod
+    def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
+        """This method's training step with ``run_pass`` (one forward+backward pass returning the loss) as its
+        passes; returns the clean loss and that of the last adversarial pass. See :mod:`fastadv.loops`."""
 
 
 class _GradStash:
@@ -101,7 +99,7 @@ class _GradStash:
         self._grads = None
 
 
-class FusedFGM:
+class FusedFGM(_Attack):
     """Drop-in for the seed's ``FGM``: ``W += eps * G / ||G||`` on the embedding rows the batch touched.
 
     Args:
@@ -109,10 +107,12 @@ class FusedFGM:
         eps: perturbation size, > 0.
         emb_name: substring of the names of the parameters to attack; ``attack``/``restore`` may override it.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
-        rows: ``"scan"`` finds the touched rows in the gradient (one read of it); ``"batch"`` takes them from the
-            token ids of the ``nn.Embedding`` lookups since the last attack (forward hooks) and reads only those
-            rows. ``"batch"`` needs an embedding used by its lookup alone (not tied to an LM head, not under DDP,
-            whose all-reduced gradient holds the other ranks' rows); the first attack checks it against a scan.
+        rows: how the rows the batch touched are found. ``"auto"`` (default): from the token ids of the
+            ``nn.Embedding`` lookups since the last attack (row hints, forward pre-hooks) wherever they are exact: an
+            embedding weight used by its lookup alone, in a single process; checked against a scan of the gradient
+            at the first attack, and on a mismatch (another use of the weight, a compiled model that skipped the
+            hooks) one warning and scans from then on. ``"scan"``: the gradient's non-zero rows (one read of it).
+            ``"batch"``: row hints always, an error where they are not exact.
 
     Example::
 
@@ -127,25 +127,20 @@ class FusedFGM:
         eps: float = 1.0,
         emb_name: str = "word_embeddings",
         backend: str = "auto",
-        rows: str = "scan",
+        rows: str = "auto",
     ) -> None:
-        self.model = _unwrap(model)
-        self.eps = _check_positive("eps", eps)
+        super().__init__(model, backend, rows, emb_name)
+        self.eps = check_positive("eps", eps)
         self.emb_name = emb_name
-        self._rows = RowPerturbation(self.model, backend, rows, emb_name)
-
-    @property
-    def nonfinite_skips(self) -> int:
-        """How many parameter attacks were skipped because the gradient norm was inf or NaN."""
-        return self._rows.nonfinite_skips
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
-        self._rows.attack(emb_name or self.emb_name, True, _normalised(self.eps))
+        self._attack(emb_name or self.emb_name, True, fgm_rule(self.eps))
 
-    def restore(self, emb_name: str | None = None) -> None:
-        """Put the original rows back, bit-exact and in place."""
-        self._rows.restore(emb_name)
+    def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
+        if k != 1:
+            raise ValueError(f"FGM makes one attack per step, got k={k!r}")
+        return fgm_loop(self, run_pass)
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         """Clean forward/backward, attack, adversarial forward/backward, restore; returns the clean loss.
@@ -153,14 +148,10 @@ class FusedFGM:
         ``closure()`` runs the forward pass and returns the loss; gradients accumulate into ``.grad`` as in the seed's
         loop, ready for ``optimizer.step()``.
         """
-        try:
-            return fgm_step(self, closure).detach()
-        finally:
-            if self._rows.active_name is not None:  # the adversarial pass raised: put the weights back
-                self.restore()
+        return fgm_loop(self, backward_pass(closure))[0].detach()
 
 
-class FusedPGD:
+class FusedPGD(_Attack):
     """Drop-in for the seed's ``PGD``: ``k`` steps of ``alpha * G / ||G||`` projected onto the ``eps`` ball.
 
     Args:
@@ -171,7 +162,7 @@ class FusedPGD:
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
         copy_grads: ``backup_grad`` copies the gradients as the seed does, instead of keeping references; needed only
             if gradients are zeroed in place (``zero_grad(set_to_none=False)``) between the adversarial passes.
-        rows: ``"scan"`` or ``"batch"``, as for :class:`FusedFGM`.
+        rows: ``"auto"`` (default), ``"scan"`` or ``"batch"``, as for :class:`FusedFGM`.
 
     Example::
 
@@ -188,27 +179,17 @@ class FusedPGD:
         emb_name: str = "word_embeddings",
         backend: str = "auto",
         copy_grads: bool = False,
-        rows: str = "scan",
+        rows: str = "auto",
     ) -> None:
-        self.model = _unwrap(model)
-        self.eps = _check_positive("eps", eps)
-        self.alpha = _check_positive("alpha", alpha)
+        super().__init__(model, backend, rows, emb_name)
+        self.eps = check_positive("eps", eps)
+        self.alpha = check_positive("alpha", alpha)
         self.emb_name = emb_name
-        self._rows = RowPerturbation(self.model, backend, rows, emb_name)
         self._grads = _GradStash(copy_grads)
-
-    @property
-    def nonfinite_skips(self) -> int:
-        """How many parameter attacks were skipped because the gradient norm was inf or NaN."""
-        return self._rows.nonfinite_skips
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._rows.attack(emb_name or self.emb_name, is_first_attack, _normalised(self.alpha), ball_eps=self.eps)
-
-    def restore(self, emb_name: str | None = None) -> None:
-        """Put the original rows back, bit-exact and in place."""
-        self._rows.restore(emb_name)
+        self._attack(emb_name or self.emb_name, is_first_attack, pgd_rule(self.alpha, self.eps))
 
     def backup_grad(self) -> None:
         """Remember the clean gradients (by reference unless ``copy_grads``)."""
@@ -218,24 +199,25 @@ class FusedPGD:
         """Put the clean gradients back; a parameter without a clean gradient gets ``None``."""
         self._grads.restore(self.model)
 
+    def cleanup(self) -> None:
+        """After a failed pass: put back the weights and the clean gradients, where an attack left them changed."""
+        super().cleanup()
+        if self._grads.pending:
+            self.restore_grad()
+
+    def run(self, run_pass: Pass, k: int = 3) -> tuple[Tensor, Tensor]:
+        return pgd_loop(self, run_pass, k)
+
     def step(self, closure: Callable[[], Tensor], k: int = 3) -> Tensor:
         """The seed's PGD loop in one call; returns the clean loss.
 
         ``closure()`` runs the forward pass and returns the loss. Afterwards ``.grad`` holds the clean gradient plus
         that of the last adversarial pass, ready for ``optimizer.step()``.
         """
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        try:
-            return pgd_step(self, self.model, closure, k).detach()
-        finally:  # a pass raised: put the weights and the clean gradients back
-            if self._rows.active_name is not None:
-                self.restore()
-            if self._grads.pending:
-                self.restore_grad()
+        return pgd_loop(self, backward_pass(closure), k)[0].detach()
 
 
-class FusedAWP:
+class FusedAWP(_Attack):
     """Adversarial weight perturbation, as the widely used AWP class does it, on every weight in multi-tensor launches.
 
     For every parameter whose name contains ``adv_param`` and that has a gradient: the first ``attack()`` after a
@@ -265,31 +247,21 @@ class FusedAWP:
         adv_eps: float = 0.01,
         backend: str = "auto",
     ) -> None:
-        self.model = _unwrap(model)
+        super().__init__(model, backend, "scan", adv_param)  # dense weights: every row may change
         self.adv_param = adv_param
-        self.adv_lr = _check_positive("adv_lr", adv_lr)
-        self.adv_eps = _check_positive("adv_eps", adv_eps)
-        self._rows = RowPerturbation(self.model, backend)
-
-    @property
-    def nonfinite_skips(self) -> int:
-        """How many parameter attacks were skipped because the gradient or weight norm was inf or NaN."""
-        return self._rows.nonfinite_skips
-
-    def _scales(self, stats: Tensor) -> Tensor:
-        return self.adv_lr * (stats[:, 2].sqrt() + _AWP_E) / (stats[:, 0].sqrt() + _AWP_E)
+        self.adv_lr = check_positive("adv_lr", adv_lr)
+        self.adv_eps = check_positive("adv_eps", adv_eps)
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
-        first = self._rows.active_name is None
-        self._rows.attack(
-            self.adv_param, first, self._scales, what="adv_param", need_grad=False, read_params=True,
-            box_eps=self.adv_eps,
-        )
+        self._attack(self.adv_param, self._rows.active_name is None, awp_rule(self.adv_lr, self.adv_eps))
 
     def restore(self) -> None:
         """Put the original weights back, bit-exact and in place."""
-        self._rows.restore(None, what="adv_param")
+        self._rows.restore(None, "adv_param")
+
+    def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
+        return awp_loop(self, run_pass, k)
 
     def step(self, closure: Callable[[], Tensor], k: int = 1) -> Tensor:
         """Clean forward/backward, then ``k`` times: attack, ``zero_grad``, adversarial forward/backward; restore.
@@ -299,11 +271,4 @@ class FusedAWP:
         adversarial pass's gradient. Gradients already in ``.grad`` before the call (earlier micro-batches of
         gradient accumulation) are kept: they are added back at the end.
         """
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        with earlier_grads_set_aside(self.model):
-            try:
-                return awp_step(self, self.model, closure, k).detach()
-            finally:
-                if self._rows.active_name is not None:  # a pass raised: put the weights back
-                    self.restore()
+        return awp_loop(self, backward_pass(closure), k)[0].detach()

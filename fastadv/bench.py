@@ -7,7 +7,8 @@ shrinks every shape, for CI. The pytest-benchmark suite in ``benchmarks/`` uses 
 
 A "call" is what an attack costs besides the forward/backward passes: FGM ``attack`` + ``restore``; PGD k=3
 ``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``; AWP ``attack`` + ``restore``. An implementation
-``<backend>+batch`` is that backend with ``rows="batch"`` (row hints; the call includes recording the batch's lookup).
+``<backend>`` is a backend with ``rows="scan"``, ``<backend>+batch`` with ``rows="batch"`` (row hints; the call includes
+recording the batch's lookup); end to end, ``<backend>+auto`` is the default, ``rows="auto"``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD, available_backends
 from fastadv.backends import resolve_backend
+from fastadv.loops import backward_pass
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
 #: Embedding shapes (rows, dim) of the models users train.
@@ -89,7 +91,7 @@ def implementations(device: torch.device) -> list[str]:
 def runs(case: Case, impl: str) -> bool:
     """Whether ``impl`` applies to ``case``: row hints need untied rows and exist for FGM/PGD; torch.compile'd
     peers exist for FGM/PGD."""
-    if impl.endswith("+batch"):
+    if "+" in impl:
         return case.gradient == "rows" and case.method != "awp"
     return not (impl == COMPILED_SEED and case.method == "awp")
 
@@ -171,12 +173,13 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def make_attacker(impl: str, method: str, model: nn.Module):
-    """The attack object of ``method`` for ``impl``: "seed", ``COMPILED_SEED``, a backend, or "<backend>+batch"."""
+    """The attack object of ``method`` for ``impl``: "seed", ``COMPILED_SEED``, a backend (``rows="scan"``), or
+    "<backend>+<rows>" (``rows="batch"``, or ``"auto"``, the default)."""
     which = _METHODS.index(method)
     if impl in _PEERS:
         return _PEERS[impl][which](model)
     backend, _, rows = impl.partition("+")
-    return _FUSED[which](model, backend=backend, **({"rows": rows} if rows else {}))
+    return _FUSED[which](model, backend=backend, **({"rows": rows or "scan"} if which != 2 else {}))
 
 
 def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
@@ -323,17 +326,20 @@ def end_to_end(
     rows = [("plain fwd+bwd", "-", time_call(plain, device, repeats=repeats), 1.0)]
     for method in methods:
         passes = {"fgm": 2, "pgd3": PGD_K + 1, "awp": 2}[method]
-        for impl in impls:
+        k = PGD_K if method == "pgd3" else 1
+        for impl in dict.fromkeys(i.replace("+batch", "+auto") for i in impls):  # the default rather than forced hints
             if not runs(Case("xlm-r", torch.float32, "rows", method), impl):  # BERT's embedding: untied
                 continue
             attacker = make_attacker(impl, method, model)
 
-            def step(attacker=attacker, method=method) -> None:
+            def step(attacker=attacker, method=method, k=k) -> None:
                 model.zero_grad()
-                if method == "fgm":
+                if isinstance(attacker, (FusedFGM, FusedPGD, FusedAWP)):
+                    attacker.run(backward_pass(closure), k)  # the library's loops
+                elif method == "fgm":
                     fgm_step(attacker, closure)
                 elif method == "pgd3":
-                    pgd_step(attacker, model, closure, PGD_K)
+                    pgd_step(attacker, model, closure, k)
                 else:
                     awp_step(attacker, model, closure)
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastadv._perturbation import user_stacklevel
+from fastadv._util import user_stacklevel
 
 __all__ = ["DTYPES", "cache_clear", "check", "main", "passed"]
 

@@ -96,7 +96,7 @@ def test_parameter_that_is_not_an_embedding_weight_is_refused(backend):
 
 def test_bad_rows_value():
     with pytest.raises(ValueError, match="rows must be"):
-        FusedFGM(TinyEncoder(), rows="auto")
+        FusedFGM(TinyEncoder(), rows="every")
 
 
 def test_other_use_of_the_weight_is_caught_on_the_first_attack(backend, seed):

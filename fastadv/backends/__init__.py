@@ -137,7 +137,7 @@ def backend_for(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch
     on ``ext``/``triton``, gradients of another dtype on ``ext``: with one warning) or failed the self-check gives way
     to the torch backend.
     """
-    from fastadv._perturbation import user_stacklevel
+    from fastadv._util import user_stacklevel
 
     device = params[0].device
     pairs = {(p.dtype, g.dtype) for p, g in zip(params, grads)}

@@ -12,7 +12,6 @@ Requires ``transformers`` and ``accelerate``: ``pip install fastadv[transformers
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -24,9 +23,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "fastadv.integrations.transformers needs transformers and accelerate: pip install fastadv[transformers]"
     ) from exc
 
-from fastadv._perturbation import matching_parameters
-from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD, _unwrap, earlier_grads_set_aside
-from fastadv.attacks import _check_positive as _positive
+from fastadv._util import check_positive, check_steps, matching_parameters, unwrap
+from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
 
 __all__ = ["AdversarialTrainer", "METHODS"]
 
@@ -35,14 +33,6 @@ _DEFAULT_EPS = {"fgm": 1.0, "pgd": 1.0, "awp": 0.01}
 _DEFAULT_K = {"fgm": 1, "pgd": 3, "awp": 1}
 
 Attacker = FusedFGM | FusedPGD | FusedAWP
-
-
-def _quietly(undo: Callable[[], None]) -> None:
-    """Undo on the error path: a RuntimeError only means there was nothing to undo; the original error propagates."""
-    try:
-        undo()
-    except RuntimeError:
-        pass
 
 
 class AdversarialTrainer(Trainer):
@@ -105,12 +95,10 @@ class AdversarialTrainer(Trainer):
         if method is not None and method not in METHODS:
             raise ValueError(f"adversarial must be one of {', '.join(map(repr, METHODS))} or None, got {adversarial!r}")
         self.adversarial: str | None = method
-        self.adv_eps = _positive("adv_eps", _DEFAULT_EPS.get(method or "fgm") if adv_eps is None else adv_eps)
-        self.adv_alpha = _positive("adv_alpha", adv_alpha)
-        self.adv_lr = _positive("adv_lr", adv_lr)
-        k = _DEFAULT_K.get(method or "fgm") if adv_k is None else adv_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"adv_k must be an int >= 1, got {adv_k!r}")
+        self.adv_eps = check_positive("adv_eps", _DEFAULT_EPS.get(method or "fgm") if adv_eps is None else adv_eps)
+        self.adv_alpha = check_positive("adv_alpha", adv_alpha)
+        self.adv_lr = check_positive("adv_lr", adv_lr)
+        k = check_steps("adv_k", _DEFAULT_K.get(method or "fgm") if adv_k is None else adv_k)
         if method == "fgm" and k != 1:
             raise ValueError(f"adv_k applies to 'pgd' and 'awp'; FGM makes one attack, got adv_k={adv_k!r}")
         self.adv_k = k
@@ -137,7 +125,7 @@ class AdversarialTrainer(Trainer):
             if optim in ("lomo", "adalomo"):
                 raise NotImplementedError(f"AdversarialTrainer does not support optim={optim!r}: its backward updates")
             if self.model is not None:  # fail now on a bad emb_name/adv_param/backend, not at the first step
-                self._attacker = self._build_attacker(_unwrap(self.model))
+                self._attacker = self._build_attacker(unwrap(self.model))
 
     @property
     def attacker(self) -> Attacker | None:
@@ -160,7 +148,7 @@ class AdversarialTrainer(Trainer):
         )
 
     def _attacker_for(self, model: nn.Module) -> Attacker:
-        target = _unwrap(model)
+        target = unwrap(model)
         if self._attacker is None or self._attacker.model is not target:  # e.g. a new model from model_init
             self._attacker = self._build_attacker(target)
         return self._attacker
@@ -182,57 +170,9 @@ class AdversarialTrainer(Trainer):
         if self.adversarial is None or (self.adversarial == "awp" and not self.awp_active()):
             return self._pass(model, inputs, num_items_in_batch)
         attacker = self._attacker_for(model)
-        if isinstance(attacker, FusedFGM):
-            loss, adv_loss = self._fgm_step(attacker, model, inputs, num_items_in_batch)
-        elif isinstance(attacker, FusedPGD):
-            loss, adv_loss = self._pgd_step(attacker, model, inputs, num_items_in_batch)
-        else:
-            loss, adv_loss = self._awp_step(attacker, model, inputs, num_items_in_batch)
+        loss, adv_loss = attacker.run(lambda: self._pass(model, inputs, num_items_in_batch), self.adv_k)
         self._record_adv_loss(adv_loss)
         return loss
-
-    def _fgm_step(self, fgm: FusedFGM, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
-        loss = self._pass(model, inputs, n)
-        try:
-            fgm.attack()
-            adv_loss = self._pass(model, inputs, n)
-        except BaseException:
-            _quietly(fgm.restore)
-            raise
-        fgm.restore()
-        return loss, adv_loss
-
-    def _pgd_step(self, pgd: FusedPGD, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
-        loss = self._pass(model, inputs, n)
-        pgd.backup_grad()
-        try:
-            for t in range(self.adv_k):
-                pgd.attack(is_first_attack=(t == 0))
-                if t != self.adv_k - 1:
-                    model.zero_grad()
-                else:
-                    pgd.restore_grad()
-                adv_loss = self._pass(model, inputs, n)
-        except BaseException:
-            _quietly(pgd.restore)
-            _quietly(pgd.restore_grad)
-            raise
-        pgd.restore()
-        return loss, adv_loss
-
-    def _awp_step(self, awp: FusedAWP, model: nn.Module, inputs: dict[str, Any], n: Any) -> tuple[Tensor, Tensor]:
-        with earlier_grads_set_aside(awp.model):  # so the attack sees this micro-batch's gradient only
-            loss = self._pass(model, inputs, n)
-            try:
-                for _ in range(self.adv_k):
-                    awp.attack()
-                    model.zero_grad()
-                    adv_loss = self._pass(model, inputs, n)
-            except BaseException:
-                _quietly(awp.restore)
-                raise
-            awp.restore()
-        return loss, adv_loss
 
     def _record_adv_loss(self, adv_loss: Tensor) -> None:
         adv_loss = adv_loss.detach()
