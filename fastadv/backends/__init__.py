@@ -1,51 +1,32 @@
 """Backends: the stateless ops every implementation provides, and the choice between implementations.
 
-A backend is a module with these functions over lists of tensors. ``params``/``grads`` are 2-D views ``[rows, cols]``
-of each target parameter and its gradient (1-D tensors are one row); ``rows[i]`` is an int64 list of the rows
-perturbed so far, without repeats; a list holding every row is in order ``0..rows-1`` (so a backend may use slices)
-unless some but not all of its rows are backed up (``0 < n_backed[i] < len(rows[i])``). ``backups[i]`` holds the
-original values of the same rows, ``len(rows[i])`` of them. ``scales`` is a float32 vector (float64 when a parameter
-is float64), one step size per tensor; a zero scale means "leave this tensor's weights alone". Sums of squares are
-accumulated in fp32 (fp64 for float64 tensors) whatever the dtype, and each written element is rounded once per op.
-All math below is in that precision on the widened values (``W``, ``G``, ``B`` are the current weights, gradient and
-backup of a row).
-
-``scan(grads, touched, fresh, params=None) -> stats``
-    One read of each gradient (and of each parameter when ``params`` is given). ``stats`` is a float64 ``[n, 3]``
-    tensor: the sum of squares of ``grads[i]``; the number of rows that are non-zero in ``grads[i]`` (any element
-    non-zero, NaN included, even when its square underflows) and not yet in ``touched[i]``; the sum of squares of
-    ``params[i]`` (0 without ``params``). Those rows are flagged in the bool buffer ``fresh[i]`` (every element of
-    ``fresh[i]`` is written).
-``row_sumsq(tensors, rows) -> sumsq``
-    float64 ``[n]``: the sum of squares of the rows ``rows[i]`` of ``tensors[i]``, reading only those rows.
-``backup(params, rows, backups, n_backed) -> None``
-    ``backups[i][j] = params[i][rows[i][j]]`` (the bits) for ``j >= n_backed[i]``; no weight is written. A gather,
-    the same code on every backend (:func:`fastadv.backends.torch_ops.backup`). The attack classes back up the new
-    rows with it before any weight is written, so an interrupted step never leaves a row without its original.
-``perturb(params, grads, rows, backups, n_backed, scales, box_eps=None) -> None``
-    For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]`` (the
-    bits); then, where ``scales[i] != 0``, ``W = W + scales[i] * G``, and with ``box_eps`` (AWP) clamped elementwise
-    into ``[B - d, B + d]`` with ``d = float32(box_eps) * |B|``; stored rounded once.
-``measure(params, grads, rows, backups, n_backed, scales) -> delta_sumsq``
-    PGD's first pass: the backups as in ``perturb``, and a float32 (float64 for float64 parameters) ``[n]`` vector
-    of ``||W + scales[i] * G - B||^2`` over ``rows[i]`` (0 where the scale is 0); the weights are not written.
-``project(params, grads, rows, backups, scales, delta_sumsq, eps) -> None``
-    PGD's second pass, where ``scales[i] != 0``: ``new = W + scales[i] * G`` as in ``measure``; with
-    ``norm = sqrt(float32(delta_sumsq[i]))``, where ``norm > eps`` ``new = lerp(B, new, eps / norm)`` (``torch.lerp``'s
-    formula); stored rounded once. Between the two passes a caller may all-reduce ``delta_sumsq`` (sharded weights).
-``restore(params, rows, backups) -> None``
-    ``params[i][rows[i]] = backups[i]``, bit-exact, in place.
-
-No op syncs with the host; the caller reads ``stats`` once per attack (it needs the row counts). Every backend module
-also has ``supports(device, dtype=None, grad_dtype=None) -> bool``: whether its ops run on tensors of that device
-(and, when given, on parameters of ``dtype`` with gradients of ``grad_dtype``).
+A backend is a module of functions over lists of tensors: ``scan``, ``row_sumsq``, ``backup``, ``perturb``,
+``measure``, ``project``, ``restore`` and ``supports(device, dtype=None, grad_dtype=None)``. Their signatures, types
+and meaning are written once, as :class:`fastadv.backends.contract.Backend` (a ``typing.Protocol``; also importable
+from here); ``tests/test_contract.py`` checks every backend module against it. No op syncs with the host.
 
 Backends, each op at the same name: ``torch`` (:mod:`fastadv.backends.torch_ops`, pure PyTorch, any device and
 dtype), ``triton`` (:mod:`fastadv.backends.triton_ops` over the kernels in ``kernels/``, CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``ext`` (:mod:`fastadv.backends.ext_ops` over the C++/CUDA extension in ``csrc/``). A
 compiled backend (``triton``, ``ext``) is used on a (device, dtype) only after it passed the runtime self-check
 (:mod:`fastadv.selfcheck`) there; otherwise, and for what it does not support (float64, a gradient of another dtype
-on ``ext``), the torch backend is used.
+on ``ext``), the torch backend is used. The compiled backends' ops are also ``torch.library`` operators
+(``torch.ops.fastadv.*``, ``torch.ops.fastadv_triton.*``) with fake kernels, so ``torch.compile`` traces them
+(:mod:`fastadv.backends._library`).
+
+Adding an op, in this order:
+
+1. ``contract.py``: the method on :class:`~fastadv.backends.contract.Backend` (typed signature, docstring: the
+   contract), its name in ``OPS`` and, for an op of the compiled backends, the lists it writes in ``WRITES``.
+2. ``torch_ops.py``: the reference implementation, at the same name with the same signature.
+3. ``_library.py``: a field of ``LibraryOps``, the op's fake kernel in ``_FAKES`` and its entry point in ``calls()``
+   (and a ``_TYPES`` entry for a new argument type); ``schema(op)`` derives its schema from the contract.
+4. ``csrc/``: that schema in ``registration.cpp`` and the CPU/CUDA kernels (``ext_ops.py`` takes the op from
+   ``calls()``); ``kernels/``: the launcher, with the contract's signature, passed to ``define()`` in
+   ``triton_ops.py``.
+5. Tests: ``tests/test_contract.py`` (signatures and schemas; the Triton op's opcheck and compile cases),
+   ``tests/test_ext.py`` (the extension's) and ``tests/test_ops.py`` (every backend against the oracles);
+   ``fastadv/selfcheck.py`` when the compiled backends should be checked at run time.
 """
 
 from __future__ import annotations
@@ -58,7 +39,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "backend_for"]
+from fastadv.backends.contract import Backend
+
+__all__ = ["BACKENDS", "Backend", "available_backends", "resolve_backend", "backend_for"]
 
 #: Every backend name.
 BACKENDS = ("torch", "triton", "ext")

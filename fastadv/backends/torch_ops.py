@@ -1,9 +1,9 @@
 """Pure-PyTorch backend: one read of each gradient in ``scan``, everything else on the touched rows only.
 
 It runs wherever PyTorch runs, on every dtype (float64 in float64 math), and is the fallback of every other backend.
-See :mod:`fastadv.backends` for the contract of each op. Where a tensor's every row is perturbed (a tied embedding,
-AWP's dense weights) and backed up, the rows are in order, so the ops use slices of cache-sized row chunks instead of
-gathers.
+See :class:`fastadv.backends.contract.Backend` for the contract of each op. Where a tensor's every row is perturbed
+(a tied embedding, AWP's dense weights) and backed up, the rows are in order, so the ops use slices of cache-sized row
+chunks instead of gathers.
 """
 
 from __future__ import annotations
@@ -123,15 +123,8 @@ def _store(param: Tensor, piece: slice | Tensor, new: Tensor, keep: Tensor) -> N
         param.index_copy_(0, piece, new.to(param.dtype))
 
 
-def perturb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    n_backed: list[int],
-    scales: Tensor,
-    box_eps: float | None = None,
-) -> None:
+def perturb(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int],
+            scales: Tensor, box_eps: float | None = None) -> None:
     backup(params, rows, backups, n_backed)
     for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
@@ -149,14 +142,8 @@ def perturb(
             _store(param, piece, new, keep)
 
 
-def measure(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    n_backed: list[int],
-    scales: Tensor,
-) -> Tensor:
+def measure(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int],
+            scales: Tensor) -> Tensor:
     backup(params, rows, backups, n_backed)
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     out = torch.zeros(len(params), dtype=wide, device=scales.device)
@@ -171,15 +158,8 @@ def measure(
     return out
 
 
-def project(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    scales: Tensor,
-    delta_sumsq: Tensor,
-    eps: float,
-) -> None:
+def project(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], scales: Tensor,
+            delta_sumsq: Tensor, eps: float) -> None:
     for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
         on_cpu = param.device.type == "cpu"

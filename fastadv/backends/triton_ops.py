@@ -4,7 +4,12 @@ Each op is one launch per (dtype, vector width) group over the whole list (one i
 tensors; ``row_sumsq``, ``perturb``, ``measure`` and ``project`` are stages of one kernel over the listed rows
 (``kernels/perturb.py``), ``restore`` a copy of their bits. The reductions (``scan``, ``row_sumsq``, ``measure``) add
 a small per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
-CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it). See :mod:`fastadv.backends` for the contract of each op.
+CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it). See :class:`fastadv.backends.contract.Backend` for the
+contract of each op.
+
+The ops are also ``torch.ops.fastadv_triton.*`` custom ops with fake kernels (:func:`fastadv.backends._library.define`):
+``torch.compile`` traces a call into that op, while an eager call runs the launcher directly, without the dispatcher's
+cost (see ``kernels/README.md``).
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import torch
 
 try:
+    from fastadv.backends import _library
     from fastadv.backends.torch_ops import backup  # a gather: the same on every backend
+    from fastadv.kernels import perturb as _rows
+    from fastadv.kernels import restore as _restore
+    from fastadv.kernels import scan as _scan
     from fastadv.kernels._common import INTERPRETED
-    from fastadv.kernels.perturb import measure, perturb, project, row_sumsq
-    from fastadv.kernels.restore import restore
-    from fastadv.kernels.scan import scan
 except ImportError as err:  # no triton, or a broken install: the registry reports the backend as not available
     raise ImportError(f"the triton backend needs a working triton: {err}") from err
 
@@ -24,6 +30,9 @@ __all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "rest
 
 #: What the kernels read and write (gradients may be of another of them): fp32 math, not float64's.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+scan, row_sumsq, perturb, measure, project, restore = _library.define("fastadv_triton", _library.LibraryOps(
+    _scan.scan, _rows.row_sumsq, _rows.perturb, _rows.measure, _rows.project, _restore.restore))
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:

@@ -1,0 +1,137 @@
+"""The backend contract, written once: :class:`Backend`, the ops every backend module provides, with their types.
+
+A backend is a module (:mod:`~fastadv.backends.torch_ops`, :mod:`~fastadv.backends.triton_ops`,
+:mod:`~fastadv.backends.ext_ops`) whose functions have the signatures of :class:`Backend`'s methods (without ``self``):
+the same parameter names, in the same order, with the same defaults and type hints. :func:`mismatches` lists where a
+module departs from it (``tests/test_contract.py`` runs it on every backend); a type checker sees the same thing in
+``backend: Backend = torch_ops``. The schemas of the ``torch.library`` ops (``torch.ops.fastadv.*`` of the extension,
+``torch.ops.fastadv_triton.*``) are inferred from these signatures (:mod:`fastadv.backends._library`), and the test
+checks that ``csrc/registration.cpp`` declares the same ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from types import ModuleType
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Backend", "OPS", "WRITES", "signature", "mismatches"]
+
+
+class Backend(Protocol):
+    """The stateless ops of a backend, over lists of tensors.
+
+    ``params``/``grads`` are 2-D views ``[rows, cols]`` of each target parameter and its gradient (1-D tensors are one
+    row); ``rows[i]`` is an int64 list of the rows perturbed so far, without repeats; a list holding every row is in
+    order ``0..rows-1`` (so a backend may use slices) unless some but not all of its rows are backed up
+    (``0 < n_backed[i] < len(rows[i])``). ``backups[i]`` holds the original values of the same rows, ``len(rows[i])``
+    of them. ``scales`` is a float32 vector (float64 when a parameter is float64), one step size per tensor; a zero
+    scale means "leave this tensor's weights alone". Sums of squares are accumulated in fp32 (fp64 for float64 tensors)
+    whatever the dtype, and each written element is rounded once per op. All math below is in that precision on the
+    widened values (``W``, ``G``, ``B`` are the current weights, gradient and backup of a row).
+
+    No op syncs with the host; the caller reads ``stats`` once per attack (it needs the row counts).
+    """
+
+    def scan(self, grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor],
+             params: list[Tensor] | None = None) -> Tensor:
+        """One read of each gradient (and of each parameter when ``params`` is given). ``stats`` is a float64
+        ``[n, 3]`` tensor: the sum of squares of ``grads[i]``; the number of rows that are non-zero in ``grads[i]``
+        (any element non-zero, NaN included, even when its square underflows) and not yet in ``touched[i]``; the sum
+        of squares of ``params[i]`` (0 without ``params``). Those rows are flagged in the bool buffer ``fresh[i]``
+        (every element of ``fresh[i]`` is written)."""
+        ...
+
+    def row_sumsq(self, tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+        """float64 ``[n]``: the sum of squares of the rows ``rows[i]`` of ``tensors[i]``, reading only those rows."""
+        ...
+
+    def backup(self, params: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int]) -> None:
+        """``backups[i][j] = params[i][rows[i][j]]`` (the bits) for ``j >= n_backed[i]``; no weight is written. A
+        gather, the same code on every backend (:func:`fastadv.backends.torch_ops.backup`). The attack classes back
+        up the new rows with it before any weight is written, so an interrupted step never leaves a row without its
+        original."""
+        ...
+
+    def perturb(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
+                n_backed: list[int], scales: Tensor, box_eps: float | None = None) -> None:
+        """For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``
+        (the bits); then, where ``scales[i] != 0``, ``W = W + scales[i] * G``, and with ``box_eps`` (AWP) clamped
+        elementwise into ``[B - d, B + d]`` with ``d = float32(box_eps) * |B|``; stored rounded once."""
+        ...
+
+    def measure(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
+                n_backed: list[int], scales: Tensor) -> Tensor:
+        """PGD's first pass: the backups as in ``perturb``, and a float32 (float64 for float64 parameters) ``[n]``
+        vector of ``||W + scales[i] * G - B||^2`` over ``rows[i]`` (0 where the scale is 0); the weights are not
+        written."""
+        ...
+
+    def project(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
+                scales: Tensor, delta_sumsq: Tensor, eps: float) -> None:
+        """PGD's second pass, where ``scales[i] != 0``: ``new = W + scales[i] * G`` as in ``measure``; with
+        ``norm = sqrt(float32(delta_sumsq[i]))``, where ``norm > eps`` ``new = lerp(B, new, eps / norm)``
+        (``torch.lerp``'s formula); stored rounded once. Between the two passes a caller may all-reduce
+        ``delta_sumsq`` (sharded weights)."""
+        ...
+
+    def restore(self, params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
+        """``params[i][rows[i]] = backups[i]``, bit-exact, in place."""
+        ...
+
+    def supports(self, device: torch.device, dtype: torch.dtype | None = None,
+                 grad_dtype: torch.dtype | None = None) -> bool:
+        """Whether the ops run on tensors of ``device`` (and, when given, on parameters of ``dtype`` with gradients
+        of ``grad_dtype``)."""
+        ...
+
+
+#: The functions of a backend, in the order above.
+OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports")
+
+#: The list arguments each op writes into, in place (``mutates_args`` to ``torch.library``, ``(a!)`` in a schema);
+#: the other arguments are only read. The ops of a ``torch.library`` namespace are these (``backup``, a gather, is
+#: plain torch everywhere).
+WRITES: dict[str, tuple[str, ...]] = {
+    "scan": ("fresh",),
+    "row_sumsq": (),
+    "perturb": ("params", "backups"),
+    "measure": ("backups",),
+    "project": ("params",),
+    "restore": ("params",),
+}
+
+
+def signature(op: str) -> inspect.Signature:
+    """The signature of op ``op`` as a backend module's function has it (:class:`Backend`'s method without
+    ``self``), its annotations the type-hint strings."""
+    method = inspect.signature(getattr(Backend, op))
+    return method.replace(parameters=list(method.parameters.values())[1:])
+
+
+def _hints(function: object) -> dict[str, object]:
+    hints = typing.get_type_hints(function)
+    hints.pop("self", None)
+    return hints
+
+
+def mismatches(module: ModuleType) -> list[str]:
+    """Where ``module`` departs from :class:`Backend`: a missing op, or one whose parameters (names, order, kinds,
+    defaults), return type or type hints differ. Empty for a conforming backend."""
+    found = []
+    for op in OPS:
+        function = getattr(module, op, None)
+        if not callable(function):
+            found.append(f"{module.__name__} has no {op}()")
+            continue
+        want, have = signature(op), inspect.signature(function)
+        shape = [(p.name, p.kind, p.default) for p in want.parameters.values()]
+        if [(p.name, p.kind, p.default) for p in have.parameters.values()] != shape:
+            found.append(f"{module.__name__}.{op}{have} does not take the parameters of {op}{want}")
+        elif _hints(function) != _hints(getattr(Backend, op)):
+            found.append(f"{module.__name__}.{op}{have} is not typed as {op}{want}")
+    return found

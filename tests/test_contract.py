@@ -1,0 +1,198 @@
+"""The backend contract (:class:`fastadv.backends.contract.Backend`): every backend module has every op with its
+signature; the ``torch.library`` ops of the compiled backends have the schemas the contract implies, fake kernels that
+pass ``torch.library.opcheck``, and trace under ``torch.compile``.
+
+The Triton ops run on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from fastadv.backends import _library, contract, torch_ops
+
+if TYPE_CHECKING:  # what a type checker sees; the test below checks the same at run time, every backend included
+    _: contract.Backend = torch_ops
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def backend_module(name: str) -> types.ModuleType:
+    try:
+        return importlib.import_module(f"fastadv.backends.{name}_ops")
+    except ImportError as err:  # triton missing, or the extension can't be built here: the reason is in the message
+        pytest.skip(f"the {name} backend is unavailable: {err}")
+
+
+#: The ``torch.library`` namespace of each compiled backend's ops (importing the module registers them).
+NAMESPACES = {"triton": "fastadv_triton", "ext": "fastadv"}
+
+
+def runnable(name: str) -> types.ModuleType:
+    module = backend_module(name)
+    if not module.supports(DEVICE):
+        pytest.skip(f"the {name} backend does not run on {DEVICE} here")
+    return module
+
+
+# ---- every backend module against the Protocol ----
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "ext"])
+def test_backend_modules_conform(name):
+    assert contract.mismatches(backend_module(name)) == []
+
+
+def test_traced_entry_points_conform():
+    """What torch.compile traces into on the triton backend (the wrappers over ``torch.ops.fastadv_triton``)."""
+    backend_module("triton")
+    traced = types.ModuleType("traced")
+    vars(traced).update(_library.calls("fastadv_triton")._asdict(), backup=torch_ops.backup,
+                        supports=torch_ops.supports)
+    assert contract.mismatches(traced) == []
+
+
+def imitation(**changes: object) -> types.ModuleType:
+    """A module with torch_ops's functions, some replaced (None: removed)."""
+    module = types.ModuleType("imitation")
+    vars(module).update({op: getattr(torch_ops, op) for op in contract.OPS})
+    for op, function in changes.items():
+        if function is None:
+            delattr(module, op)
+        else:
+            setattr(module, op, function)
+    return module
+
+
+def _renamed(params: list[torch.Tensor], idx: list[torch.Tensor], backups: list[torch.Tensor]) -> None: ...
+
+
+def _reordered(rows: list[torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+def _no_default(grads: list[torch.Tensor], touched: list[torch.Tensor], fresh: list[torch.Tensor],
+                params: list[torch.Tensor] | None) -> torch.Tensor: ...
+
+
+def _untyped(params, rows, backups): ...
+
+
+def _retyped(params: list[torch.Tensor], rows: list[torch.Tensor], backups: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+@pytest.mark.parametrize(("op", "function", "complaint"), [
+    pytest.param("perturb", None, "imitation has no perturb()", id="missing"),
+    pytest.param("restore", _renamed, "does not take the parameters of restore", id="renamed"),
+    pytest.param("row_sumsq", _reordered, "does not take the parameters of row_sumsq", id="reordered"),
+    pytest.param("scan", _no_default, "does not take the parameters of scan", id="no-default"),
+    pytest.param("restore", _untyped, "is not typed as restore", id="untyped"),
+    pytest.param("restore", _retyped, "is not typed as restore", id="returns-a-tensor"),
+])
+def test_mismatches_name_what_departs(op, function, complaint):
+    assert contract.mismatches(imitation()) == []
+    found = contract.mismatches(imitation(**{op: function}))
+    assert len(found) == 1 and complaint in found[0], found
+
+
+# ---- the torch.library ops ----
+
+
+@pytest.mark.parametrize("name", ["triton", "ext"])
+def test_library_schemas_are_the_contract(name):
+    """The Triton ops' schemas come from the contract; the extension's are written in csrc/registration.cpp."""
+    backend_module(name)
+    ops = getattr(torch.ops, NAMESPACES[name])
+    assert _library.LibraryOps._fields == tuple(contract.WRITES)
+    for op in _library.LibraryOps._fields:
+        assert str(getattr(ops, op).default._schema) == f"{ops.name}::{op}{_library.schema(op)}"
+
+
+def test_eager_triton_calls_skip_the_dispatcher():
+    from fastadv.kernels import perturb, scan
+
+    triton_ops = backend_module("triton")
+    assert triton_ops.scan.__wrapped__ is scan.scan
+    assert triton_ops.measure.__wrapped__ is perturb.measure
+
+
+def opcheck_cases() -> list[tuple[str, tuple]]:
+    """(op, arguments): two tensors of two dtypes, one of them a single row, rows backed up or not; backups that are
+    not the rows' weights, so that each write shows (opcheck checks that only the declared lists change)."""
+    grads = [torch.randn(5, 8, device=DEVICE), torch.randn(1, 3, device=DEVICE).to(BF16)]
+    params = [torch.randn(5, 8, device=DEVICE), torch.randn(1, 3, device=DEVICE).to(BF16)]
+    touched = [torch.zeros(len(g), dtype=torch.bool, device=DEVICE) for g in grads]
+    fresh = [torch.empty(len(g), dtype=torch.bool, device=DEVICE) for g in grads]
+    rows = [torch.tensor([0, 3], device=DEVICE), torch.tensor([0], device=DEVICE)]
+    backups = [torch.randn(len(r), p.shape[1], device=DEVICE).to(p.dtype) for p, r in zip(params, rows)]  # not W
+    scales, delta_sumsq = torch.tensor([0.5, 0.25], device=DEVICE), torch.tensor([0.1, 4.0], device=DEVICE)
+    lists = (params, grads, rows, backups)
+    return [
+        ("scan", (grads, touched, fresh)),
+        ("scan", (grads, touched, fresh, params)),
+        ("row_sumsq", (params, rows)),
+        ("perturb", (*lists, [0, 0], scales)),
+        ("perturb", (*lists, [1, 1], scales, 0.01)),
+        ("measure", (*lists, [0, 1], scales)),
+        ("project", (*lists, scales, delta_sumsq, 0.5)),
+        ("restore", (params, rows, backups)),
+    ]
+
+
+def test_triton_opcheck(seed):
+    """Schema (mutations), fake kernels, and tracing through AOT autograd with dynamic shapes, of every Triton op.
+    (test_ext.py runs the same checks on the extension's ops.)"""
+    runnable("triton")
+    ops = torch.ops.fastadv_triton
+    for op, args in opcheck_cases():
+        torch.library.opcheck(getattr(ops, op).default, args)
+
+
+def test_compiled_triton_attack_is_one_graph_of_the_ops(seed):
+    """A compiled function calling every Triton op: one graph (``fullgraph``) of the ``torch.ops.fastadv_triton`` ops,
+    their shapes from the fake kernels, with the eager results and writes. (test_ext.py compiles the extension's.)"""
+    triton_ops = runnable("triton")
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
+
+    def step(params, grads, rows, backups, touched, fresh):
+        stats = triton_ops.scan(grads, touched, fresh, params=params)
+        scales = stats[:, 0].rsqrt().float()
+        norms = triton_ops.measure(params, grads, rows, backups, [0, 0], scales)
+        triton_ops.project(params, grads, rows, backups, scales, norms, eps=0.25)
+        triton_ops.perturb(params, grads, rows, backups, [len(r) for r in rows], scales, box_eps=0.05)
+        sums = triton_ops.row_sumsq(params, rows)
+        moved = [p.clone() for p in params]
+        triton_ops.restore(params, rows, backups)
+        return stats, norms, sums, moved
+
+    shapes = [(7, 4, F32), (3, 9, BF16)]
+    grads = [torch.randn(n, m, device=DEVICE).to(dtype) for n, m, dtype in shapes]
+    grads[0][::2] = 0
+    start = [torch.randn(n, m, device=DEVICE).to(dtype) for n, m, dtype in shapes]
+    rows = [torch.tensor([5, 1, 3], device=DEVICE), torch.tensor([2], device=DEVICE)]
+
+    def arguments() -> tuple[list[torch.Tensor], ...]:
+        return ([p.clone() for p in start], grads, rows, [torch.empty(len(r), p.shape[1], dtype=p.dtype, device=DEVICE)
+                for p, r in zip(start, rows)], [torch.zeros(len(g), dtype=torch.bool, device=DEVICE) for g in grads],
+                [torch.empty(len(g), dtype=torch.bool, device=DEVICE) for g in grads])
+
+    eager, compiled = arguments(), arguments()
+    expected = step(*eager)
+    torch._dynamo.reset()
+    actual = torch.compile(step, backend=recording, fullgraph=True)(*compiled)
+    for a, e in zip(actual, expected):
+        assert all(torch.equal(x, y) for x, y in zip(a, e)) if isinstance(a, list) else torch.equal(a, e)
+    for a, e in zip(compiled, eager):
+        assert all(torch.equal(x, y) for x, y in zip(a, e))
+    assert len(graphs) == 1
+    called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert {f"fastadv_triton.{op}" for op in _library.LibraryOps._fields} <= called, called
