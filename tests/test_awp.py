@@ -4,12 +4,12 @@ whole training loops, half precision, skips and bad input, on every backend."""
 from __future__ import annotations
 
 import copy
-import functools
 
+import _helpers
 import pytest
 import torch
-from conftest import DEVICE, TinyEncoder, Wrapped, assert_matches, batch
-from test_parity import HALF, assert_same_grads, assert_same_params, twins, widened
+from _helpers import HALF, assert_same_params, assert_step_matches_the_seed, make_attacker, train, twins, widened
+from conftest import TinyEncoder, Wrapped, assert_matches, batch
 
 from fastadv import FusedAWP
 from fastadv.reference import AWP, awp_step
@@ -41,11 +41,10 @@ def test_attacks_match_reference(backend, seed, tied, adv_eps, steps):
 
 
 def test_only_parameters_with_a_gradient_and_a_matching_name(backend, seed):
-    fused, ref = twins()
-    ids = batch()
-    for m in (fused, ref):
-        m(ids).backward()
+    def no_grad(m, ids):
         m.hidden.weight.grad = None  # the AWP class skips parameters without a gradient
+
+    fused, ref, _ = _helpers.twins_with_grads(no_grad)
     biases = {n: p.detach().clone() for n, p in fused.named_parameters() if "bias" in n}
     FusedAWP(fused, adv_eps=0.05, backend=backend).attack()
     AWP(ref, adv_eps=0.05).attack()
@@ -68,13 +67,7 @@ def test_half_precision_within_one_ulp(backend, seed, dtype):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_step_matches_the_awp_loop(backend, seed, k):
-    fused, ref = twins()
-    ids = batch()
-    loss = FusedAWP(fused, adv_eps=0.02, backend=backend).step(lambda: fused(ids), k=k)
-    want = awp_step(AWP(ref, adv_eps=0.02), ref, lambda: ref(ids), k)
-    assert loss.item() == want.item()
-    assert_same_grads(fused, ref)
-    assert_same_params(fused, ref)
+    assert_step_matches_the_seed("awp", backend, k, adv_lr=1.0, adv_eps=0.02)
 
 
 def test_step_keeps_gradients_of_earlier_micro_batches(backend, seed):
@@ -89,26 +82,17 @@ def test_step_keeps_gradients_of_earlier_micro_batches(backend, seed):
         assert_matches(a.grad, b.grad + earlier[n])
 
 
-def training_loop(model, fused: bool, backend: str, steps: int = 4):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    wrapped = Wrapped(model)
-    awp = (FusedAWP(wrapped, adv_lr=0.5, adv_eps=0.01, backend=backend) if fused
-           else AWP(wrapped, adv_lr=0.5, adv_eps=0.01))
-    gen = torch.Generator(device=DEVICE).manual_seed(99)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, 64, (4, 6), device=DEVICE, generator=gen)
-        losses.append(awp_step(awp, model, functools.partial(model, ids)).item())
-        opt.step()
-        opt.zero_grad()
-    return losses
+def training_loop(model, backend: str | None) -> list[float]:
+    """The AWP class's usage code (awp_step) with fastadv's class on ``backend`` or (None) the AWP class."""
+    awp = make_attacker("awp", Wrapped(model), backend, adv_lr=0.5, adv_eps=0.01)
+    return train(model, awp, "awp", momentum=0.9, seed=99)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_training_loop_fp32(backend, seed, tied):
     fused, ref = twins(tied=tied)
-    got = training_loop(fused, True, backend)
-    want = training_loop(ref, False, backend)
+    got = training_loop(fused, backend)
+    want = training_loop(ref, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(fused, ref)
 
@@ -127,11 +111,10 @@ def test_restore_keeps_storage(backend, seed):
 
 def test_inf_gradient_is_skipped_and_counted(backend, seed):
     """Deviation: the AWP class writes NaN for an inf gradient norm; fastadv skips that tensor and counts it."""
-    fused, ref = twins()
-    ids = batch()
-    for m in (fused, ref):
-        m(ids).backward()
+    def inf(m, ids):
         m.hidden.weight.grad[0, 0] = float("inf")
+
+    fused, ref, _ = _helpers.twins_with_grads(inf)
     before = fused.hidden.weight.detach().clone()
     awp = FusedAWP(fused, backend=backend)
     with pytest.warns(RuntimeWarning, match="skipped"):
@@ -149,14 +132,15 @@ def test_bad_hyperparameters(name, value):
         FusedAWP(TinyEncoder(), **{name: value})
 
 
-def test_errors_leave_weights_alone(backend, seed):
+def test_errors_leave_weights_alone(seed):
+    """Raised before any backend op runs: checked once, not per backend."""
     model = TinyEncoder()
     original = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="adv_param='nothing'"):
-        FusedAWP(model, adv_param="nothing", backend=backend).attack()
+        FusedAWP(model, adv_param="nothing").attack()
     with pytest.raises(RuntimeError, match="backward"):
-        FusedAWP(model, backend=backend).attack()  # no gradient yet
+        FusedAWP(model).attack()  # no gradient yet
     with pytest.raises(RuntimeError, match="without an active attack"):
-        FusedAWP(model, backend=backend).restore()
+        FusedAWP(model).restore()
     for n, p in model.state_dict().items():
         assert torch.equal(p, original[n]), n

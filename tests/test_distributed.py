@@ -7,7 +7,6 @@ every rank must hold the same weights.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -15,11 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import KINDS, make_attacker
+from _helpers import train as train_loop
 from conftest import BACKENDS, TinyEncoder
 
-from fastadv import FusedAWP, FusedFGM, FusedPGD
+from fastadv import FusedFGM
 from fastadv.backends import resolve_backend
-from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
@@ -28,7 +28,6 @@ pytestmark = [
 
 WORLD = 2
 CPU = torch.device("cpu")
-KINDS = ("fgm", "pgd", "awp")
 STEPS = 3
 
 
@@ -42,34 +41,11 @@ def _runs_on_cpu(name: str) -> bool:
 CPU_BACKENDS = [name for name in BACKENDS if _runs_on_cpu(name)]  # gloo: the processes train on the CPU
 
 
-def attacker(kind: str, model, fused: bool, backend: str = "torch"):
-    if kind == "fgm":
-        return FusedFGM(model, eps=0.5, backend=backend) if fused else FGM(model, eps=0.5)
-    if kind == "pgd":
-        return FusedPGD(model, eps=0.2, alpha=0.1, backend=backend) if fused else PGD(model, eps=0.2, alpha=0.1)
-    return FusedAWP(model, adv_eps=0.02, backend=backend) if fused else AWP(model, adv_eps=0.02)
-
-
-def train(model, kind: str, fused: bool, rank: int, world: int, backend: str = "torch") -> list[float]:
-    """The seed's usage loops; this process takes rows ``rank::world`` of every batch."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    adv = attacker(kind, model, fused, backend)
-    inner = model.module if hasattr(model, "module") else model
-    gen = torch.Generator().manual_seed(11)
-    losses = []
-    for _ in range(STEPS):
-        ids = torch.randint(0, 64, (4, 6), generator=gen)[rank::world]
-        closure = functools.partial(model, ids)
-        if kind == "fgm":
-            loss = fgm_step(adv, closure)
-        elif kind == "pgd":
-            loss = pgd_step(adv, inner, closure, 3)
-        else:
-            loss = awp_step(adv, inner, closure)
-        losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
+def train(model, kind: str, backend: str | None, rank: int, world: int) -> list[float]:
+    """The seed's usage loops with fastadv's class on ``backend`` or (None) the seed's; this process takes rows
+    ``rank::world`` of every batch."""
+    return train_loop(model, make_attacker(kind, model, backend), kind, steps=STEPS, seed=11,
+                      rows=slice(rank, None, world), device=CPU)
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -93,7 +69,7 @@ def _worker(rank: int, mode: str, init_file: str, out_dir: str) -> None:
                 if mode == "fsdp2":
                     shard = model.embeddings.word_embeddings.weight.to_local()
                     assert shard.shape == (64 // WORLD, 16), shard.shape  # really sharded
-                train(wrapped, kind, True, rank, WORLD, backend)
+                train(wrapped, kind, backend, rank, WORLD)
                 if mode == "fsdp2":  # updated in place: the shard's storage was never rebound
                     assert model.embeddings.word_embeddings.weight.to_local().data_ptr() == shard.data_ptr()
                 results[backend, kind] = {
@@ -124,7 +100,7 @@ def test_two_processes_match_one(tmp_path, mode):
     for kind in KINDS:
         torch.manual_seed(0)
         single = TinyEncoder(device="cpu")
-        train(single, kind, False, 0, 1)
+        train(single, kind, None, 0, 1)
         for backend in CPU_BACKENDS:
             for rank, result in enumerate(ranks):
                 for name, param in single.named_parameters():

@@ -1,4 +1,7 @@
-"""Bad input: a clear error raised before anything is modified; and the deviations from the seed that prevent loss."""
+"""Bad input: a clear error raised before anything is modified; and the deviations from the seed that prevent loss.
+
+Checks that fail before any backend op runs (argument and target validation, calls out of order) run once, with the
+default backend; those that attack first run on every backend."""
 
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ def model(seed) -> TinyEncoder:
 
 @pytest.mark.parametrize(("cls", "name"), [(FusedFGM, "eps"), (FusedPGD, "eps"), (FusedPGD, "alpha")])
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
-def test_bad_eps_alpha(backend, cls, name, value):
+def test_bad_eps_alpha(cls, name, value):
     with pytest.raises(ValueError, match=name):
-        cls(TinyEncoder(), backend=backend, **{name: value})
+        cls(TinyEncoder(), **{name: value})
 
 
 def test_no_matching_parameter_lists_candidates(backend, model):
@@ -46,10 +49,10 @@ def test_no_matching_parameter_lists_candidates(backend, model):
     fgm.attack(emb_name="word_embeddings")  # nothing half-done: the object still works
 
 
-def test_matched_parameter_without_grad(backend, model):
+def test_matched_parameter_without_grad(model):
     model.embeddings.position_embeddings.weight.grad = None
     before = snapshot(model)
-    pgd = FusedPGD(model, emb_name="embeddings", backend=backend)
+    pgd = FusedPGD(model, emb_name="embeddings")
     with pytest.raises(RuntimeError, match="position_embeddings.weight.*no .grad.*backward"):
         pgd.attack(is_first_attack=True)
     assert_untouched(model, before)
@@ -58,10 +61,10 @@ def test_matched_parameter_without_grad(backend, model):
 
 
 @pytest.mark.parametrize("cls", [FusedFGM, FusedPGD])
-def test_restore_without_attack(backend, model, cls):
+def test_restore_without_attack(model, cls):
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="restore.*without an active attack"):
-        cls(model, backend=backend).restore()
+        cls(model).restore()
     assert_untouched(model, before)
 
 
@@ -103,10 +106,10 @@ def test_pgd_first_attack_twice(backend, model):
     assert not torch.equal(model.embeddings.word_embeddings.weight, before["embeddings.word_embeddings.weight"][0])
 
 
-def test_pgd_continue_without_first_attack(backend, model):
+def test_pgd_continue_without_first_attack(model):
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="is_first_attack=True"):
-        FusedPGD(model, backend=backend).attack()
+        FusedPGD(model).attack()
     assert_untouched(model, before)
 
 
@@ -163,18 +166,18 @@ def test_copy_grads_supports_in_place_zeroing_like_the_seed(backend, seed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_restore_grad_without_backup(backend, model):
+def test_restore_grad_without_backup(model):
     with pytest.raises(RuntimeError, match="without backup_grad"):
-        FusedPGD(model, backend=backend).restore_grad()
+        FusedPGD(model).restore_grad()
 
 
-def test_sparse_gradient_is_refused(backend, seed):
+def test_sparse_gradient_is_refused(seed):
     model = torch.nn.Module()
     model.word_embeddings = torch.nn.Embedding(20, 4, sparse=True)
     model.word_embeddings(torch.tensor([1, 2, 2])).sum().backward()
     before = model.word_embeddings.weight.detach().clone()
     with pytest.raises(RuntimeError, match="sparse=False"):
-        FusedFGM(model, backend=backend).attack()
+        FusedFGM(model).attack()
     assert torch.equal(model.word_embeddings.weight, before)
 
 
@@ -194,8 +197,8 @@ def test_backend_env_override(monkeypatch, model):
     fgm.restore()
 
 
-def test_pgd_step_rejects_bad_k(backend, model):
+def test_pgd_step_rejects_bad_k(model):
     before = snapshot(model)
     with pytest.raises(ValueError, match="k must be"):
-        FusedPGD(model, backend=backend).step(lambda: model(batch()), k=0)
+        FusedPGD(model).step(lambda: model(batch()), k=0)
     assert_untouched(model, before)

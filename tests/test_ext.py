@@ -1,16 +1,17 @@
-"""The C++/CUDA extension (backend="ext"): its ops against plain-torch readings of the contract, the classes against
-the seed, the build (CUDA included, when nvcc is here) and which GPUs it runs on, the fallback without a compiler, and
-tracing under torch.compile.
+"""What only the C++/CUDA extension (backend="ext") has; its ops against the contract are in the table of
+test_ops.py.
 
-Skipped with the reason when the extension cannot be built here. The first run compiles it (about a minute on two
-cores; the CUDA library, for four GPU generations without a GPU, about five more); later runs load the cached build.
-The CUDA sources are also checked without a GPU: compiled with nvcc and read with cuobjdump.
+Its argument checks, sums that don't depend on the thread count, CUDA against CPU, tracing under torch.compile, the
+build (CUDA included, when nvcc is here) and which GPUs it runs on, and the fallback without a compiler. Skipped with
+the reason when the extension cannot be built here. The first run compiles it (about a minute on two cores; the CUDA
+library, for four GPU generations without a GPU, about five more); later runs load the cached build. The CUDA sources
+are also checked without a GPU: compiled with nvcc and read with cuobjdump.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -22,11 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ulps
-from torch import nn
+from _helpers import make_tensors, nonzero_rows
+from conftest import assert_matches
 
-from fastadv import FusedFGM, FusedPGD, ext
-from fastadv.reference import FGM, PGD
+from fastadv import ext
 
 try:
     from fastadv.backends import ext_ops
@@ -35,16 +35,15 @@ except ImportError as err:  # no compiler, no ninja, or a failed build: the reas
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
-DEVICES = [CPU, CUDA] if torch.cuda.is_available() and ext_ops.supports(CUDA) else [CPU]
-# (dtype, rows, cols) of the tensors of one op call: widths that are and aren't a multiple of the vector width, a
-# one-row tensor (a 1-D parameter), and mixed dtypes in the same list.
+# (rows, cols, dtype) of the tensors of one op call in the CUDA-against-CPU test: widths that are and aren't a multiple
+# of the vector width, a one-row tensor (a 1-D parameter), and mixed dtypes in the same list.
 LAYOUT = [
-    (torch.float32, 37, 19),
-    (torch.bfloat16, 50, 64),
-    (torch.float16, 1, 33),
-    (torch.float32, 23, 768),
-    (torch.bfloat16, 9, 5),
-    (torch.float16, 40, 48),
+    (37, 19, torch.float32),
+    (50, 64, torch.bfloat16),
+    (1, 33, torch.float16),
+    (23, 768, torch.float32),
+    (9, 5, torch.bfloat16),
+    (40, 48, torch.float16),
 ]
 
 
@@ -53,80 +52,7 @@ def rng(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def sparse_grads(rng: torch.Generator, dense: bool = False) -> list[torch.Tensor]:
-    """Gradients with about a third of the rows non-zero (every row with ``dense``, as for a tied LM head)."""
-    grads = []
-    for dtype, rows, cols in LAYOUT:
-        keep = torch.ones(rows, 1) if dense else (torch.rand(rows, 1, generator=rng) < 0.35).float()
-        keep[torch.randint(rows, (1,), generator=rng)] = 1
-        grads.append((torch.randn(rows, cols, generator=rng) * keep).to(dtype))
-    return grads
-
-
-def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32 to rtol 1e-5; bf16/fp16 within one ulp (both backends round once from fp32 values that may differ in the
-    last fp32 bit)."""
-    if actual.dtype == torch.float32:
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    else:
-        assert_ulps(actual, expected, 1)
-
-
-def run_scan(grads: list[torch.Tensor], touched: list[torch.Tensor], params: list[torch.Tensor] | None = None):
-    fresh = [~t for t in touched]  # poison: the opposite of the answer wherever the row is zero
-    return ext_ops.scan(grads, touched, fresh, params), fresh
-
-
-def fp32_sumsq(tensor: torch.Tensor) -> float:
-    return tensor.float().square().sum(dtype=torch.float64).item()
-
-
-# ---- ops against plain-torch readings of the contract ----
-
-
-@pytest.mark.parametrize("with_params", [False, True], ids=["grads", "grads+params"])
-@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-def test_scan(rng, dense, with_params):
-    grads = sparse_grads(rng, dense)
-    grads[0][3, 7] = float("nan")  # a NaN row counts as non-zero
-    params = [torch.randn(g.shape, generator=rng).to(g.dtype) for g in grads] if with_params else None
-    touched = [torch.rand(g.shape[0], generator=rng) < 0.4 for g in grads]
-    stats, fresh = run_scan(grads, touched, params)
-    assert stats.dtype == torch.float64 and stats.shape == (len(grads), 3)
-    for i, grad in enumerate(grads):
-        assert torch.equal(fresh[i], (grad != 0).any(dim=1) & ~touched[i])
-        assert stats[i, 1] == fresh[i].sum()
-        if i:
-            assert stats[i, 0].item() == pytest.approx(fp32_sumsq(grad), rel=1e-5)
-        assert stats[i, 2].item() == (pytest.approx(fp32_sumsq(params[i]), rel=1e-5) if params else 0.0)
-    assert torch.isnan(stats[0, 0])
-
-
-def test_scan_nonfinite_and_zero_tensors():
-    grads = [torch.zeros(4, 8), torch.zeros(3, 16, dtype=torch.bfloat16), torch.zeros(5, 3, dtype=torch.float16)]
-    grads[1][1, 2] = float("inf")
-    grads[2][4, 1] = -0.0  # -0 is zero
-    grads.append(torch.zeros(2, 40))
-    grads[3][1, 39] = 1e-30  # its square underflows in fp32 (the torch backend misses this row), still non-zero
-    stats, fresh = run_scan(grads, [torch.zeros(g.shape[0], dtype=torch.bool) for g in grads])
-    assert stats[0].tolist() == [0.0, 0.0, 0.0] and not fresh[0].any()
-    assert stats[1, 0] == float("inf") and fresh[1].tolist() == [False, True, False]
-    assert stats[2].tolist() == [0.0, 0.0, 0.0] and not fresh[2].any()
-    assert stats[3].tolist() == [0.0, 1.0, 0.0] and fresh[3].tolist() == [False, True]
-
-
-def test_row_sumsq(rng):
-    tensors = [torch.randn(rows, cols, generator=rng).to(dtype) for dtype, rows, cols in LAYOUT]
-    rows = [torch.randperm(len(t), generator=rng)[: len(t) // 2] for t in tensors]  # unordered, no repeats
-    rows[3] = torch.arange(len(tensors[3]))  # every row, in order
-    rows[5] = torch.empty(0, dtype=torch.long)  # no rows: 0
-    sums = ext_ops.row_sumsq(tensors, rows)
-    assert sums.dtype == torch.float64 and sums.shape == (len(tensors),)
-    for i, (t, r) in enumerate(zip(tensors, rows)):
-        assert sums[i].item() == pytest.approx(fp32_sumsq(t[r]), rel=1e-5)
-    assert sums[5] == 0.0
-    with pytest.raises(RuntimeError, match="outside"):
-        ext_ops.row_sumsq(tensors[:1], [torch.tensor([len(tensors[0])])])
+# ---- the ops: argument checks, thread counts, CUDA against CPU ----
 
 
 def test_sums_are_deterministic_across_thread_counts(rng):
@@ -139,171 +65,11 @@ def test_sums_are_deterministic_across_thread_counts(rng):
         results = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append((run_scan(grads, touched, params)[0], ext_ops.row_sumsq(grads, rows)))
+            fresh = [torch.empty(g.shape[0], dtype=torch.bool) for g in grads]
+            results.append((ext_ops.scan(grads, touched, fresh, params), ext_ops.row_sumsq(grads, rows)))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, results[0][0]) and torch.equal(b, results[0][1]) for a, b in results)
-
-
-def perturb_case(rng: torch.Generator, dense: bool, moved: bool):
-    """Inputs of perturb/measure: parameters, gradients, rows (the non-zero ones), backups with the first half of each
-    list already backed up (as after an earlier step; ``moved``: the weights have moved since), the rest poisoned, and
-    per-tensor scales."""
-    grads = sparse_grads(rng, dense)
-    params = [torch.randn(g.shape, generator=rng).to(g.dtype) for g in grads]
-    rows = [(g != 0).any(dim=1).nonzero().view(-1) for g in grads]
-    n_backed = [len(r) // 2 for r in rows]
-    backups = []
-    for p, r, n in zip(params, rows, n_backed):
-        backup = torch.full((len(r), p.shape[1]), float("nan"), dtype=p.dtype)
-        backup[:n] = p[r[:n]]
-        backups.append(backup)
-        if moved:
-            p[r[:n]] += (0.05 * torch.randn(n, p.shape[1], generator=rng)).to(p.dtype)
-    scales = 0.02 + 0.2 * torch.rand(len(grads), generator=rng)
-    return params, grads, rows, backups, n_backed, scales
-
-
-def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.clone() for t in tensors]
-
-
-def oracle_backups(params, rows, backups, n_backed) -> list[torch.Tensor]:
-    """The backups after perturb/measure: the rows j >= n_backed[i] copied from the parameters."""
-    out = clone_all(backups)
-    for p, r, b, n in zip(params, rows, out, n_backed):
-        b[n:] = p[r[n:]]
-    return out
-
-
-def oracle_passes(params, grads, rows, backups, scales, box_eps=None, delta_sumsq=None, eps=None):
-    """The contract in plain torch, on backups already complete: (new parameters, ||W + s * G - B||^2 per tensor).
-    With ``box_eps`` perturb's box; with ``delta_sumsq`` and ``eps`` project's projection."""
-    new_params, deltas = [], []
-    for i, (p, g, r, b) in enumerate(zip(params, grads, rows, backups)):
-        scale, origin = scales[i], b.float()
-        new = p[r].float() + scale * g[r].float()
-        deltas.append((new - origin).square().sum(dtype=torch.float64).item() if scale != 0 else 0.0)
-        if box_eps is not None:
-            d = torch.tensor(box_eps, dtype=torch.float32) * origin.abs()
-            new = torch.minimum(torch.maximum(new, origin - d), origin + d)
-        if eps is not None:
-            norm = delta_sumsq[i].float().sqrt()
-            if norm > eps:
-                new = torch.lerp(origin, new, torch.tensor(eps, dtype=torch.float32) / norm)
-        out = p.clone()
-        if scale != 0:
-            out[r] = new.to(p.dtype)
-        new_params.append(out)
-    return new_params, deltas
-
-
-def assert_params(actual, expected, originals, rows) -> None:
-    """The listed rows as expected (see assert_same), every other row untouched, bit for bit."""
-    for a, e, o, r in zip(actual, expected, originals, rows):
-        assert_same(a, e)
-        untouched = torch.ones(a.shape[0], dtype=torch.bool)
-        untouched[r] = False
-        assert torch.equal(a[untouched], o[untouched])
-
-
-@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-@pytest.mark.parametrize("box_eps", [None, 0.01, 1e3], ids=["step", "box-hit", "box-inside"])
-@pytest.mark.parametrize("moved", [False, True], ids=["first-step", "later-step"])
-def test_perturb(rng, dense, box_eps, moved):
-    params, grads, rows, backups, n_backed, scales = perturb_case(rng, dense, moved)
-    scales[4] = 0.0  # left alone, its backups still written
-    originals = clone_all(params)
-    expected_backups = oracle_backups(params, rows, backups, n_backed)
-    expected, _ = oracle_passes(params, grads, rows, expected_backups, scales, box_eps=box_eps)
-    assert ext_ops.perturb(params, grads, rows, backups, n_backed, scales, box_eps) is None
-    for b, e in zip(backups, expected_backups):
-        assert torch.equal(b, e)  # NaN-free: every poisoned row was written, bit-exact
-    assert_params(params, expected, originals, rows)
-    assert torch.equal(params[4], originals[4])
-    if box_eps == 0.01:  # the box is around the backup (not the moved weights), and the steps reach its walls
-        for i, (p, r, b) in enumerate(zip(params, rows, backups)):
-            if i == 4:  # scale 0: its weights (moved or not) are left alone
-                continue
-            beyond = (p[r].float() - b.float()).abs() - 0.01 * b.float().abs()
-            ulp = 2.0 ** -(7 if p.dtype == torch.bfloat16 else 10 if p.dtype == torch.float16 else 22)
-            assert (beyond <= b.float().abs() * ulp).all()  # within the box up to the rounding of the stored value
-        assert (params[3][rows[3]] != originals[3][rows[3]]).any()
-
-
-@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-@pytest.mark.parametrize("eps", [0.05, 1e6], ids=["projection-hit", "inside"])
-@pytest.mark.parametrize("moved", [False, True], ids=["first-step", "later-step"])
-def test_measure_and_project(rng, dense, eps, moved):
-    params, grads, rows, backups, n_backed, scales = perturb_case(rng, dense, moved)
-    scales[1] = 0.0
-    originals = clone_all(params)
-    expected_backups = oracle_backups(params, rows, backups, n_backed)
-    _, expected_deltas = oracle_passes(params, grads, rows, expected_backups, scales)
-
-    delta_sumsq = ext_ops.measure(params, grads, rows, backups, n_backed, scales)
-    assert delta_sumsq.dtype == torch.float32 and delta_sumsq.shape == (len(params),)
-    for b, e in zip(backups, expected_backups):
-        assert torch.equal(b, e)
-    assert all(torch.equal(p, o) for p, o in zip(params, originals))  # measure writes no weight
-    torch.testing.assert_close(
-        delta_sumsq.double(), torch.tensor(expected_deltas, dtype=torch.float64), rtol=1e-5, atol=0
-    )
-    assert delta_sumsq[1] == 0.0
-
-    delta_sumsq[0] *= 4  # project takes the norms it is given (e.g. all-reduced), not its own
-    expected, _ = oracle_passes(params, grads, rows, backups, scales, delta_sumsq=delta_sumsq, eps=eps)
-    assert ext_ops.project(params, grads, rows, backups, scales, delta_sumsq, eps) is None
-    assert_params(params, expected, originals, rows)
-    assert torch.equal(params[1], originals[1])
-    if eps == 0.05:  # the ball is left: each update lies on its surface (bf16/fp16 rounding is coarser)
-        for i, (p, r, b) in enumerate(zip(params, rows, backups)):
-            if p.dtype == torch.float32:
-                expected_norm = 0.05 * (0.5 if i == 0 else 1.0)  # tensor 0's norm was given twice its own
-                assert (p[r].float() - b.float()).norm().item() == pytest.approx(expected_norm, rel=1e-3)
-
-
-def test_box_propagates_nan_and_handles_zero_backups():
-    params = [torch.tensor([[0.0, 1.0, 2.0, -3.0]])]
-    grads = [torch.tensor([[1.0, float("nan"), 0.5, -1.0]])]
-    rows, backups = [torch.tensor([0])], [torch.empty(1, 4)]
-    ext_ops.perturb(params, grads, rows, backups, [0], torch.tensor([1.0]), 0.1)
-    assert torch.equal(backups[0], torch.tensor([[0.0, 1.0, 2.0, -3.0]]))
-    assert params[0][0, 0] == 0.0 and torch.isnan(params[0][0, 1])  # a zero backup pins the weight
-    assert params[0][0, 2:].tolist() == pytest.approx([2.2, -3.3])
-
-
-@pytest.mark.parametrize("device", DEVICES, ids=str)
-def test_box_rounds_its_radius_before_the_bounds(rng, device):
-    """d = fp32(box_eps * |B|) is rounded on its own, then B - d and B + d: fused into one multiply-add (as nvcc and
-    GCC -mfma contract them) about 1% of the clamped fp32 elements ended one ulp off. A power-of-two scale makes the
-    step exact, so every element is compared bit for bit."""
-    origin = torch.randn(300, 64, generator=rng)  # 64 columns: 16-byte packs on the GPU, whole vectors on the CPU
-    grad = torch.randn(300, 64, generator=rng)
-    box_eps = 0.013
-    d = torch.tensor(box_eps, dtype=torch.float32) * origin.abs()
-    new = origin + 4.0 * grad
-    expected = torch.minimum(torch.maximum(new, origin - d), origin + d)
-    assert ((new < origin - d) | (new > origin + d)).float().mean() > 0.9  # nearly every element is clamped
-    params, backups = [origin.to(device)], [torch.empty(300, 64, device=device)]
-    rows, scales = [torch.arange(300, device=device)], torch.tensor([4.0], device=device)
-    ext_ops.perturb(params, [grad.to(device)], rows, backups, [0], scales, box_eps)
-    assert torch.equal(params[0].cpu(), expected)
-
-
-@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-def test_restore_is_bit_exact(rng, dense):
-    grads = sparse_grads(rng, dense)
-    params = [torch.randn(g.shape, generator=rng).to(g.dtype) for g in grads]
-    params[2][0, 1] = float("nan")
-    rows = [(g != 0).any(dim=1).nonzero().view(-1) for g in grads]
-    originals = clone_all(params)
-    backups = [p[r].clone() for p, r in zip(params, rows)]
-    for p in params:
-        p.normal_()
-    ext_ops.restore(params, rows, backups)
-    for p, o, r in zip(params, originals, rows):
-        assert torch.equal(p[r].view(torch.uint8), o[r].view(torch.uint8))
 
 
 def test_ops_reject_bad_arguments():
@@ -316,6 +82,8 @@ def test_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match=r"params\[0\] is BFloat16"):
         ext_ops.scan([grad], bools, [torch.zeros(4, dtype=torch.bool)], [grad.bfloat16()])
     with pytest.raises(RuntimeError, match="outside"):
+        ext_ops.row_sumsq([grad], [torch.tensor([4])])
+    with pytest.raises(RuntimeError, match="outside"):
         ext_ops.restore([grad], [torch.tensor([4])], backups)
     with pytest.raises(RuntimeError, match="scales must be a float32 vector of 1 values"):
         ext_ops.perturb([grad], [grad], rows, backups, [0], torch.ones(1, dtype=torch.float64))
@@ -325,12 +93,22 @@ def test_ops_reject_bad_arguments():
         ext_ops.project([grad], [grad], rows, backups, torch.ones(1), torch.ones(2), 0.1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not ext_ops.supports(torch.device("cuda")), reason="no GPU")
-@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-def test_cuda_matches_cpu(rng, dense):
-    params, grads, rows, backups, n_backed, scales = perturb_case(rng, dense, moved=True)
+@pytest.mark.skipif(not torch.cuda.is_available() or not ext_ops.supports(CUDA), reason="no GPU")
+@pytest.mark.parametrize("density", [0.35, 1.0], ids=["sparse", "dense"])
+def test_cuda_matches_cpu(seed, density):
+    """Every op from the same inputs on both devices (backed-up rows that moved since, a zero scale): flags and
+    backups bit for bit, sums to rtol 1e-5, weights within one ulp (rounded once from fp32 values that may differ in
+    the last bit)."""
+    params, grads = make_tensors(LAYOUT, CPU, density)
+    rows = [nonzero_rows(g) for g in grads]
+    n_backed = [len(r) // 2 for r in rows]
+    backups = [torch.full((len(r), p.shape[1]), math.nan, dtype=p.dtype) for p, r in zip(params, rows)]
+    for p, r, b, n in zip(params, rows, backups, n_backed):
+        b[:n] = p[r[:n]]
+        p[r[:n]] += (0.05 * torch.randn(n, p.shape[1])).to(p.dtype)
+    scales = 0.02 + 0.2 * torch.rand(len(grads))
     scales[4] = 0.0
-    touched = [torch.rand(g.shape[0], generator=rng) < 0.4 for g in grads]
+    touched = [torch.rand(g.shape[0]) < 0.4 for g in grads]
 
     def run(device: torch.device) -> list:
         def to(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -347,19 +125,14 @@ def test_cuda_matches_cpu(rng, dense):
         return [t.cpu() for t in (stats, sums, delta_sumsq, *fresh, *b, *boxed_backups, *p, *boxed)]
 
     n = len(params)
-    cpu, gpu = run(CPU), run(torch.device("cuda"))
+    cpu, gpu = run(CPU), run(CUDA)
     assert torch.equal(cpu[0][:, 1], gpu[0][:, 1])
     for a, e in zip(gpu[:3], cpu[:3]):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=0)
     for a, e in zip(gpu[3 : 3 + 3 * n], cpu[3 : 3 + 3 * n]):  # fresh flags and backups
         assert torch.equal(a, e)
     for a, e in zip(gpu[3 + 3 * n :], cpu[3 + 3 * n :]):  # weights after project, and after the boxed step
-        assert_same(a, e)
-
-
-def test_supports():
-    assert ext_ops.supports(CPU)
-    assert ext_ops.supports(torch.device("cuda")) == ("cuda" in ext.load(cuda=torch.cuda.is_available()))
+        assert_matches(a, e)
 
 
 # ---- torch.compile ----
@@ -407,61 +180,6 @@ def test_compiled_function_calling_the_ops():
     assert all(torch.equal(a, e) for a, e in zip(actual, expected))
     for a, b in zip(eager, compiled):
         assert torch.equal(a[0], b[0])
-
-
-# ---- the classes against the seed ----
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.word_embeddings = nn.Embedding(40, 12)
-        self.head = nn.Linear(12, 3)
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.head(self.word_embeddings(ids).mean(dim=1)), labels)
-
-
-def assert_same_model(fused: nn.Module, ref: nn.Module) -> None:
-    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("kind", ["fgm", "pgd"])
-@pytest.mark.parametrize("eps", [0.02, 10.0], ids=["small-eps", "large-eps"])
-def test_training_loop_matches_the_seed(seed, kind, eps):
-    fused = Tiny()
-    ref = Tiny()
-    ref.load_state_dict(fused.state_dict())
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (fused, ref)]
-    if kind == "fgm":
-        attacker, oracle = FusedFGM(fused, eps=eps, backend="ext"), FGM(ref, eps=eps)
-    else:
-        attacker, oracle = FusedPGD(fused, eps=eps, alpha=eps / 2, backend="ext"), PGD(ref, eps=eps, alpha=eps / 2)
-    for _ in range(4):
-        ids, labels = torch.randint(40, (8, 5)), torch.randint(3, (8,))
-        if kind == "fgm":
-            attacker.step(functools.partial(fused, ids, labels))
-            ref(ids, labels).backward()
-            oracle.attack()
-            ref(ids, labels).backward()
-            oracle.restore()
-        else:
-            attacker.step(functools.partial(fused, ids, labels), k=3)
-            ref(ids, labels).backward()
-            oracle.backup_grad()
-            for t in range(3):
-                oracle.attack(is_first_attack=t == 0)
-                if t != 2:
-                    ref.zero_grad()
-                else:
-                    oracle.restore_grad()
-                ref(ids, labels).backward()
-            oracle.restore()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        assert_same_model(fused, ref)
 
 
 # ---- build and fallback ----

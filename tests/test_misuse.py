@@ -12,12 +12,13 @@ import warnings
 
 import pytest
 import torch
+from _helpers import adversarial_step, make_attacker
 from conftest import DEVICE, TinyEncoder, assert_matches, batch
 from torch import nn
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD
 from fastadv.backends import backend_for, torch_ops
-from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
+from fastadv.reference import AWP, FGM, PGD, awp_step
 
 OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore")
 
@@ -36,13 +37,13 @@ def assert_bit_exact(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         assert p.dtype == before[n].dtype and torch.equal(bits, before[n].contiguous().view(torch.uint8)), n
 
 
-def make(kind: str, model: nn.Module, backend: str, **kwargs):
+def make(kind: str, model: nn.Module, backend: str | None, **kwargs):
+    """fastadv's attack object on ``backend`` (None: the seed's), on every embedding unless ``kwargs`` say otherwise
+    (AWP: every weight, with ``adv_lr=0.5``)."""
+    if kind == "awp":
+        return make_attacker(kind, model, backend, adv_lr=0.5)
     kwargs.setdefault("emb_name", "embeddings")
-    if kind == "fgm":
-        return FusedFGM(model, eps=0.5, backend=backend, **kwargs)
-    if kind == "pgd":
-        return FusedPGD(model, eps=0.2, alpha=0.1, backend=backend, **kwargs)
-    return FusedAWP(model, adv_lr=0.5, adv_eps=0.02, backend=backend)
+    return make_attacker(kind, model, backend, **kwargs)
 
 
 def run_step(kind: str, attacker, closure) -> torch.Tensor:
@@ -284,12 +285,18 @@ def test_restore_after_a_shape_change_raises(backend, seed):
         fgm.restore()
 
 
-def test_continuing_after_a_conversion_raises_before_writing(backend, seed):
+def pgd_after_a_backward(backend: str):
+    """A fresh model, a batch, the model's weights before anything, and a FusedPGD on it after one backward."""
     model = TinyEncoder()
     ids = batch()
     before = snapshot(model)
     pgd = FusedPGD(model, backend=backend)
     model(ids).backward()
+    return model, ids, before, pgd
+
+
+def test_continuing_after_a_conversion_raises_before_writing(backend, seed):
+    model, _, before, pgd = pgd_after_a_backward(backend)
     pgd.attack(is_first_attack=True)
     model.to(torch.float64)
     converted = snapshot(model)
@@ -362,13 +369,9 @@ def test_attack_objects_pickle_and_deep_copy(backend, seed, kind, rows):
 
 
 def reference_step(kind: str, model: nn.Module, closure) -> torch.Tensor:
-    """The seed's usage loop with the reference class of ``kind``, configured as :func:`make` configures fastadv's."""
-    if kind == "awp":
-        return awp_step(AWP(model, adv_lr=0.5, adv_eps=0.02), model, closure, 2)
-    attacker = FGM(model, eps=0.5) if kind == "fgm" else PGD(model, eps=0.2, alpha=0.1)
-    attacker.attack = functools.partial(attacker.attack, "embeddings")
-    attacker.restore = functools.partial(attacker.restore, "embeddings")
-    return fgm_step(attacker, closure) if kind == "fgm" else pgd_step(attacker, model, closure, 3)
+    """The seed's usage loop with the reference class of ``kind``, configured as :func:`make` configures fastadv's,
+    with as many passes as :func:`run_step`."""
+    return adversarial_step(kind, make(kind, model, None), model, closure, k=3 if kind == "pgd" else 2)
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
@@ -440,11 +443,7 @@ def test_zero_size_parameters_are_skipped(backend, seed):
 
 
 def test_attack_under_inference_mode(backend, seed):
-    model = TinyEncoder()
-    ids = batch()
-    before = snapshot(model)
-    pgd = FusedPGD(model, backend=backend)
-    model(ids).backward()
+    model, ids, before, pgd = pgd_after_a_backward(backend)
     with torch.inference_mode():
         pgd.backup_grad()
         pgd.attack(is_first_attack=True)
@@ -461,7 +460,8 @@ def test_attack_under_inference_mode(backend, seed):
 # ---- 11. non-contiguous parameters ----
 
 
-def test_non_contiguous_parameter_is_refused_before_anything_is_written(backend, seed):
+def test_non_contiguous_parameter_is_refused_before_anything_is_written(seed):
+    """Refused while the targets are validated, before any backend op: checked once."""
     model = TinyEncoder()
     model(batch()).backward()
     weight = model.embeddings.word_embeddings.weight
@@ -469,6 +469,6 @@ def test_non_contiguous_parameter_is_refused_before_anything_is_written(backend,
     weight.grad = weight.grad.contiguous()
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="not contiguous.*contiguous"):
-        FusedFGM(model, emb_name="embeddings", backend=backend).attack()
+        FusedFGM(model, emb_name="embeddings").attack()
     assert_bit_exact(model, before)
 

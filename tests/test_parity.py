@@ -7,52 +7,29 @@ rounds after every operation, so the seed run in half precision is not the yards
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
-from conftest import DEVICE, TinyEncoder, Wrapped, assert_matches, batch
+from _helpers import (
+    HALF,
+    assert_same_grads,
+    assert_same_params,
+    assert_step_matches_the_seed,
+    make_attacker,
+    train,
+    twins,
+    twins_with_grads,
+    widened,
+)
+from conftest import TinyEncoder, Wrapped, assert_matches, batch
 
 from fastadv import FusedFGM, FusedPGD
-from fastadv.reference import FGM, PGD, fgm_step, pgd_step
-
-HALF = [torch.bfloat16, torch.float16]
-
-
-def twins(**kwargs) -> tuple[TinyEncoder, TinyEncoder]:
-    model = TinyEncoder(**kwargs)
-    return model, copy.deepcopy(model)
-
-
-def assert_same_params(fused: torch.nn.Module, ref: torch.nn.Module) -> None:
-    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
-        assert a.shape == b.shape, name
-        assert_matches(a.detach(), b.detach())
-
-
-def assert_same_grads(fused: torch.nn.Module, ref: torch.nn.Module) -> None:
-    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
-        assert (a.grad is None) == (b.grad is None), name
-        if a.grad is not None:
-            assert_matches(a.grad, b.grad)
-
-
-def widened(model: torch.nn.Module) -> torch.nn.Module:
-    """An fp32 copy of a half-precision model, with its gradients: the oracle runs the reference on it."""
-    wide = copy.deepcopy(model).float()
-    for p, q in zip(model.parameters(), wide.parameters()):
-        q.grad = None if p.grad is None else p.grad.float()
-    return wide
+from fastadv.reference import FGM, PGD
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("emb_name", ["word_embeddings", "embeddings"], ids=["one-tensor", "several-tensors"])
 def test_fgm_attack_and_restore(backend, seed, tied, emb_name):
-    fused, ref = twins(tied=tied)
-    ids = batch()
-    for m in (fused, ref):
-        m(ids).backward()
+    fused, ref, _ = twins_with_grads(tied=tied)
     original = {n: p.detach().clone() for n, p in fused.named_parameters()}
     fgm, oracle = FusedFGM(fused, eps=0.8, backend=backend), FGM(ref, eps=0.8)
     fgm.attack(emb_name)
@@ -156,32 +133,20 @@ def test_pgd_step_and_restore_grad_with_unused_parameter(backend, seed):
     torch.testing.assert_close(fused.embeddings.word_embeddings.weight.grad, ref.embeddings.word_embeddings.weight.grad)
 
 
-def training_loop(model, kind: str, fused: bool, backend: str, steps: int = 4, k: int = 3):
-    """The seed's usage code (fastadv.reference.fgm_step / pgd_step) with the seed's classes or fastadv's."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    wrapped = Wrapped(model)  # the seed and fastadv both unwrap .module
-    if kind == "fgm":
-        attacker = FusedFGM(wrapped, eps=0.5, backend=backend) if fused else FGM(wrapped, eps=0.5)
-    else:
-        attacker = FusedPGD(wrapped, eps=0.2, alpha=0.1, backend=backend) if fused else PGD(wrapped, eps=0.2, alpha=0.1)
-    gen = torch.Generator(device=DEVICE).manual_seed(1234)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, 64, (4, 6), device=DEVICE, generator=gen)
-        closure = functools.partial(model, ids)
-        loss = fgm_step(attacker, closure) if kind == "fgm" else pgd_step(attacker, model, closure, k)
-        losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
+def training_loop(model, kind: str, backend: str | None, use_step: bool = False) -> list[float]:
+    """The seed's usage code (fastadv.reference.fgm_step / pgd_step), or fastadv's ``step`` with ``use_step``, with
+    fastadv's classes on ``backend`` or (None) the seed's; both unwrap ``.module``."""
+    attacker = make_attacker(kind, Wrapped(model), backend)
+    return train(model, attacker, kind, momentum=0.9, use_step=use_step)
 
 
+@pytest.mark.parametrize("use_step", [False, True], ids=["usage-code", "step"])
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_training_loop_fp32(backend, seed, kind, tied):
+def test_training_loop_fp32(backend, seed, kind, tied, use_step):
     fused, ref = twins(tied=tied)
-    got = training_loop(fused, kind, True, backend)
-    want = training_loop(ref, kind, False, backend)
+    got = training_loop(fused, kind, backend, use_step)
+    want = training_loop(ref, kind, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(fused, ref)
 
@@ -193,33 +158,18 @@ def test_training_loop_half_precision(backend, seed, dtype, kind):
     fastadv once, and the optimizer compounds the differences, so parameters may differ by a few ulps of their
     magnitude (seen: up to 2); the bound is 4 ulps, with a floor at magnitude 0.05 for values near zero."""
     fused, ref = twins(dtype=dtype)
-    got = training_loop(fused, kind, True, backend)
-    want = training_loop(ref, kind, False, backend)
+    got = training_loop(fused, kind, backend)
+    want = training_loop(ref, kind, None)
     ulp = torch.finfo(dtype).eps
     torch.testing.assert_close(got, want, rtol=4 * ulp, atol=0.0)
     for a, b in zip(fused.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=4 * ulp, atol=4 * ulp * 0.05)
 
 
-def test_fgm_step_matches_the_seeds_loop(backend, seed):
-    fused, ref = twins()
-    ids = batch()
-    loss = FusedFGM(fused, backend=backend).step(lambda: fused(ids))
-    want = fgm_step(FGM(ref), lambda: ref(ids))
-    assert loss.item() == want.item()
-    assert_same_grads(fused, ref)
-    assert_same_params(fused, ref)
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_pgd_step_matches_the_seeds_loop(backend, seed, k):
-    fused, ref = twins()
-    ids = batch()
-    loss = FusedPGD(fused, eps=0.1, backend=backend).step(lambda: fused(ids), k=k)
-    want = pgd_step(PGD(ref, eps=0.1), ref, lambda: ref(ids), k)
-    assert loss.item() == want.item()
-    assert_same_grads(fused, ref)
-    assert_same_params(fused, ref)
+@pytest.mark.parametrize(("kind", "k", "options"), [("fgm", None, {"eps": 1.0}), ("pgd", 1, {"eps": 0.1, "alpha": 0.3}),
+                                               ("pgd", 3, {"eps": 0.1, "alpha": 0.3})], ids=["fgm", "pgd-k1", "pgd-k3"])
+def test_step_matches_the_seeds_loop(backend, seed, kind, k, options):
+    assert_step_matches_the_seed(kind, backend, k, **options)
 
 
 def test_step_restores_weights_when_closure_raises(backend, seed):
@@ -242,10 +192,7 @@ def test_step_restores_weights_when_closure_raises(backend, seed):
 
 def test_emb_name_passed_to_attack_and_restore(backend, seed):
     """Seed-style calls: the constructor's default name matches nothing, the calls name the parameter."""
-    fused, ref = twins()
-    ids = batch()
-    for m in (fused, ref):
-        m(ids).backward()
+    fused, ref, _ = twins_with_grads()
     fgm, oracle = FusedFGM(fused, backend=backend), FGM(ref)
     fgm.attack(emb_name="position_embeddings")
     oracle.attack(emb_name="position_embeddings")
@@ -257,29 +204,25 @@ def test_emb_name_passed_to_attack_and_restore(backend, seed):
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
 def test_zero_and_nan_gradient_skip_like_the_seed(backend, seed, kind):
-    fused, ref = twins()
-    ids = batch()
-    for m in (fused, ref):
-        m(ids).backward()
+    def zero_and_nan(m, ids):
         m.embeddings.position_embeddings.weight.grad.zero_()
         m.embeddings.LayerNorm.weight.grad[3] = float("nan")
-    if kind == "fgm":
-        FusedFGM(fused, emb_name="embeddings", backend=backend).attack()
-        FGM(ref).attack("embeddings")
-    else:
-        FusedPGD(fused, emb_name="embeddings", backend=backend).attack(is_first_attack=True)
-        PGD(ref).attack("embeddings", is_first_attack=True)
+
+    fused, ref, _ = twins_with_grads(zero_and_nan)
+    defaults = {"eps": 1.0} if kind == "fgm" else {"eps": 1.0, "alpha": 0.3}  # the classes' defaults
+    for attacker in (make_attacker(kind, fused, backend, emb_name="embeddings", **defaults),
+                     make_attacker(kind, ref, emb_name="embeddings", **defaults)):
+        attacker.attack() if kind == "fgm" else attacker.attack(is_first_attack=True)
     assert_same_params(fused, ref)
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
 def test_inf_gradient_is_skipped_and_counted(backend, seed, kind):
     """Deviation: the seed writes NaN into the embedding for an inf norm; fastadv skips that tensor and counts it."""
-    fused, ref = twins()
-    ids = batch()
-    for m in (fused, ref):
-        m(ids).backward()
+    def inf(m, ids):
         m.embeddings.word_embeddings.weight.grad[ids[0, 0], 0] = float("inf")
+
+    fused, ref, _ = twins_with_grads(inf)
     before = fused.embeddings.word_embeddings.weight.detach().clone()
     attacker = (FusedFGM if kind == "fgm" else FusedPGD)(fused, emb_name="embeddings", backend=backend)
     with pytest.warns(RuntimeWarning, match="skipped"):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
+from _helpers import widened
 from conftest import BACKENDS, DEVICE, assert_matches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,13 +35,6 @@ def build(shape_list, dtype, density, seed):
         param.grad = grad
         model.register_parameter(f"word_embeddings_{i}", param)
     return model
-
-
-def widened(model):
-    wide = copy.deepcopy(model).float()
-    for p, q in zip(model.parameters(), wide.parameters()):
-        q.grad = p.grad.float()
-    return wide
 
 
 common = dict(

@@ -4,45 +4,24 @@ as the seed, refused where it could be wrong (tied weights, other uses of the we
 from __future__ import annotations
 
 import copy
-import functools
 import gc
 
 import pytest
 import torch
-from conftest import DEVICE, TinyEncoder, batch
-from test_parity import assert_same_grads, assert_same_params, twins
+from _helpers import assert_same_params, assert_step_matches_the_seed, make_attacker, train, twins
+from conftest import TinyEncoder, batch
 
 from fastadv import FusedFGM, FusedPGD
-from fastadv.reference import FGM, PGD, fgm_step, pgd_step
-
-
-def loop(model, attacker, kind: str, steps: int = 4, micro_batches: int = 1) -> list[float]:
-    """The seed's usage loops with gradient accumulation over ``micro_batches``; returns the clean losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator(device=DEVICE).manual_seed(7)
-    losses = []
-    for _ in range(steps):
-        for _ in range(micro_batches):
-            ids = torch.randint(0, 64, (3, 5), device=DEVICE, generator=gen)
-            closure = functools.partial(model, ids)
-            step = fgm_step(attacker, closure) if kind == "fgm" else pgd_step(attacker, model, closure, 3)
-            losses.append(step.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
 @pytest.mark.parametrize("micro_batches", [1, 2], ids=["plain", "accumulated"])
 def test_training_loop_matches_the_seed(backend, seed, kind, micro_batches):
+    """The seed's usage loops with gradient accumulation over ``micro_batches``."""
     fused, ref = twins()
-    if kind == "fgm":
-        attacker, oracle = FusedFGM(fused, eps=0.5, backend=backend, rows="batch"), FGM(ref, eps=0.5)
-    else:
-        attacker = FusedPGD(fused, eps=0.2, alpha=0.1, backend=backend, rows="batch")
-        oracle = PGD(ref, eps=0.2, alpha=0.1)
-    got = loop(fused, attacker, kind, micro_batches=micro_batches)
-    want = loop(ref, oracle, kind, micro_batches=micro_batches)
+    attacker, oracle = make_attacker(kind, fused, backend, rows="batch"), make_attacker(kind, ref)
+    got = train(fused, attacker, kind, seed=7, size=(3, 5), micro_batches=micro_batches)
+    want = train(ref, oracle, kind, seed=7, size=(3, 5), micro_batches=micro_batches)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(fused, ref)
 
@@ -74,24 +53,25 @@ def test_lookups_without_autograd_are_not_recorded(backend, seed):
     fgm.restore()
 
 
-def test_hooks_go_with_the_attack_object(backend):
+def test_hooks_go_with_the_attack_object():
     model = TinyEncoder()
     hooks = model.embeddings.word_embeddings._forward_pre_hooks
-    fgm = FusedFGM(model, backend=backend, rows="batch")
+    fgm = FusedFGM(model, rows="batch")
     assert len(hooks) == 1
     del fgm
     gc.collect()
     assert len(hooks) == 0
 
 
-def test_tied_weight_is_refused(backend):
+def test_tied_weight_is_refused():
+    """Refused by the constructor, before any backend is involved: checked once (so are the checks around it)."""
     with pytest.raises(ValueError, match="tied"):
-        FusedFGM(TinyEncoder(tied=True), backend=backend, rows="batch")
+        FusedFGM(TinyEncoder(tied=True), rows="batch")
 
 
-def test_parameter_that_is_not_an_embedding_weight_is_refused(backend):
+def test_parameter_that_is_not_an_embedding_weight_is_refused():
     with pytest.raises(ValueError, match="not an nn.Embedding"):
-        FusedPGD(TinyEncoder(), emb_name="embeddings", backend=backend, rows="batch")
+        FusedPGD(TinyEncoder(), emb_name="embeddings", rows="batch")
 
 
 def test_bad_rows_value():
@@ -142,10 +122,4 @@ def test_inf_gradient_is_skipped_and_counted(backend, seed):
 
 
 def test_step_matches_the_seed(backend, seed):
-    fused, ref = twins()
-    ids = batch()
-    loss = FusedPGD(fused, eps=0.1, backend=backend, rows="batch").step(lambda: fused(ids), k=3)
-    want = pgd_step(PGD(ref, eps=0.1), ref, lambda: ref(ids), 3)
-    assert loss.item() == want.item()
-    assert_same_grads(fused, ref)
-    assert_same_params(fused, ref)
+    assert_step_matches_the_seed("pgd", backend, 3, eps=0.1, alpha=0.3, rows="batch")

@@ -1,0 +1,184 @@
+"""What several test modules share: twin models and their comparisons, the attacker factory, the seed's usage loops;
+for the ops, the tensors of a case and poisoned buffers.
+
+Test modules import from here (and from conftest), never from one another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from conftest import DEVICE, TinyEncoder, assert_matches, batch
+from torch import nn
+
+from fastadv import FusedAWP, FusedFGM, FusedPGD
+from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
+
+HALF = [torch.bfloat16, torch.float16]
+KINDS = ("fgm", "pgd", "awp")
+#: The hyperparameters of :func:`make_attacker` unless a test gives others.
+HYPER = {"fgm": {"eps": 0.5}, "pgd": {"eps": 0.2, "alpha": 0.1}, "awp": {"adv_eps": 0.02}}
+#: What the seed's usage code does per kind without a ``k``: PGD's ``pgd_k = 3``, AWP's ``adv_step = 1``.
+DEFAULT_K = {"fgm": 1, "pgd": 3, "awp": 1}
+
+
+def twins(**kwargs) -> tuple[TinyEncoder, TinyEncoder]:
+    """Two identical :class:`TinyEncoder` models: one for fastadv, one for the reference."""
+    model = TinyEncoder(**kwargs)
+    return model, copy.deepcopy(model)
+
+
+def twins_with_grads(edit: Callable[[nn.Module, torch.Tensor], None] | None = None, **kwargs
+                     ) -> tuple[TinyEncoder, TinyEncoder, torch.Tensor]:
+    """:func:`twins` after a backward pass of each on the same batch, then ``edit(model, batch)`` on each (to set a
+    gradient by hand, say); also returns the batch."""
+    fused, ref = twins(**kwargs)
+    ids = batch()
+    for m in (fused, ref):
+        m(ids).backward()
+        if edit is not None:
+            edit(m, ids)
+    return fused, ref, ids
+
+
+def assert_same_params(fused: nn.Module, ref: nn.Module) -> None:
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert a.shape == b.shape, name
+        assert_matches(a.detach(), b.detach())
+
+
+def assert_same_grads(fused: nn.Module, ref: nn.Module) -> None:
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert_matches(a.grad, b.grad)
+
+
+def widened(model: nn.Module) -> nn.Module:
+    """An fp32 copy of a half-precision model, with its gradients: the oracle runs the reference on it."""
+    wide = copy.deepcopy(model).float()
+    for p, q in zip(model.parameters(), wide.parameters()):
+        q.grad = None if p.grad is None else p.grad.float()
+    return wide
+
+
+def make_attacker(kind: str, model: nn.Module, backend: str | None = None, *, emb_name: str = "word_embeddings",
+                  **options):
+    """fastadv's class for ``kind`` ("fgm", "pgd", "awp") on ``backend``, or with ``backend=None`` the seed's class
+    (:mod:`fastadv.reference`), configured alike: :data:`HYPER` updated with ``options`` (which may add fastadv-only
+    options such as ``rows``). FGM and PGD attack ``emb_name``; the seed's classes take it in ``attack``/``restore``,
+    so it is bound there."""
+    options = {**HYPER[kind], **options}
+    if backend is not None:
+        if kind != "awp":
+            options["emb_name"] = emb_name
+        return {"fgm": FusedFGM, "pgd": FusedPGD, "awp": FusedAWP}[kind](model, backend=backend, **options)
+    attacker = {"fgm": FGM, "pgd": PGD, "awp": AWP}[kind](model, **options)
+    if kind != "awp" and emb_name != "word_embeddings":
+        attacker.attack = functools.partial(attacker.attack, emb_name)
+        attacker.restore = functools.partial(attacker.restore, emb_name)
+    return attacker
+
+
+def adversarial_step(kind: str, attacker, model: nn.Module, closure: Callable[[], torch.Tensor],
+                     k: int | None = None, use_step: bool = False) -> torch.Tensor:
+    """One batch of adversarial training: the seed's usage code for ``kind`` (``fgm_step``/``pgd_step``/``awp_step``,
+    ``k`` passes, :data:`DEFAULT_K` without one), or with ``use_step`` fastadv's ``attacker.step``. The clean loss."""
+    k = DEFAULT_K[kind] if k is None else k
+    if use_step:
+        return attacker.step(closure) if kind == "fgm" else attacker.step(closure, k=k)
+    if kind == "fgm":
+        return fgm_step(attacker, closure)
+    if kind == "pgd":
+        return pgd_step(attacker, model, closure, k)
+    return awp_step(attacker, model, closure, k)
+
+
+def train(model: nn.Module, attacker, kind: str, *, steps: int = 4, k: int | None = None, seed: int = 1234,
+          size: tuple[int, int] = (4, 6), lr: float = 0.1, momentum: float = 0.0, micro_batches: int = 1,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None, scaler: torch.amp.GradScaler | None = None,
+          rows: slice = slice(None), device: torch.device = DEVICE, use_step: bool = False) -> list[float]:
+    """A training loop around :func:`adversarial_step`: ``steps`` SGD steps, each after ``micro_batches`` batches of
+    ids of ``size`` (the rows ``rows`` of each: this process's share) from a generator seeded with ``seed``; the loss
+    is ``forward(ids)`` (``model(ids)`` by default), the optimizer steps through ``scaler`` when given. The attack
+    object is built by the caller (on ``model`` or a wrapper of it); the usage code gets ``model.module`` for a wrapped
+    model. Returns the clean losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    inner = model.module if hasattr(model, "module") else model
+    forward = model if forward is None else forward
+    gen = torch.Generator(device=device).manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        for _ in range(micro_batches):
+            ids = torch.randint(0, 64, size, device=device, generator=gen)[rows]
+            closure = functools.partial(forward, ids)
+            losses.append(adversarial_step(kind, attacker, inner, closure, k, use_step).item())
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+    return losses
+
+
+def assert_step_matches_the_seed(kind: str, backend: str, k: int | None = None, **options) -> None:
+    """fastadv's ``step`` against the seed's usage code on one batch: the same clean loss, gradients and weights.
+    ``options`` configure both attack objects (see :func:`make_attacker`); ``rows`` only fastadv's."""
+    fused, ref = twins()
+    ids = batch()
+    loss = adversarial_step(kind, make_attacker(kind, fused, backend, **options), fused, lambda: fused(ids), k,
+                            use_step=True)
+    options.pop("rows", None)
+    want = adversarial_step(kind, make_attacker(kind, ref, None, **options), ref, lambda: ref(ids), k)
+    assert loss.item() == want.item()
+    assert_same_grads(fused, ref)
+    assert_same_params(fused, ref)
+
+
+# ---- the ops ----
+
+
+def make_tensors(specs: Sequence[tuple], device: torch.device, density: float = 0.3
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Weights and gradients, one pair per spec ``(rows, cols, dtype[, gradient dtype])``; each gradient row is
+    non-zero with probability ``density`` (one row at least)."""
+    params, grads = [], []
+    for rows, cols, dtype, *grad_dtype in specs:
+        params.append(torch.randn(rows, cols, device=device).to(dtype))
+        keep = torch.rand(rows, 1, device=device) < density
+        keep[torch.randint(rows, (1,))] = True
+        grads.append((torch.randn(rows, cols, device=device) * keep).to(grad_dtype[0] if grad_dtype else dtype))
+    return params, grads
+
+
+def nonzero_rows(grad: torch.Tensor) -> torch.Tensor:
+    return (grad != 0).any(dim=1).nonzero().view(-1)
+
+
+def clones(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+@contextlib.contextmanager
+def poisoned_buffers():
+    """Every ``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` (the ops' outputs, partial sums) comes
+    back full of NaN (True, 1 for other dtypes)."""
+
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(math.nan if out.is_floating_point() else 1)
+
+        return alloc
+
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, name in [(torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")]:
+            patch.setattr(owner, name, poisoned(getattr(owner, name)))
+        yield
