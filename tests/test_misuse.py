@@ -86,20 +86,21 @@ class CallCounter:
         self.patch.undo()
 
 
-def one_step(kind: str, backend: str, attacker=None, model=None, ids=None):
-    """A fresh model and attack object (unless given), and one ``step`` of ``kind`` on a batch."""
+def one_step(kind: str, backend: str, attacker=None, model=None, ids=None, **options):
+    """A fresh model and attack object (unless given; ``options`` for :func:`make`), and one ``step`` of ``kind`` on
+    a batch."""
     model = TinyEncoder() if model is None else model
     ids = batch() if ids is None else ids
-    attacker = make(kind, model, backend) if attacker is None else attacker
+    attacker = make(kind, model, backend, **options) if attacker is None else attacker
     run_step(kind, attacker, lambda: model(ids))
     return attacker, model, ids
 
 
-def interrupted_step(kind: str, backend: str, owner_of, name: str, nth: int, after: bool) -> None:
+def interrupted_step(kind: str, backend: str, owner_of, name: str, nth: int, after: bool, **options) -> None:
     """One step interrupted at the ``nth`` call of ``name`` (of the module ``owner_of(model)``): the weights come
     back bit-exact, PGD's clean gradients come back, nothing stays active, and the object works afterwards."""
     model, ids = TinyEncoder(), batch()
-    attacker = make(kind, model, backend)
+    attacker = make(kind, model, backend, **options)
     before = snapshot(model)
     with CallCounter(owner_of(model), name, nth, after), pytest.raises(Interrupt):
         run_step(kind, attacker, lambda: model(ids))
@@ -114,17 +115,21 @@ def interrupted_step(kind: str, backend: str, owner_of, name: str, nth: int, aft
     assert_bit_exact(model, before)
 
 
-@pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
+@pytest.mark.parametrize(("kind", "emb_name"), [("fgm", "embeddings"), ("pgd", "embeddings"), ("awp", None),
+                                               ("fgm", "word_embeddings"), ("pgd", "word_embeddings")],
+                         ids=["fgm-scan", "pgd-scan", "awp", "fgm-hints", "pgd-hints"])
 @pytest.mark.parametrize("after", [False, True], ids=["before-op", "after-op"])
-def test_interrupt_at_every_op_boundary(backend, seed, kind, after):
-    """Each op call of a whole step, in turn, is interrupted just before or just after it runs."""
+def test_interrupt_at_every_op_boundary(backend, seed, kind, emb_name, after):
+    """Each op call of a whole step, in turn, is interrupted just before or just after it runs: with every embedding
+    (a scan finds the rows) and with the word embeddings alone (``rows="auto"`` takes them from the lookups)."""
     module_of = functools.partial(the_backend, backend)
+    options = {} if emb_name is None else {"emb_name": emb_name}
     for op in OPS:
         model = TinyEncoder()
         with CallCounter(module_of(model), op) as counter:
-            one_step(kind, backend, model=model)
+            one_step(kind, backend, model=model, **options)
         for nth in range(1, counter.calls + 1):
-            interrupted_step(kind, backend, module_of, op, nth, after)
+            interrupted_step(kind, backend, module_of, op, nth, after, **options)
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])

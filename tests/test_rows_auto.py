@@ -4,50 +4,31 @@ either way, and never an error: where the hints turn out inexact, one warning an
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, TinyEncoder, assert_matches, batch
+from _helpers import assert_same_params, make_attacker, train, twins
+from conftest import DEVICE, TinyEncoder, batch
 
 import fastadv._driver
-from fastadv import FusedFGM, FusedPGD
-from fastadv.reference import FGM, PGD, fgm_step, pgd_step
 
 
 class SecondUse(TinyEncoder):
-    """The word embeddings also used outside their lookup: a penalty on rows 56..63, which the batches never look up."""
+    """The word embeddings also used outside their lookup: a penalty on rows 64..71, which the batches (ids below 64,
+    see :func:`train`) never look up."""
+
+    def __init__(self) -> None:
+        super().__init__(vocab=72)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids) + 1e-2 * self.embeddings.word_embeddings.weight[56:].square().sum()
+        return super().forward(ids) + 1e-2 * self.embeddings.word_embeddings.weight[64:].square().sum()
 
 
-def loop(model, attacker, kind: str, steps: int = 3, micro_batches: int = 1) -> list[float]:
-    """The seed's usage loops (ids below 56) with gradient accumulation over ``micro_batches``; the clean losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator(device=DEVICE).manual_seed(3)
-    losses = []
-    for _ in range(steps):
-        for _ in range(micro_batches):
-            closure = functools.partial(model, torch.randint(0, 56, (3, 5), device=DEVICE, generator=gen))
-            loss = fgm_step(attacker, closure) if kind == "fgm" else pgd_step(attacker, model, closure, 2)
-            losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
-
-
-def pair(kind: str, model, backend: str, **kwargs):
+def pair(kind: str, model, backend: str, **options):
+    """fastadv's attacker on ``model`` and the seed's on a copy of it, with that copy."""
     ref = copy.deepcopy(model)
-    if kind == "fgm":
-        return FusedFGM(model, eps=0.5, backend=backend, **kwargs), FGM(ref, eps=0.5), ref
-    return FusedPGD(model, eps=0.3, alpha=0.2, backend=backend, **kwargs), PGD(ref, eps=0.3, alpha=0.2), ref
-
-
-def assert_same_params(fused, ref) -> None:
-    for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
-        assert_matches(a.detach(), b.detach())
+    return make_attacker(kind, model, backend, **options), make_attacker(kind, ref, **options), ref
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
@@ -58,8 +39,8 @@ def test_default_takes_the_rows_from_the_lookups_and_matches_the_seed(backend, s
     assert attacker._rows.rows == "auto"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exact hints: no fallback, no warning
-        got = loop(model, attacker, kind, micro_batches=micro_batches)
-    want = loop(ref, oracle, kind, micro_batches=micro_batches)
+        got = train(model, attacker, kind, steps=3, micro_batches=micro_batches)
+    want = train(ref, oracle, kind, steps=3, micro_batches=micro_batches)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
     assert attacker._rows.batch_rows.verified  # the hints were used, checked once
@@ -71,14 +52,13 @@ def test_targets_without_exact_hints_are_scanned_without_a_warning(backend, seed
     model = copy.deepcopy(model)
     hooks = dict(model.embeddings.word_embeddings._forward_pre_hooks)
     attacker, oracle, ref = pair("pgd", model, backend, emb_name=emb_name)
-    oracle.emb_name = emb_name
     assert attacker._rows.rows == "scan" and model.embeddings.word_embeddings._forward_pre_hooks == hooks
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ids = batch(size=(3, 5))
         for a, m in ((attacker, model), (oracle, ref)):
             m(ids).backward()
-            a.attack(emb_name, is_first_attack=True)
+            a.attack(is_first_attack=True)
     assert_same_params(model, ref)
 
 
@@ -87,9 +67,9 @@ def test_another_use_of_the_weight_warns_once_and_scans_from_then_on(backend, se
     model = SecondUse()
     attacker, oracle, ref = pair(kind, model, backend)
     with pytest.warns(RuntimeWarning, match="rows='auto'.*no recorded lookup explains") as caught:
-        got = loop(model, attacker, kind)
+        got = train(model, attacker, kind, steps=3)
     assert len([w for w in caught if "rows='auto'" in str(w.message)]) == 1
-    want = loop(ref, oracle, kind)
+    want = train(ref, oracle, kind, steps=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
     assert attacker._rows.rows == "scan" and not model.embeddings.word_embeddings._forward_pre_hooks
@@ -110,12 +90,11 @@ def attack_with_set_gradients(attacker, oracle, model, ref) -> None:
 
 
 def test_built_after_the_forward_pass_scans_once_quietly_then_uses_the_hints(backend, seed):
-    model = TinyEncoder()
-    ref = copy.deepcopy(model)
+    model, ref = twins()
     ids = batch()
     for m in (model, ref):
         m(ids).backward()
-    attacker, oracle = FusedFGM(model, eps=0.5, backend=backend), FGM(ref, eps=0.5)
+    attacker, oracle = make_attacker("fgm", model, backend), make_attacker("fgm", ref)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attacker.attack()  # no lookup recorded yet: this attack scans
@@ -126,8 +105,8 @@ def test_built_after_the_forward_pass_scans_once_quietly_then_uses_the_hints(bac
         model.zero_grad()
         ref.zero_grad()
         assert not attacker._rows.batch_rows.verified
-        loop(model, attacker, "fgm", steps=1)
-        loop(ref, oracle, "fgm", steps=1)
+        train(model, attacker, "fgm", steps=1)
+        train(ref, oracle, "fgm", steps=1)
     assert attacker._rows.batch_rows.verified
     assert_same_params(model, ref)
 
@@ -135,8 +114,7 @@ def test_built_after_the_forward_pass_scans_once_quietly_then_uses_the_hints(bac
 def test_hooks_that_never_run_warn_once_and_scan(backend, seed):
     """As a model compiled before the attack object was built: the forward passes skip the hooks."""
     model = TinyEncoder()
-    ref = copy.deepcopy(model)
-    attacker, oracle = FusedFGM(model, eps=0.5, backend=backend), FGM(ref, eps=0.5)
+    attacker, oracle, ref = pair("fgm", model, backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attack_with_set_gradients(attacker, oracle, model, ref)  # could be a late build: quiet
@@ -152,20 +130,18 @@ def test_several_processes_are_scanned(backend, seed, monkeypatch):
     """Under DDP, FSDP or DeepSpeed the gradients are all-reduced: other ranks' rows, which no local lookup explains."""
     monkeypatch.setattr(fastadv._driver, "distributed", lambda: True)
     model = TinyEncoder()
-    ref = copy.deepcopy(model)
-    attacker, oracle = FusedFGM(model, eps=0.5, backend=backend), FGM(ref, eps=0.5)
+    attacker, oracle, ref = pair("fgm", model, backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loop(model, attacker, "fgm", steps=2)
-    loop(ref, oracle, "fgm", steps=2)
+        train(model, attacker, "fgm", steps=2)
+    train(ref, oracle, "fgm", steps=2)
     assert_same_params(model, ref)
     assert attacker._rows.rows == "scan" and not model.embeddings.word_embeddings._forward_pre_hooks
 
 
 def test_another_emb_name_is_scanned_and_the_hints_stay(backend, seed):
     model = TinyEncoder()
-    ref = copy.deepcopy(model)
-    attacker, oracle = FusedFGM(model, eps=0.5, backend=backend), FGM(ref, eps=0.5)
+    attacker, oracle, ref = pair("fgm", model, backend)
     ids = batch()
     for a, m in ((attacker, model), (oracle, ref)):
         m(ids).backward()
