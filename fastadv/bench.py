@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import statistics
 import sys
@@ -297,13 +298,37 @@ def measure_peaks(case: Case, device: torch.device, results: list[Result]) -> No
         del model
 
 
+class NoAttack:
+    """The attack calls of the usage loops with nothing attacked: the baseline of an attack's own cost end to end,
+    the same passes and the same gradient accumulation (PGD's clean gradients kept and put back by reference)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._grads: dict[str, torch.Tensor | None] = {}
+
+    def attack(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def restore(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def backup_grad(self) -> None:
+        self._grads = {name: p.grad for name, p in self.model.named_parameters()}
+
+    def restore_grad(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.grad = self._grads.get(name)
+        self._grads = {}  # a reference kept here would make the next backward accumulate out of place
+
+
 def end_to_end(
     device: torch.device, impls: list[str], repeats: int, methods: tuple[str, ...] = _METHODS
 ) -> list[tuple[str, str, float, float]]:
     """Training steps of a transformers BERT (250002-token vocabulary, hidden 256, 2 layers, batch 16x64).
 
-    Returns rows of (method, impl, seconds per step, step time / the plain forward+backward passes it contains),
-    each step timed alternately with a plain pass; the first row is the plain forward+backward pass.
+    Returns rows of (method, impl, seconds per step, step time / that of the same loop with attacks that do nothing:
+    the attack's own cost), each step timed alternately with the no-attack step; ``impls`` with row hints run as the
+    default, ``rows="auto"``. The first row of each method is the no-attack step itself.
     """
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -319,34 +344,34 @@ def end_to_end(
     def closure() -> torch.Tensor:
         return model(input_ids=ids, labels=labels).loss
 
-    def plain() -> None:
+    def step(attacker, method: str) -> None:
         model.zero_grad()
-        closure().backward()
-
-    rows = [("plain fwd+bwd", "-", time_call(plain, device, repeats=repeats), 1.0)]
-    for method in methods:
-        passes = {"fgm": 2, "pgd3": PGD_K + 1, "awp": 2}[method]
         k = PGD_K if method == "pgd3" else 1
+        if isinstance(attacker, (FusedFGM, FusedPGD, FusedAWP)):
+            attacker.run(backward_pass(closure), k)  # the library's loops
+        elif method == "fgm":
+            fgm_step(attacker, closure)
+        elif method == "pgd3":
+            pgd_step(attacker, model, closure, k)
+        else:
+            awp_step(attacker, model, closure, k)
+
+    rows = []
+    for method in methods:
+        baseline = functools.partial(step, NoAttack(model), method)
+        rows.append((method, "no attack", time_call(baseline, device, repeats=repeats), 1.0))
         for impl in dict.fromkeys(i.replace("+batch", "+auto") for i in impls):  # the default rather than forced hints
             if not runs(Case("xlm-r", torch.float32, "rows", method), impl):  # BERT's embedding: untied
                 continue
-            attacker = make_attacker(impl, method, model)
-
-            def step(attacker=attacker, method=method, k=k) -> None:
-                model.zero_grad()
-                if isinstance(attacker, (FusedFGM, FusedPGD, FusedAWP)):
-                    attacker.run(backward_pass(closure), k)  # the library's loops
-                elif method == "fgm":
-                    fgm_step(attacker, closure)
-                elif method == "pgd3":
-                    pgd_step(attacker, model, closure, k)
-                else:
-                    awp_step(attacker, model, closure)
-
-            # interleaved with the plain passes, so that drifts of the machine's speed cancel in the ratio
-            pairs = [(time_call(plain, device, 1, 0), time_call(step, device, 1, 0)) for _ in range(repeats + 1)][1:]
-            base, seconds = (statistics.median(times) for times in zip(*pairs))
-            rows.append((method, impl, seconds, seconds / (passes * base)))
+            attacked = functools.partial(step, make_attacker(impl, method, model), method)
+            # interleaved with the baseline, so that drifts of the machine's speed cancel in the ratio, each first in
+            # turn, so that neither always pays for freeing what the other allocated
+            times: dict[Callable[[], None], list[float]] = {baseline: [], attacked: []}
+            for r in range(2 * repeats + 1):
+                for fn in (baseline, attacked) if r % 2 else (attacked, baseline):
+                    times[fn].append(time_call(fn, device, 1, 0))
+            base, seconds = (statistics.median(t[1:]) for t in times.values())
+            rows.append((method, impl, seconds, seconds / base))
     return rows
 
 
@@ -453,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {seed[r.case] / r.seconds:>7.1f}x"
               f" {_fmt_bytes(r.extra_bytes):>11}")
     if e2e:
-        print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ passes':>8}")
+        print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ no-op':>8}")
         for method, impl, seconds, ratio in e2e:
             print(f"{method:<32} {impl:<11} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
     if args.plot:
