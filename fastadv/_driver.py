@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from fastadv._hints import BatchRows, hints_blocker
+from fastadv._hints import BatchRows, batch_rows
 from fastadv._rows import RowState, as_rows
 from fastadv._sharding import Sharding, distributed, local
 from fastadv._util import matching_parameters, user_stacklevel
@@ -51,10 +51,10 @@ class RowPerturbation:
             )
         self.model = model
         self.backend_name = backend
-        self.rows = rows
-        if rows == "auto" and (emb_name is None or hints_blocker(model, emb_name) is not None):
-            self.rows = "scan"  # hints would not be exact here (not an embedding's weight, a tied head): scan
-        self.batch_rows = BatchRows(model, emb_name) if self.rows != "scan" else None
+        hinted = rows != "scan" and emb_name is not None
+        self.batch_rows = batch_rows(model, emb_name, required=rows == "batch") if hinted else None
+        # rows="auto" scans where hints would not be exact (not an embedding's weight, a tied head)
+        self.rows = rows if self.batch_rows is not None else "scan"
         self._remove_hooks_with_self()
         self.active_name: str | None = None
         self._skips = 0

@@ -68,24 +68,28 @@ def _hinted_modules(model: nn.Module, emb_name: str) -> tuple[list[tuple[str, nn
     return hinted, None
 
 
-def hints_blocker(model: nn.Module, emb_name: str) -> str | None:
-    """Why row hints would not be exact for the weights matching ``emb_name`` on this model, or ``None``."""
-    return _hinted_modules(model, emb_name)[1]
+def batch_rows(model: nn.Module, emb_name: str, required: bool) -> BatchRows | None:
+    """Row hints for the weights matching ``emb_name``, or ``None`` where they would not be exact (with ``required``,
+    ``rows="batch"``, an error saying why)."""
+    hinted, blocker = _hinted_modules(model, emb_name)
+    if blocker is None:
+        return BatchRows(emb_name, hinted)
+    if required:
+        raise ValueError(f"rows='batch' records the ids of nn.Embedding lookups, but {blocker}; use rows='scan'")
+    return None
 
 
 class BatchRows:
     """The rows of each target embedding looked up since the last attack, recorded by forward pre-hooks on its
     ``nn.Embedding`` (only where autograd records, so evaluation passes add nothing).
 
-    Exact only if the weight gets gradient from that lookup alone, so a weight shared with another module (a tied LM
-    head) is refused here, and the recorded rows are checked against a dense scan at the first attack and whenever a
-    target was not looked up at all since the last attack (e.g. a compiled model that runs without the hooks).
+    Exact only if the weight gets gradient from that lookup alone (see :func:`batch_rows`, which refuses a weight
+    shared with another module), so the recorded rows are checked against a dense scan at the first attack and
+    whenever a target was not looked up at all since the last attack (e.g. a compiled model that runs without the
+    hooks).
     """
 
-    def __init__(self, model: nn.Module, emb_name: str) -> None:
-        hinted, blocker = _hinted_modules(model, emb_name)
-        if blocker is not None:
-            raise ValueError(f"rows='batch' records the ids of nn.Embedding lookups, but {blocker}; use rows='scan'")
+    def __init__(self, emb_name: str, hinted: list[tuple[str, nn.Embedding]]) -> None:
         self.emb_name = emb_name
         self.lookups = _Lookups()
         self.verified = False

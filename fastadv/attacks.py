@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fastadv._driver import RowPerturbation
 from fastadv._util import check_positive, unwrap
 from fastadv.loops import Pass, awp_loop, backward_pass, fgm_loop, pgd_loop
-from fastadv.rules import Rule, awp_rule, fgm_rule, pgd_rule
+from fastadv.rules import awp_rule, fgm_rule, pgd_rule
 
 __all__ = ["FusedFGM", "FusedPGD", "FusedAWP"]
 
@@ -35,9 +35,6 @@ class _Attack(abc.ABC):
     def nonfinite_skips(self) -> int:
         """How many parameter attacks were skipped because the gradient (or, for AWP, weight) norm was inf or NaN."""
         return self._rows.nonfinite_skips
-
-    def _attack(self, target: str, first: bool, rule: Rule) -> None:
-        self._rows.attack(target, first, rule)
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put the original rows back, bit-exact and in place."""
@@ -135,7 +132,7 @@ class FusedFGM(_Attack):
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
-        self._attack(emb_name or self.emb_name, True, fgm_rule(self.eps))
+        self._rows.attack(emb_name or self.emb_name, True, fgm_rule(self.eps))
 
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
         if k != 1:
@@ -189,7 +186,7 @@ class FusedPGD(_Attack):
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._attack(emb_name or self.emb_name, is_first_attack, pgd_rule(self.alpha, self.eps))
+        self._rows.attack(emb_name or self.emb_name, is_first_attack, pgd_rule(self.alpha, self.eps))
 
     def backup_grad(self) -> None:
         """Remember the clean gradients (by reference unless ``copy_grads``)."""
@@ -254,7 +251,7 @@ class FusedAWP(_Attack):
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
-        self._attack(self.adv_param, self._rows.active_name is None, awp_rule(self.adv_lr, self.adv_eps))
+        self._rows.attack(self.adv_param, self._rows.active_name is None, awp_rule(self.adv_lr, self.adv_eps))
 
     def restore(self) -> None:
         """Put the original weights back, bit-exact and in place."""
