@@ -1,16 +1,13 @@
-// CPU helpers shared by the ops' .cpp files: one parallel region over the rows of a whole tensor list, and vectorised
-// loads/stores that widen bf16/fp16 to fp32 and round once when storing.
+// CPU helpers shared by the ops' row functors (.cpp files): prefetches, and vectorised loads/stores that widen
+// bf16/fp16 to fp32 and round once when storing.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "common.h"
 
@@ -18,52 +15,12 @@ namespace fastadv::cpu {
 
 using FloatVec = at::vec::Vectorized<float>;
 
-// Rows go to threads in chunks of about this many bytes: enough to amortise the per-chunk work, small enough that a
-// few thousand touched rows still spread over all threads.
-constexpr int64_t kChunkBytes = 64 * 1024;
+// On the lambdas that the row functors hand to for_each_row and for_each_block. Inlined, their captures stay in
+// registers; GCC otherwise emitted the block body (called twice: full blocks and the tail) as a function called per
+// vector, which made perturb 2-3x slower on listed rows.
+#define FASTADV_INLINE __attribute__((always_inline))
 
-// The rows of a list of tensors cut into chunks that never straddle two tensors. The chunks depend on the shapes
-// only, not on the thread count, so per-chunk partial sums reduced in chunk order give the same bits on any machine
-// (no atomics, no per-thread partials whose split would vary).
-class RowChunks {
- public:
-  // rows[i] rows of row_bytes[i] bytes each in tensor i.
-  RowChunks(const std::vector<int64_t>& rows, const std::vector<int64_t>& row_bytes)
-      : rows_(rows), chunk_rows_(rows.size()), first_chunk_(rows.size() + 1, 0) {
-    for (size_t i = 0; i < rows.size(); ++i) {
-      chunk_rows_[i] = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, row_bytes[i]));
-      first_chunk_[i + 1] = first_chunk_[i] + ceil_div(rows[i], chunk_rows_[i]);
-    }
-  }
-
-  int64_t size() const { return first_chunk_.back(); }
-
-  // Calls fn(tensor, row_begin, row_end, chunk) for every chunk, all tensors in one parallel region.
-  template <typename F>
-  void parallel_for(const F& fn) const {
-    at::parallel_for(0, size(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int tensor = find_segment(first_chunk_.data(), static_cast<int>(rows_.size()), chunk);
-        const int64_t row_begin = (chunk - first_chunk_[tensor]) * chunk_rows_[tensor];
-        fn(tensor, row_begin, std::min(row_begin + chunk_rows_[tensor], rows_[tensor]), chunk);
-      }
-    });
-  }
-
-  // The sum of partial[chunk] over the chunks of `tensor`, in chunk order.
-  template <typename T>
-  double sum(const std::vector<T>& partial, int tensor) const {
-    double total = 0;
-    for (int64_t chunk = first_chunk_[tensor]; chunk < first_chunk_[tensor + 1]; ++chunk) total += partial[chunk];
-    return total;
-  }
-
- private:
-  std::vector<int64_t> rows_, chunk_rows_, first_chunk_;
-};
-
-// Asks for the cache lines of the row at `p` (`bytes` long) ahead of use. Rows listed in any order defeat the
-// hardware prefetcher at each row start; asking for the next row while working on this one hides that latency.
+// Asks for the cache lines of the row at `p` (`bytes` long) ahead of use.
 inline void prefetch_row(const void* p, int64_t bytes, bool for_write = false) {
   const char* line = static_cast<const char*>(p);
   for (int64_t offset = 0; offset < bytes; offset += 64) {
@@ -72,6 +29,24 @@ inline void prefetch_row(const void* p, int64_t bytes, bool for_write = false) {
     } else {
       __builtin_prefetch(line + offset, 0);
     }
+  }
+}
+
+// Calls fn(j, row) for the entries j of [begin, end), row = index[j] (j without an index). A listed row outside
+// [0, n_rows) is passed to out_of_range, which throws; before working on a row, the next listed one is asked for with
+// prefetch(next): rows listed in any order defeat the hardware prefetcher at each row start.
+template <typename OutOfRange, typename Prefetch, typename F>
+FASTADV_INLINE inline void for_each_row(const int64_t* index, int64_t begin, int64_t end, int64_t n_rows,
+                         const OutOfRange& out_of_range, const Prefetch& prefetch, const F& fn) {
+  for (int64_t j = begin; j < end; ++j) {
+    if (!index) {
+      fn(j, j);
+      continue;
+    }
+    const int64_t row = index[j];
+    if (row < 0 || row >= n_rows) out_of_range(row);
+    if (j + 1 < end && index[j + 1] >= 0 && index[j + 1] < n_rows) prefetch(index[j + 1]);
+    fn(j, row);
   }
 }
 
@@ -107,7 +82,7 @@ inline void store_rounded(scalar_t* p, const Widened<scalar_t>& v, int64_t count
 
 // Calls fn(col, count) over [0, cols) in blocks of one Vectorized<scalar_t> (the last one possibly partial).
 template <typename scalar_t, typename F>
-inline void for_each_block(int64_t cols, const F& fn) {
+FASTADV_INLINE inline void for_each_block(int64_t cols, const F& fn) {
   constexpr int64_t step = at::vec::Vectorized<scalar_t>::size();
   int64_t col = 0;
   for (; col + step <= cols; col += step) fn(col, step);

@@ -1,25 +1,18 @@
-// CUDA helpers shared by the ops' .cu files: how a launch splits its blocks between the tensors of a list, 16-byte
-// vector loads and stores in batches, warp/block reductions, and the deterministic per-tensor sum of per-block
-// partials.
+// CUDA helpers of the apply and the ops' row functors (.cu files): how a launch splits its blocks between the tensors
+// of a list, the warp-per-row loop, 16-byte vector loads and stores in batches, warp/block reductions.
 //
-// Every kernel works warp-per-row: a block's warps take rows of its tensor in a grid-stride loop, a warp's lanes take
-// 16-byte packs of the row, kUnroll of them at a time. One launch covers up to kMaxTensors tensors of one dtype; their
-// descriptors travel in the kernel arguments, so nothing is copied to the device and nothing syncs with the host.
+// Every functor works warp-per-row: a block's warps take rows of its tensor in a grid-stride loop, a warp's lanes take
+// 16-byte packs of the row, kUnroll of them at a time.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <initializer_list>
-#include <map>
 #include <type_traits>
-#include <vector>
 
 #include "common.h"
 
@@ -110,15 +103,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-// Rows can be read in packs when every row of every tensor involved starts 16-byte aligned.
-inline bool packable(std::initializer_list<const at::Tensor*> tensors) {
-  for (const at::Tensor* t : tensors) {
-    const auto row_bytes = t->size(1) * t->element_size();
-    if (row_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
-  }
-  return true;
-}
 
 // Calls fn(std::integral_constant<int, N>{}) with N the 16-byte pack width of scalar_t when `packed`, else 1, so the
 // row loop below is compiled once per width.
@@ -220,45 +204,6 @@ __device__ inline double block_sum(double v) {
   }
   __syncthreads();  // warp_totals is reused by the next call
   return total;
-}
-
-// out[index[s] * columns + c] = the sum, in block order, of partial[c * blocks + b] over the blocks b of slot s. One
-// block per (slot, column): the per-tensor totals without atomics, so they are the same bits on every run.
-template <typename out_t>
-__global__ void __launch_bounds__(kThreads) sum_partials_kernel(Segments segments, const double* partial, out_t* out) {
-  const int slot = blockIdx.x, column = blockIdx.y, columns = gridDim.y;
-  const double* values = partial + column * segments.blocks();
-  double total = 0;
-  for (int64_t b = segments.block_offset[slot] + threadIdx.x; b < segments.block_offset[slot + 1]; b += kThreads) {
-    total += values[b];
-  }
-  total = block_sum(total);
-  if (threadIdx.x == 0) out[segments.index[slot] * columns + column] = static_cast<out_t>(total);
-}
-
-template <typename out_t>
-inline void sum_partials(const Segments& segments, const at::Tensor& partial, int columns, out_t* out,
-                         cudaStream_t stream) {
-  sum_partials_kernel<out_t><<<dim3(segments.n, columns), kThreads, 0, stream>>>(
-      segments, partial.const_data_ptr<double>(), out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// ---- host side ----
-
-// The op's tensor indices grouped into launches: one dtype per launch (the kernels are templates on it), at most
-// kMaxTensors tensors each, in order.
-inline std::vector<std::vector<int>> launch_groups(at::TensorList tensors) {
-  std::map<at::ScalarType, std::vector<int>> by_dtype;
-  for (size_t i = 0; i < tensors.size(); ++i) by_dtype[tensors[i].scalar_type()].push_back(static_cast<int>(i));
-  std::vector<std::vector<int>> groups;
-  for (const auto& [dtype, indices] : by_dtype) {
-    for (size_t start = 0; start < indices.size(); start += kMaxTensors) {
-      groups.emplace_back(indices.begin() + start,
-                          indices.begin() + std::min(indices.size(), start + static_cast<size_t>(kMaxTensors)));
-    }
-  }
-  return groups;
 }
 
 }  // namespace fastadv::cuda

@@ -1,6 +1,7 @@
-// The schemas of the fastadv ops (torch.ops.fastadv.*). The kernels register themselves next to their code:
+// The schemas of the fastadv ops (torch.ops.fastadv.*). The kernels register themselves next to their row functors:
 // TORCH_LIBRARY_IMPL(fastadv, CPU, m) in each op's .cpp, TORCH_LIBRARY_IMPL(fastadv, CUDA, m) in each op's .cu
-// (a separate library, loaded after this one); fastadv/backends/ext_ops.py adds the fake (meta) kernels.
+// (a separate library, loaded after this one), both with the entry points of ops.h; fastadv/backends/ext_ops.py adds
+// the fake (meta) kernels.
 //
 // Lists are Tensor[]: one op call covers every target parameter. (a!)/(b!) mark the lists written in place so that
 // torch.compile functionalises the calls correctly. The contract of each op is in fastadv/backends/__init__.py.
