@@ -34,11 +34,13 @@ class LibraryOps(NamedTuple):
     measure: Callable[..., Tensor]
     project: Callable[..., None]
     restore: Callable[..., None]
+    input_step: Callable[..., Tensor]
 
 
 #: Schema types of the contract's type hints.
 _TYPES: dict[object, str] = {Tensor: "Tensor", list[Tensor]: "Tensor[]", list[int]: "int[]", float: "float",
-                             list[Tensor] | None: "Tensor[]?", float | None: "float?"}
+                             list[Tensor] | None: "Tensor[]?", float | None: "float?", Tensor | None: "Tensor?",
+                             str: "str", bool: "bool"}
 
 
 def schema(op: str) -> str:
@@ -76,8 +78,13 @@ def _nothing(*_: object, **__: object) -> None:
     return None
 
 
+def _group_norms(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
+                 *_: object) -> Tensor:
+    return delta.new_empty(delta.shape[:2] if per_token else delta.shape[:1], dtype=torch.float32)
+
+
 _FAKES = LibraryOps(scan=_stats, row_sumsq=_sums, perturb=_nothing, measure=_delta_sumsq, project=_nothing,
-                    restore=_nothing)
+                    restore=_nothing, input_step=_group_norms)
 
 
 def register_fakes(namespace: str) -> None:
@@ -117,7 +124,12 @@ def calls(namespace: str) -> LibraryOps:
     def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
         ops.restore(params, rows, backups)
 
-    return LibraryOps(scan, row_sumsq, perturb, measure, project, restore)
+    def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
+                   denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+        return ops.input_step(delta, grad, mask, float(lr), norm, bool(per_token), float(denom_eps),
+                              float(denom_floor), bound, float(radius))
+
+    return LibraryOps(scan, row_sumsq, perturb, measure, project, restore, input_step)
 
 
 def _eager_or_traced(eager: _F, traced: Callable[..., Any]) -> _F:

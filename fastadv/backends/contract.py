@@ -83,6 +83,22 @@ class Backend(Protocol):
         """``params[i][rows[i]] = backups[i]``, bit-exact, in place."""
         ...
 
+    def input_step(self, delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
+                   denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+        """One ascent step of an input perturbation (FreeLB, SMART), in place, one pass over ``[B, T, D]``.
+
+        ``delta`` and ``grad`` (its gradient, same shape and dtype) are contiguous ``[B, T, D]``; ``mask`` is a bool
+        ``[B, T]`` (``None``: every token). A *group* is an example ``delta[b]`` (``[T, D]``) or, with ``per_token``,
+        a token ``delta[b, t]`` (``[D]``). With ``g`` the gradient where the mask is set and 0 elsewhere, ``n`` is
+        each group's ``||g||_2`` (``norm="l2"`` and ``"sign"``) or ``max |g|`` (``"inf"``), and the step is
+        ``lr * g / max(n + denom_eps, denom_floor)`` (``"l2"``, ``"inf"``) or ``lr * sign(g)`` (``"sign"``).
+        ``new = delta + step``, then ``bound="l2"``: ``new *= radius / ||new||_2`` in groups where
+        ``||new||_2 > radius``; ``"inf"``: ``new = clamp(new, -radius, radius)``; ``"none"``: as is. Groups whose
+        ``n`` is not finite keep their ``delta``. Written rounded once; masked-out tokens keep their values (the
+        ``"l2"`` bound scales them with their group). Returns ``n``, float32 ``[B]`` (``[B, T]`` with
+        ``per_token``)."""
+        ...
+
     def supports(self, device: torch.device, dtype: torch.dtype | None = None,
                  grad_dtype: torch.dtype | None = None) -> bool:
         """Whether the ops run on tensors of ``device`` (and, when given, on parameters of ``dtype`` with gradients
@@ -91,7 +107,7 @@ class Backend(Protocol):
 
 
 #: The functions of a backend, in the order above.
-OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports")
+OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports")
 
 #: The list arguments each op writes into, in place (``mutates_args`` to ``torch.library``, ``(a!)`` in a schema);
 #: the other arguments are only read. The ops of a ``torch.library`` namespace are these (``backup``, a gather, is
@@ -103,6 +119,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "measure": ("backups",),
     "project": ("params",),
     "restore": ("params",),
+    "input_step": ("delta",),
 }
 
 

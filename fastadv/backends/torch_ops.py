@@ -8,12 +8,13 @@ chunks instead of gathers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
 # Whole-matrix work on the CPU goes through row chunks of about this many fp32 bytes: temporaries that stay in cache
 # (vector_norm(..., dtype=float32) of a whole bf16 matrix is ten times slower than chunk by chunk).
@@ -186,6 +187,28 @@ def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> 
             param.copy_(saved)
         else:
             param.index_copy_(0, idx, saved)
+
+
+def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
+               denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+    wide = _math_dtype(delta)
+    dims = (-1,) if per_token else (-2, -1)
+    g = grad.to(wide)
+    if mask is not None:  # where, not a product: a NaN outside the mask must not count
+        g = torch.where(mask.unsqueeze(-1), g, 0.0)
+    norms = torch.linalg.vector_norm(g, ord=math.inf if norm == "inf" else 2, dim=dims, keepdim=True)
+    if norm == "sign":
+        step = g.sign_().mul_(lr)
+    else:
+        step = g.mul_(lr).div_(torch.clamp(norms + denom_eps, min=denom_floor))
+    new = torch.where(norms.isfinite(), delta.to(wide) + step, delta.to(wide))
+    if bound == "l2":
+        size = torch.linalg.vector_norm(new, dim=dims, keepdim=True)
+        new = torch.where(size > radius, new * (radius / size), new)
+    elif bound == "inf":
+        new = new.clamp_(-radius, radius)
+    delta.copy_(new)
+    return norms.reshape(delta.shape[:2] if per_token else delta.shape[:1]).float()
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:
