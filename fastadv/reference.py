@@ -1,4 +1,5 @@
-"""The seed's FGM and PGD classes, written out unchanged, and the widely used AWP class: the oracles of the tests.
+"""The seed's FGM and PGD classes, written out unchanged, the widely used AWP class, and FreeLB, SMART and R3F as their
+public code does them: the oracles of the tests.
 
 Same operations in the same order as the original code (FGM: Goodfellow-style fast gradient method on the word
 embeddings; PGD: projected gradient descent with ``alpha`` steps inside an ``eps`` ball). Their known defects are kept
@@ -19,11 +20,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FGM", "PGD", "AWP", "fgm_step", "pgd_step", "awp_step"]
+__all__ = ["FGM", "PGD", "AWP", "fgm_step", "pgd_step", "awp_step", "freelb_step", "smart_step", "r3f_step"]
 
 
 class FGM:
@@ -187,3 +190,193 @@ def awp_step(awp: AWP, model: nn.Module, closure: Callable[[], torch.Tensor], k:
         closure().backward()
     awp.restore()
     return loss
+
+
+# ---- the input-space family: a perturbation of the embedding module's output ----
+
+
+class _OutputPerturbation:
+    """A forward hook that adds ``delta`` to the output of an embedding module (the official code's
+    ``inputs_embeds = embeds_init + delta``, for any model). ``init(output)`` creates ``delta`` at the first call,
+    when the output's shape is known; ``detach`` adds it to the output cut from the graph (fairseq's R3F)."""
+
+    def __init__(self, embedding: nn.Module, init: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.init, self.delta, self.detach, self.output = init, None, False, None
+        self.handle = embedding.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        self.output = output
+        if self.delta is None and self.init is not None:
+            self.delta = self.init(output.detach())
+        if self.delta is None:
+            return None
+        return (output.detach() if self.detach else output) + self.delta
+
+
+def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return (out[0], out[1]) if isinstance(out, tuple) else (out.loss, out.logits)
+
+
+def _masked(tensor: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    return tensor if attention_mask is None else torch.where(attention_mask.bool().unsqueeze(-1), tensor, 0.0)
+
+
+def freelb_step(embedding: nn.Module, closure: Callable[[], torch.Tensor], attention_mask: torch.Tensor | None = None,
+                adv_lr: float = 0.1, adv_steps: int = 3, adv_init_mag: float = 0.0, adv_max_norm: float = 0.0,
+                norm: str = "l2", backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+    """FreeLB as its official Hugging Face code (``run_glue_freelb.py``) does it, on the output of ``embedding``.
+
+    ``closure()`` runs the forward pass and returns the loss; each of the ``adv_steps`` passes backpropagates
+    ``loss / adv_steps`` with ``backward`` (e.g. a GradScaler's). Returns the sum of those. As the issue specifies,
+    where the official code differs: norms in fp32, the gradient masked by ``attention_mask``, each step computed in
+    fp32 and rounded once to the delta's dtype, and an example whose gradient norm is not finite keeps its delta (the
+    official code writes NaN).
+    """
+    def init(embeds_init: torch.Tensor) -> torch.Tensor:
+        input_mask = (torch.ones(embeds_init.shape[:2], device=embeds_init.device) if attention_mask is None
+                      else attention_mask).to(embeds_init)
+        if adv_init_mag > 0:
+            if norm == "l2":
+                input_lengths = torch.sum(input_mask, 1)
+                delta = torch.zeros_like(embeds_init).uniform_(-1, 1) * input_mask.unsqueeze(2)
+                dims = input_lengths * embeds_init.size(-1)
+                mag = adv_init_mag / torch.sqrt(dims)
+                delta = (delta * mag.view(-1, 1, 1)).detach()
+            else:
+                delta = torch.zeros_like(embeds_init).uniform_(-adv_init_mag, adv_init_mag) * input_mask.unsqueeze(2)
+        else:
+            delta = torch.zeros_like(embeds_init)
+        return delta.requires_grad_()
+
+    hook = _OutputPerturbation(embedding, init)
+    try:
+        total = 0.0
+        for astep in range(adv_steps):
+            loss = closure() / adv_steps
+            total = total + loss.detach()
+            backward(loss)
+            if astep == adv_steps - 1:
+                break
+            delta = hook.delta
+            delta_grad = _masked(delta.grad.clone().detach().float(), attention_mask)
+            batch = delta_grad.size(0)
+            if norm == "l2":
+                denorm = torch.norm(delta_grad.view(batch, -1), dim=1).view(-1, 1, 1)
+                denorm = torch.clamp(denorm, min=1e-8)
+                new = delta.detach().float() + adv_lr * delta_grad / denorm
+                if adv_max_norm > 0:
+                    delta_norm = torch.norm(new.view(batch, -1), p=2, dim=1).detach()
+                    exceed_mask = (delta_norm > adv_max_norm).to(new)
+                    reweights = (adv_max_norm / delta_norm * exceed_mask + (1 - exceed_mask)).view(-1, 1, 1)
+                    new = new * reweights
+            else:
+                denorm = torch.norm(delta_grad.view(batch, -1), dim=1, p=float("inf")).view(-1, 1, 1)
+                denorm = torch.clamp(denorm, min=1e-8)
+                new = delta.detach().float() + adv_lr * delta_grad / denorm
+                if adv_max_norm > 0:
+                    new = torch.clamp(new, -adv_max_norm, adv_max_norm)
+            new = torch.where(denorm.isfinite(), new, delta.detach().float())
+            hook.delta = new.to(delta.dtype).detach().requires_grad_()
+        return total
+    finally:
+        hook.handle.remove()
+
+
+def _kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) || softmax(target)) in fp32, averaged over the rows (batchmean)."""
+    logits, target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1, target.size(-1)).float()
+    return F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(logits, dim=-1), reduction="batchmean",
+                    log_target=True)
+
+
+def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
+               alpha: float = 1.0, steps: int = 1, step_size: float = 1e-3, noise_var: float = 1e-5,
+               epsilon: float = 1e-6, adv_eps: float | None = None, norm: str = "inf", per_token: bool = True,
+               divergence: str = "kl", backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+    """SMART's smoothness-inducing adversarial regulariser (Jiang et al. 2020, Algorithm 1, as mt-dnn's
+    ``SmartPerturbation`` runs it), on the output of ``embedding``; one backward of the total, which is returned.
+
+    ``closure()`` returns ``(loss, logits)`` or an object with ``.loss`` and ``.logits``. Noise ``N(0, 1) * noise_var``
+    (masked); ``steps`` ascent steps on ``KL(adv || clean)`` (``divergence="mse"``: the summed squared error, for
+    regression) along the gradient normalised per token (``per_token=False``: per example) by its inf-norm
+    (``norm="inf"``), l2 norm (``"l2"``) or sign (``"sign"``), each projected onto the ``adv_eps`` inf-ball when
+    ``adv_eps`` is given; then ``loss + alpha * (KL(adv.detach() || clean) + KL(clean.detach() || adv))`` (MSE
+    between the two for regression). A non-finite gradient norm drops the adversarial term, as mt-dnn does.
+    """
+    hook = _OutputPerturbation(embedding)
+    try:
+        loss, logits = _loss_and_logits(closure())
+        embed = hook.output
+        noise = _masked(embed.new_empty(embed.size()).normal_(0, 1) * noise_var, attention_mask).detach()
+        dims = (-1,) if per_token else (-2, -1)
+        finite = True
+        for _ in range(steps):
+            noise.requires_grad_()
+            hook.delta = noise
+            _, adv_logits = _loss_and_logits(closure())
+            if divergence == "mse":
+                adv_loss = F.mse_loss(adv_logits.float(), logits.detach().float(), reduction="sum")
+            else:
+                adv_loss = _kl(adv_logits, logits.detach())
+            (delta_grad,) = torch.autograd.grad(adv_loss, noise, only_inputs=True, retain_graph=False)
+            delta_grad = _masked(delta_grad.float(), attention_mask)
+            if not torch.isfinite(delta_grad.norm()):
+                finite = False
+                break
+            if norm == "l2":
+                direction = delta_grad / (torch.norm(delta_grad, dim=dims, keepdim=True) + epsilon)
+            elif norm == "sign":
+                direction = delta_grad.sign()
+            else:
+                direction = delta_grad / (delta_grad.abs().amax(dim=dims, keepdim=True) + epsilon)
+            new = noise.detach().float() + step_size * direction
+            if adv_eps is not None:
+                new = torch.clamp(new, -adv_eps, adv_eps)
+            noise = new.to(noise.dtype).detach()
+        if not finite:
+            total = loss
+        else:
+            hook.delta = noise.detach()
+            _, adv_logits = _loss_and_logits(closure())
+            if divergence == "mse":
+                adv_term = F.mse_loss(adv_logits.float(), logits.float())
+            else:
+                adv_term = _kl(adv_logits.detach(), logits) + _kl(logits.detach(), adv_logits)
+            total = loss + alpha * adv_term
+        backward(total)
+        return total.detach()
+    finally:
+        hook.handle.remove()
+
+
+def r3f_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
+             r3f_lambda: float = 1.0, eps: float = 1e-5, noise_type: str = "uniform",
+             divergence: str = "kl", backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+    """R3F (Aghajanyan et al. 2021) as fairseq's ``sentence_prediction_r3f`` does it, on the output of
+    ``embedding``: a clean pass and a pass on the embeddings (cut from the graph) plus noise ``U(-eps, eps)``
+    (``noise_type="normal"``: ``N(0, eps)``), masked; ``loss + r3f_lambda * symmetric KL`` (fp32, per example, both
+    sides with gradients; ``divergence="mse"``: their mean squared error), one backward. Returns the total."""
+    hook = _OutputPerturbation(embedding)
+    try:
+        loss, logits = _loss_and_logits(closure())
+        embed = hook.output
+        if noise_type == "normal":
+            noise = torch.normal(torch.zeros_like(embed, dtype=torch.float32), eps)
+        else:
+            noise = torch.rand(embed.shape, device=embed.device) * (2 * eps) - eps
+        hook.delta = _masked(noise, attention_mask).to(embed.dtype)
+        hook.detach = True
+        _, noised_logits = _loss_and_logits(closure())
+        if divergence == "mse":
+            symm = F.mse_loss(noised_logits.float(), logits.float())
+        else:
+            noised = noised_logits.reshape(-1, noised_logits.size(-1)).float()
+            clean = logits.reshape(-1, logits.size(-1)).float()
+            symm = F.kl_div(F.log_softmax(noised, dim=-1), F.softmax(clean, dim=-1), reduction="sum")
+            symm = (symm + F.kl_div(F.log_softmax(clean, dim=-1), F.softmax(noised, dim=-1), reduction="sum"))
+            symm = symm / noised.size(0)
+        total = loss + r3f_lambda * symm
+        backward(total)
+        return total.detach()
+    finally:
+        hook.handle.remove()

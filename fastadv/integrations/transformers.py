@@ -1,4 +1,5 @@
-"""``AdversarialTrainer``: a ``transformers.Trainer`` that trains with FGM, PGD or AWP from :mod:`fastadv`.
+"""``AdversarialTrainer``: a ``transformers.Trainer`` that trains with FGM, PGD, AWP, FreeLB, SMART or R3F from
+:mod:`fastadv`.
 
 Every forward/backward pass (the clean one and each adversarial one) goes through ``Trainer.training_step``, so the
 Trainer's autocast (``bf16``/``fp16``), its loss scaling (``accelerator.backward``, the fp16 ``GradScaler``), the
@@ -25,14 +26,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from fastadv._util import check_positive, check_steps, matching_parameters, unwrap
 from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
+from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
 
 __all__ = ["AdversarialTrainer", "METHODS"]
 
-METHODS = ("fgm", "pgd", "awp")
+#: The input-space methods, configured by ``adv_options`` (their classes' keyword arguments).
+INPUT_METHODS = {"freelb": FusedFreeLB, "smart": FusedSMART, "r3f": FusedR3F}
+METHODS = ("fgm", "pgd", "awp", *INPUT_METHODS)
 _DEFAULT_EPS = {"fgm": 1.0, "pgd": 1.0, "awp": 0.01}
 _DEFAULT_K = {"fgm": 1, "pgd": 3, "awp": 1}
 
-Attacker = FusedFGM | FusedPGD | FusedAWP
+Attacker = FusedFGM | FusedPGD | FusedAWP | FusedFreeLB | FusedSMART | FusedR3F
 
 
 class AdversarialTrainer(Trainer):
@@ -40,7 +44,8 @@ class AdversarialTrainer(Trainer):
 
     Args:
         *args, **trainer_kwargs: passed to ``transformers.Trainer`` unchanged.
-        adversarial: ``"fgm"``, ``"pgd"``, ``"awp"``, or ``None`` for the plain Trainer step.
+        adversarial: ``"fgm"``, ``"pgd"``, ``"awp"``, ``"freelb"``, ``"smart"``, ``"r3f"``, or ``None`` for the
+            plain Trainer step.
         adv_eps: FGM's perturbation size / PGD's ball radius (default 1.0), or AWP's box half-width relative to
             ``|W|`` (default 0.01).
         adv_alpha: PGD's step size.
@@ -50,6 +55,9 @@ class AdversarialTrainer(Trainer):
         adv_lr: AWP: step size relative to the weights' norm.
         awp_start_epoch: AWP: plain steps while ``state.epoch`` (fractional) is below this, adversarial from then on.
         adv_backend: the fastadv backend (``"auto"`` or a name from :func:`fastadv.available_backends`).
+        adv_options: FreeLB/SMART/R3F: keyword arguments of :class:`fastadv.FusedFreeLB`, :class:`fastadv.FusedSMART`
+            or :class:`fastadv.FusedR3F` (e.g. ``{"adv_lr": 0.1, "adv_steps": 3}``); ``emb_name`` names the
+            embedding module whose output they perturb.
 
     One call of ``training_step`` (one micro-batch) does:
 
@@ -59,6 +67,11 @@ class AdversarialTrainer(Trainer):
     - AWP: gradients of earlier micro-batches set aside, clean pass, ``k`` times (``attack()``, ``zero_grad()``,
       adversarial pass), ``restore()``, earlier gradients added back: the last adversarial gradient replaces the
       clean one, as in :meth:`fastadv.FusedAWP.step`.
+    - FreeLB: its passes, each through ``training_step``'s backward (``loss / adv_steps``), the perturbation of the
+      embedding output masked by the batch's ``attention_mask``; SMART, R3F: their forward passes through
+      ``compute_loss`` (the model's ``logits``), then one backward of the task loss plus the regulariser through
+      ``training_step``'s backward. The step returns the loss it backpropagated; ``adv_loss`` logs the adversarial
+      part (FreeLB: the last pass's loss; SMART, R3F: the divergence).
 
     With gradient accumulation FGM's and PGD's first attack uses ``.grad`` as it stands, earlier micro-batches
     included, exactly as the seed's code in an accumulation loop. Weights (and PGD's clean gradients) are restored
@@ -89,12 +102,21 @@ class AdversarialTrainer(Trainer):
         adv_lr: float = 1.0,
         awp_start_epoch: float = 0.0,
         adv_backend: str = "auto",
+        adv_options: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         method = adversarial.lower() if isinstance(adversarial, str) else adversarial
         if method is not None and method not in METHODS:
             raise ValueError(f"adversarial must be one of {', '.join(map(repr, METHODS))} or None, got {adversarial!r}")
         self.adversarial: str | None = method
+        self.adv_options = dict(adv_options or {})
+        if method in INPUT_METHODS:
+            if adv_eps is not None or adv_k is not None:
+                raise ValueError(f"adv_eps and adv_k configure FGM, PGD and AWP; for {method!r} pass its own arguments"
+                                 f" in adv_options= (see fastadv.{INPUT_METHODS[method].__name__})")
+            method = None  # FGM/PGD/AWP's settings below take their defaults
+        elif self.adv_options:
+            raise ValueError(f"adv_options configures 'freelb', 'smart' and 'r3f', not {adversarial!r}")
         self.adv_eps = check_positive("adv_eps", _DEFAULT_EPS.get(method or "fgm") if adv_eps is None else adv_eps)
         self.adv_alpha = check_positive("adv_alpha", adv_alpha)
         self.adv_lr = check_positive("adv_lr", adv_lr)
@@ -112,10 +134,11 @@ class AdversarialTrainer(Trainer):
         self._adv_loss_sum: Tensor | None = None
         self._adv_steps = 0
         self._adv_last_step = -1
+        self._loss_to_backpropagate: Tensor | None = None
 
         super().__init__(*args, **trainer_kwargs)
 
-        if method is not None:
+        if self.adversarial is not None:
             if getattr(self, "is_deepspeed_enabled", False):
                 raise NotImplementedError(
                     "AdversarialTrainer does not support DeepSpeed: its backward also steps the optimizer (so every"
@@ -133,6 +156,9 @@ class AdversarialTrainer(Trainer):
         return self._attacker
 
     def _build_attacker(self, model: nn.Module) -> Attacker:
+        if self.adversarial in INPUT_METHODS:
+            options = {"emb_name": self.emb_name, "backend": self.adv_backend, **self.adv_options}
+            return INPUT_METHODS[self.adversarial](model, **options)
         if self.adversarial == "awp":  # fail now on a name that matches nothing, not at the first step
             matching_parameters(model, self.adv_param, "adv_param")
         else:
@@ -170,9 +196,42 @@ class AdversarialTrainer(Trainer):
         if self.adversarial is None or (self.adversarial == "awp" and not self.awp_active()):
             return self._pass(model, inputs, num_items_in_batch)
         attacker = self._attacker_for(model)
+        if isinstance(attacker, FusedFreeLB | FusedSMART | FusedR3F):
+            return self._input_step(attacker, model, inputs, num_items_in_batch)
         loss, adv_loss = attacker.run(lambda: self._pass(model, inputs, num_items_in_batch), self.adv_k)
         self._record_adv_loss(adv_loss)
         return loss
+
+    def _input_step(self, attacker: FusedFreeLB | FusedSMART | FusedR3F, model: nn.Module, inputs: dict[str, Any],
+                    num_items_in_batch: Any) -> Tensor:
+        """FreeLB/SMART/R3F: forward passes through ``compute_loss``, each backward through ``training_step`` (which
+        then computes no loss of its own: :meth:`compute_loss` hands it the one to backpropagate)."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        returned: list[Tensor] = []
+
+        def forward() -> Any:
+            with self.compute_loss_context_manager():
+                loss, outputs = super(AdversarialTrainer, self).compute_loss(model, inputs, return_outputs=True,
+                                                                             **kwargs)
+            return loss if isinstance(attacker, FusedFreeLB) else (loss, outputs["logits"])
+
+        def backward(loss: Tensor) -> None:
+            self._loss_to_backpropagate = loss
+            returned.append(self._pass(model, inputs, num_items_in_batch))
+
+        _, adversarial = attacker.run(forward, backward, inputs.get("attention_mask"))
+        self._record_adv_loss(adversarial / self.args.gradient_accumulation_steps)
+        return sum(returned[1:], returned[0])
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     **kwargs: Any) -> Any:
+        """The Trainer's, except inside :meth:`_input_step`'s backward: the loss given to backpropagate."""
+        loss, self._loss_to_backpropagate = self._loss_to_backpropagate, None
+        if loss is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        return (loss, None) if return_outputs else loss
 
     def _record_adv_loss(self, adv_loss: Tensor) -> None:
         adv_loss = adv_loss.detach()
