@@ -201,6 +201,20 @@ def framework_batches(count: int, seed: int = 5, rows: slice = slice(None)) -> l
     return [torch.randint(0, 64, (4, 6), generator=gen)[rows] for _ in range(count)]
 
 
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """Every parameter of ``model``, detached, in one flat tensor."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def assert_matches_and_attacked(actual: torch.Tensor, want: torch.Tensor, plain: torch.Tensor) -> None:
+    """Flat fp32 weights after training: ``actual`` within fp32 tolerance of ``want`` (the hand-written loop's), and
+    ``want`` far outside it from ``plain`` (the same training without an attack), so that an attack that did nothing
+    fails."""
+    rtol, atol = 1e-5, 1e-6
+    torch.testing.assert_close(actual, want, rtol=rtol, atol=atol)
+    assert (want - plain).abs().max() > 10 * (atol + rtol * want.abs().max()), "the attack changed nothing"
+
+
 def _seed_awp_step(awp, model: nn.Module, closure: Callable[[], torch.Tensor], k: int) -> None:
     """:func:`fastadv.reference.awp_step` with gradient accumulation: the attack sees this micro-batch's gradient
     alone; earlier micro-batches' are put back before the last adversarial backward (under DDP, the one that

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import KINDS, framework_batches, make_attacker, seed_loop
+from _helpers import KINDS, flat_params, framework_batches, make_attacker, seed_loop
 from _helpers import train as train_loop
 from conftest import BACKENDS, TinyEncoder
 
@@ -46,10 +46,6 @@ def train(model, kind: str, backend: str | None, rank: int, world: int) -> list[
     ``rank::world`` of every batch."""
     return train_loop(model, make_attacker(kind, model, backend), kind, steps=STEPS, seed=11,
                       rows=slice(rank, None, world), device=CPU)
-
-
-def params_of(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -87,7 +83,7 @@ def _worker(rank: int, mode: str, init_file: str, out_dir: str) -> None:
                 want.load_state_dict(fused.state_dict())
                 seed_loop(wrap(fused, mode), "awp", batches, accumulate=2, backend=backend)
                 seed_loop(wrap(want, mode), "awp", batches, accumulate=2)
-                results[backend, "awp-accumulate"] = {"fused": params_of(fused), "seed": params_of(want)}
+                results[backend, "awp-accumulate"] = {"fused": flat_params(fused), "seed": flat_params(want)}
         # Row hints must refuse here, not perturb wrong rows: under DDP they see this rank's lookups while the
         # all-reduced gradient holds every rank's rows; under FSDP2 a shard's rows are not the vocabulary's ids.
         model = TinyEncoder(device="cpu")
