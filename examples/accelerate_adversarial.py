@@ -5,7 +5,7 @@ adversarial training loss of the last epoch, then test accuracy and loss, clean 
 embeddings. Runs in one process, or in several with ``accelerate launch``.
 
     pip install fastadv[transformers]                       # accelerate comes with it
-    python examples/accelerate_adversarial.py              # CPU, about 10 seconds
+    python examples/accelerate_adversarial.py              # CPU, about 5 seconds
     accelerate launch --cpu --num_processes 2 examples/accelerate_adversarial.py --accumulate 2 --precision bf16
 """
 

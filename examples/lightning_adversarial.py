@@ -5,7 +5,7 @@ loss (clean) and ``adv_loss`` (the last adversarial pass), then test accuracy an
 on the embeddings (adversarial training should lower the attacked loss).
 
     pip install fastadv[lightning]
-    python examples/lightning_adversarial.py                     # CPU, about 20 seconds
+    python examples/lightning_adversarial.py                     # CPU, about 10 seconds
     python examples/lightning_adversarial.py --methods pgd --precision bf16-mixed --accumulate 2
 """
 

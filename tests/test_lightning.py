@@ -239,7 +239,7 @@ def test_bad_arguments():
         AdversarialTraining("awp", adv_lr=float("nan"))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         AdversarialTraining("pgd", k=0)
-    with pytest.raises(ValueError, match="k: not options of 'fgm'"):
+    with pytest.raises(ValueError, match="k: not an option of 'fgm' \\(its options: eps, emb_name\\)"):
         AdversarialTraining("fgm", k=3)
     with pytest.raises(ValueError, match="eps, emb_name: not options of 'awp'"):
         AdversarialTraining("awp", eps=1.0, emb_name="word_embeddings")
@@ -277,6 +277,7 @@ class FailingAt(Module):
         ("pgd", {"k": 3}, (FailingAt, 3), RuntimeError, "boom"),  # the second adversarial pass
         ("awp", {"k": 2}, (FailingAt, 3), RuntimeError, "boom"),
     ],
+    ids=["no-emb_name", "no-adv_param", "manual-optimization", "fgm-pass-raises", "pgd-pass-raises", "awp-pass-raises"],
 )
 def test_errors_leave_the_weights_untouched(kind, options, module, error, match):
     model = TinyEncoder(device="cpu")

@@ -102,7 +102,8 @@ class AdversarialTraining(pl.Callback):
                  "adv_eps": adv_eps}
         wrong = [option for option, value in given.items() if value is not None and option not in applies]
         if wrong:
-            raise ValueError(f"{', '.join(wrong)}: not options of {name!r}, whose options are {', '.join(applies)}")
+            what = "not an option" if len(wrong) == 1 else "not options"
+            raise ValueError(f"{', '.join(wrong)}: {what} of {name!r} (its options: {', '.join(applies)})")
         for option in ("eps", "alpha", "adv_lr", "adv_eps"):
             if given[option] is not None:
                 check_positive(option, given[option])
