@@ -154,7 +154,7 @@ class AdversarialTraining(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not self._active(trainer):
             return
-        self._clean_loss = loss.detach()
+        self._clean_loss = loss.detach()  # as backpropagated (divided, maybe scaled): the loop only returns it
         if self.method == "awp":  # its attack must see this micro-batch's gradient alone: set earlier ones aside now
             self._earlier = set_grads_aside(_trainable(pl_module))
 
