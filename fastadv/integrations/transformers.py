@@ -57,8 +57,8 @@ class AdversarialTrainer(Trainer):
     - PGD: clean pass, ``backup_grad()``, ``k`` times ``attack()`` with ``zero_grad()`` between and
       ``restore_grad()`` before the last adversarial pass, ``restore()``: clean + last adversarial gradient.
     - AWP: gradients of earlier micro-batches set aside, clean pass, ``k`` times (``attack()``, ``zero_grad()``,
-      adversarial pass), ``restore()``, earlier gradients added back: the last adversarial gradient replaces the
-      clean one, as in :meth:`fastadv.FusedAWP.step`.
+      adversarial pass, the earlier gradients put back before the last), ``restore()``: the last adversarial gradient
+      replaces the clean one, as in :meth:`fastadv.FusedAWP.step`.
 
     With gradient accumulation FGM's and PGD's first attack uses ``.grad`` as it stands, earlier micro-batches
     included, exactly as the seed's code in an accumulation loop. Weights (and PGD's clean gradients) are restored
