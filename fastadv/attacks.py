@@ -266,6 +266,7 @@ class FusedAWP(_Attack):
 
         As in the AWP class, the adversarial passes replace the clean gradient: afterwards ``.grad`` holds the last
         adversarial pass's gradient. Gradients already in ``.grad`` before the call (earlier micro-batches of
-        gradient accumulation) are kept: they are added back at the end.
+        gradient accumulation) are kept: set aside for the attack, they are put back before the last adversarial
+        backward, which adds to them (and under DDP all-reduces them).
         """
         return awp_loop(self, backward_pass(closure), k)[0].detach()

@@ -20,7 +20,10 @@ from fastadv._util import check_steps
 if TYPE_CHECKING:
     from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
 
-__all__ = ["Pass", "backward_pass", "fgm_loop", "pgd_loop", "awp_loop", "earlier_grads_set_aside"]
+__all__ = [
+    "Pass", "backward_pass", "fgm_loop", "pgd_loop", "awp_loop", "earlier_grads_set_aside", "set_grads_aside",
+    "add_grads", "replayed_pass",
+]
 
 #: One forward and backward pass; returns the loss.
 Pass = Callable[[], Tensor]
@@ -32,6 +35,24 @@ def backward_pass(closure: Callable[[], Tensor]) -> Pass:
     def run() -> Tensor:
         loss = closure()
         loss.backward()
+        return loss
+
+    return run
+
+
+def replayed_pass(loss: Tensor, run_pass: Pass, replay: Callable[[], None] | None = None) -> Pass:
+    """A pass whose first call stands for a clean pass that has already run (a framework ran it, as Lightning's
+    automatic optimization does before ``on_after_backward``): it calls ``replay()`` if given (to put back that pass's
+    gradients where they were set aside meanwhile) and returns ``loss``; later calls are ``run_pass()``."""
+    pending = True
+
+    def run() -> Tensor:
+        nonlocal pending
+        if not pending:
+            return run_pass()
+        pending = False
+        if replay is not None:
+            replay()
         return loss
 
     return run
@@ -78,29 +99,51 @@ def awp_loop(awp: FusedAWP, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]
     """The AWP class's step with ``adv_step = k``: clean pass, then ``k`` times (attack, ``zero_grad``, adversarial
     pass), restore. The adversarial passes replace the clean gradient; gradients already in ``.grad`` (earlier
     micro-batches of gradient accumulation) are set aside for the step, so the attack sees this batch's alone, and
-    added back after it."""
+    put back before the last adversarial pass, whose backward adds to them (under DDP, the backward that all-reduces
+    them: put back after it, each rank would keep its own)."""
     check_steps("k", k)
-    with earlier_grads_set_aside(awp.model):
+    with earlier_grads_set_aside(awp.model) as put_back:
         loss = run_pass()
         with _undone_on_error(awp):
-            for _ in range(k):
+            for t in range(k):
                 awp.attack()
                 awp.model.zero_grad()
+                if t == k - 1:
+                    put_back()
                 adv_loss = run_pass()
             awp.restore()
     return loss, adv_loss
 
 
-@contextlib.contextmanager
-def earlier_grads_set_aside(model: nn.Module) -> Iterator[None]:
-    """Gradients already in ``.grad`` are set aside for the block and added back after it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    earlier = [p.grad for p in params]
+def set_grads_aside(params: list[nn.Parameter]) -> list[Tensor | None]:
+    """Take the ``.grad`` of ``params`` out (each set to ``None``) and return them, for :func:`add_grads`."""
+    grads = [p.grad for p in params]
     for p in params:
         p.grad = None
+    return grads
+
+
+def add_grads(params: list[nn.Parameter], grads: list[Tensor | None]) -> None:
+    """Add ``grads`` (from :func:`set_grads_aside`) to the ``.grad`` of ``params``, in place where there is one."""
+    for p, grad in zip(params, grads):
+        if grad is not None:
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+
+
+@contextlib.contextmanager
+def earlier_grads_set_aside(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Gradients already in ``.grad`` are set aside for the block and added back when it calls the function it gets
+    (once; later calls do nothing), or at its end."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    earlier: list[Tensor | None] | None = set_grads_aside(params)
+
+    def put_back() -> None:
+        nonlocal earlier
+        if earlier is not None:
+            add_grads(params, earlier)
+            earlier = None
+
     try:
-        yield
+        yield put_back
     finally:
-        for p, grad in zip(params, earlier):
-            if grad is not None:
-                p.grad = grad if p.grad is None else p.grad.add_(grad)
+        put_back()

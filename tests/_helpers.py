@@ -10,6 +10,8 @@ import contextlib
 import copy
 import functools
 import math
+import os
+import socket
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -182,3 +184,111 @@ def poisoned_buffers():
         for owner, name in [(torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")]:
             patch.setattr(owner, name, poisoned(getattr(owner, name)))
         yield
+
+
+# ---- training frameworks (Lightning, accelerate): the hand-written loop they must match ----
+
+#: PGD and AWP passes per step in the framework tests (AWP with 2 covers the earlier gradients put back before its
+#: last pass).
+FRAMEWORK_K = {"fgm": 1, "pgd": 2, "awp": 2}
+#: Their hyperparameters: large enough that training with the attack ends far from training without.
+FRAMEWORK_HYPER = {"fgm": {"eps": 2.0}, "pgd": {"eps": 2.0, "alpha": 1.0}, "awp": {"adv_eps": 0.1}}
+
+
+def framework_batches(count: int, seed: int = 5, rows: slice = slice(None)) -> list[torch.Tensor]:
+    """``count`` CPU batches of ids of :class:`TinyEncoder`'s vocabulary; ``rows``: this process's share of each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (4, 6), generator=gen)[rows] for _ in range(count)]
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """Every parameter of ``model``, detached, in one flat tensor."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def assert_matches_and_attacked(actual: torch.Tensor, want: torch.Tensor, plain: torch.Tensor) -> None:
+    """Flat fp32 weights after training: ``actual`` within fp32 tolerance of ``want`` (the hand-written loop's), and
+    ``want`` far outside it from ``plain`` (the same training without an attack), so that an attack that did nothing
+    fails."""
+    rtol, atol = 1e-5, 1e-6
+    torch.testing.assert_close(actual, want, rtol=rtol, atol=atol)
+    assert (want - plain).abs().max() > 10 * (atol + rtol * want.abs().max()), "the attack changed nothing"
+
+
+def _seed_awp_step(awp, model: nn.Module, closure: Callable[[], torch.Tensor], k: int) -> None:
+    """:func:`fastadv.reference.awp_step` with gradient accumulation: the attack sees this micro-batch's gradient
+    alone; earlier micro-batches' are put back before the last adversarial backward (under DDP, the one that
+    all-reduces them)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    earlier = [p.grad for p in params]
+    model.zero_grad()
+    closure().backward()
+    for t in range(k):
+        awp.attack()
+        model.zero_grad()
+        if t == k - 1:
+            for p, grad in zip(params, earlier):
+                p.grad = grad
+        closure().backward()
+    awp.restore()
+
+
+def seed_loop(model: nn.Module, kind: str | None, batches: Sequence[torch.Tensor], *, accumulate: int = 1,
+              clip: float | None = None, autocast: torch.dtype | None = None,
+              scaler: torch.amp.GradScaler | None = None, lr: float = 0.1, epochs: int = 1, start_epoch: int = 0,
+              backend: str | None = None) -> None:
+    """What a user writes by hand around the seed's classes and usage code (:mod:`fastadv.reference`, ``k`` from
+    :data:`FRAMEWORK_K`, hyperparameters from :data:`FRAMEWORK_HYPER`): SGD, ``torch.autocast`` around each forward,
+    each pass's loss divided by ``accumulate`` (and scaled by ``scaler``), DDP's ``no_sync`` on the micro-batches before
+    the last of each step, clipping of the unscaled gradients, then the optimizer step. ``kind=None``: no attack; no
+    attack before ``start_epoch`` either. ``model`` may be DDP-wrapped. With a ``backend``, fastadv's class on it and
+    its ``step`` instead."""
+    inner = model.module if hasattr(model, "module") else model
+    attacker = None if kind is None else make_attacker(kind, model, backend, **FRAMEWORK_HYPER[kind])
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for epoch in range(epochs):
+        for i, ids in enumerate(batches):
+            last = (i + 1) % accumulate == 0 or i + 1 == len(batches)
+
+            def closure(ids=ids):
+                with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                    loss = model(ids) / accumulate
+                return loss if scaler is None else scaler.scale(loss)
+
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                if attacker is None or epoch < start_epoch:
+                    closure().backward()
+                elif backend is not None:
+                    adversarial_step(kind, attacker, inner, closure, FRAMEWORK_K[kind], use_step=True)
+                elif kind == "fgm":
+                    fgm_step(attacker, closure)
+                elif kind == "pgd":
+                    pgd_step(attacker, inner, closure, FRAMEWORK_K[kind])
+                else:
+                    _seed_awp_step(attacker, inner, closure, FRAMEWORK_K[kind])
+            if last:
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_env_process_group(rank: int, world: int, port: int) -> None:
+    """A gloo process group from the environment variables a launcher (torchrun) sets, which Lightning and accelerate
+    read to find the processes they run in."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), NODE_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

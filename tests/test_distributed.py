@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import KINDS, make_attacker
+from _helpers import KINDS, flat_params, framework_batches, make_attacker, seed_loop
 from _helpers import train as train_loop
 from conftest import BACKENDS, TinyEncoder
 
@@ -76,6 +76,14 @@ def _worker(rank: int, mode: str, init_file: str, out_dir: str) -> None:
                     name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                     for name, p in model.named_parameters()
                 }
+        if mode == "ddp":  # AWP with accumulation: earlier micro-batches' gradients must be all-reduced too
+            for backend in CPU_BACKENDS:
+                batches = framework_batches(4, rows=slice(rank, None, WORLD))
+                fused, want = TinyEncoder(device="cpu"), TinyEncoder(device="cpu")
+                want.load_state_dict(fused.state_dict())
+                seed_loop(wrap(fused, mode), "awp", batches, accumulate=2, backend=backend)
+                seed_loop(wrap(want, mode), "awp", batches, accumulate=2)
+                results[backend, "awp-accumulate"] = {"fused": flat_params(fused), "seed": flat_params(want)}
         # Row hints must refuse here, not perturb wrong rows: under DDP they see this rank's lookups while the
         # all-reduced gradient holds every rank's rows; under FSDP2 a shard's rows are not the vocabulary's ids.
         model = TinyEncoder(device="cpu")
@@ -110,5 +118,10 @@ def test_two_processes_match_one(tmp_path, mode):
                     )
             for name, value in ranks[0][backend, kind].items():
                 assert torch.equal(value, ranks[1][backend, kind][name]), f"{backend} {kind}: ranks differ in {name}"
+    for backend in CPU_BACKENDS if mode == "ddp" else []:
+        for result in ranks:
+            got = result[backend, "awp-accumulate"]
+            torch.testing.assert_close(got["fused"], got["seed"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(ranks[0][backend, "awp-accumulate"]["fused"], ranks[1][backend, "awp-accumulate"]["fused"])
     for result in ranks:
         assert ("no recorded lookup" if mode.startswith("ddp") else "sharded") in result["hints"]

@@ -2,6 +2,10 @@
 
 - :mod:`fastadv.integrations.transformers`: :class:`~fastadv.integrations.transformers.AdversarialTrainer`, a
   ``transformers.Trainer`` that trains with FGM, PGD or AWP (``pip install fastadv[transformers]``).
+- :mod:`fastadv.integrations.lightning`: :class:`~fastadv.integrations.lightning.AdversarialTraining`, a Lightning
+  callback that adds FGM, PGD or AWP passes to automatic optimization (``pip install fastadv[lightning]``).
+
+accelerate needs no integration: ``attacker.run`` with a pass that calls ``accelerator.backward`` (README).
 """
 
 __all__: list[str] = []

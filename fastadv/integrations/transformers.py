@@ -65,8 +65,8 @@ class AdversarialTrainer(Trainer):
     - PGD: clean pass, ``backup_grad()``, ``k`` times ``attack()`` with ``zero_grad()`` between and
       ``restore_grad()`` before the last adversarial pass, ``restore()``: clean + last adversarial gradient.
     - AWP: gradients of earlier micro-batches set aside, clean pass, ``k`` times (``attack()``, ``zero_grad()``,
-      adversarial pass), ``restore()``, earlier gradients added back: the last adversarial gradient replaces the
-      clean one, as in :meth:`fastadv.FusedAWP.step`.
+      adversarial pass, the earlier gradients put back before the last), ``restore()``: the last adversarial gradient
+      replaces the clean one, as in :meth:`fastadv.FusedAWP.step`.
     - FreeLB: its passes, each through ``training_step``'s backward (``loss / adv_steps``), the perturbation of the
       embedding output masked by the batch's ``attention_mask``; SMART, R3F: their forward passes through
       ``compute_loss`` (the model's ``logits``), then one backward of the task loss plus the regulariser through

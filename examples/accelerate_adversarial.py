@@ -1,0 +1,142 @@
+"""Train a tiny text classifier with Hugging Face accelerate and fastadv (FGM, PGD, AWP): the README's recipe.
+
+The task: is token 7 in the sequence? (half of them contain it). For each method the script prints the mean clean and
+adversarial training loss of the last epoch, then test accuracy and loss, clean and under an FGM attack on the
+embeddings. Runs in one process, or in several with ``accelerate launch``.
+
+    pip install fastadv[transformers]                       # accelerate comes with it
+    python examples/accelerate_adversarial.py              # CPU, about 5 seconds
+    accelerate launch --cpu --num_processes 2 examples/accelerate_adversarial.py --accumulate 2 --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+except ImportError as exc:  # pragma: no cover
+    raise SystemExit(f"{exc}\nthis example needs accelerate: pip install 'fastadv[transformers]'") from None
+
+from fastadv import FusedAWP, FusedFGM, FusedPGD
+
+VOCAB, TARGET = 100, 7
+SETTINGS = {  # method -> (attack class and arguments, k); eps scaled to this model (embedding rows of norm ~0.6)
+    "none": None,
+    "fgm": (FusedFGM, {"eps": 0.5}, 1),
+    "pgd": (FusedPGD, {"eps": 0.5, "alpha": 0.2}, 3),
+    "awp": (FusedAWP, {"adv_lr": 0.5, "adv_eps": 0.01}, 1),
+}
+
+
+def make_data(n: int, seq_len: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB - 1, (n, seq_len), generator=g)
+    ids[ids >= TARGET] += 1  # tokens 1..VOCAB-1 without TARGET
+    labels = torch.randint(0, 2, (n,), generator=g)
+    rows = labels.nonzero().view(-1)
+    ids[rows, torch.randint(0, seq_len, (len(rows),), generator=g)] = TARGET
+    return TensorDataset(ids, labels)
+
+
+class Classifier(nn.Module):
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(VOCAB, dim)
+        nn.init.normal_(self.word_embeddings.weight, std=0.1)
+        self.encoder = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.encoder(self.word_embeddings(ids)).max(dim=1).values)
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+
+def train_one(method: str, args: argparse.Namespace, train: TensorDataset) -> tuple[nn.Module, float, float]:
+    """The recipe; returns the unwrapped model and the last epoch's mean clean and adversarial loss."""
+    AcceleratorState._reset_state()  # a fresh accelerate state for each method of this script
+    GradientState._reset_state()
+    accelerator = Accelerator(gradient_accumulation_steps=args.accumulate, mixed_precision=args.precision)
+    torch.manual_seed(args.seed)
+    model = Classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    attacker = None
+    if SETTINGS[method] is not None:
+        cls, options, k = SETTINGS[method]
+        attacker = cls(model, **options)  # after prepare: a DDP wrapper is unwrapped
+    for _ in range(args.epochs):
+        totals = torch.zeros(3)
+        for ids, labels in loader:
+            with accelerator.accumulate(model):
+
+                def run_pass(ids=ids, labels=labels):
+                    loss = model(ids, labels)
+                    accelerator.backward(loss)  # divides by gradient_accumulation_steps; scales fp16 losses
+                    return loss
+
+                loss, adv_loss = (run_pass(), torch.tensor(math.nan)) if attacker is None else attacker.run(run_pass, k)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+            totals += torch.stack([loss.detach().float().cpu(), adv_loss.detach().float().cpu(), torch.tensor(1.0)])
+    return accelerator.unwrap_model(model), (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+
+
+def evaluate(model: Classifier, data: TensorDataset, eps: float) -> dict[str, float]:
+    """Accuracy and loss, clean and with the word embeddings moved by FGM along the gradient of the test loss."""
+    ids, labels = data.tensors
+    model.zero_grad()
+    model(ids, labels).backward()
+    fgm = FusedFGM(model, eps=eps)
+    with torch.no_grad():
+        logits = model.head(model.encoder(model.word_embeddings(ids)).max(dim=1).values)
+        result = {"acc": (logits.argmax(-1) == labels).float().mean().item(), "test_loss": model(ids, labels).item()}
+        fgm.attack()
+        try:
+            result["attacked_loss"] = model(ids, labels).item()
+        finally:
+            fgm.restore()
+    model.zero_grad()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Train with each method; print a table (on the main process) and return ``{method: {metric: value}}``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--accumulate", type=int, default=1, help="gradient_accumulation_steps")
+    parser.add_argument("--eval-eps", type=float, default=0.5, help="FGM eps of the attacked evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # fastest for so small a model
+    train = make_data(args.train_size, args.seq_len, seed=args.seed + 1)
+    test = make_data(512, args.seq_len, seed=args.seed + 2)
+    results = {}
+    for method in args.methods:
+        model, loss, adv_loss = train_one(method, args, train)
+        results[method] = {"loss": loss, "adv_loss": adv_loss, **evaluate(model.float().cpu(), test, args.eval_eps)}
+    if AcceleratorState().is_main_process:
+        print(f"{'method':<6} {'loss':>7} {'adv loss':>8} {'test acc':>8} {'test loss':>9} {'FGM-attacked loss':>17}")
+        for method, r in results.items():
+            print(f"{method:<6} {r['loss']:>7.4f} {r['adv_loss']:>8.4f} {r['acc']:>8.3f} {r['test_loss']:>9.4f}"
+                  f" {r['attacked_loss']:>17.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The Lightning callback (and the manual-optimization recipe) against the hand-written loop around the seed's classes
+(:func:`_helpers.seed_loop`): 32-true, bf16-mixed, fp16 with the GradScaler, gradient accumulation, clipping, a late
+start, and two DDP processes (gloo) with and without accumulation."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from _helpers import (  # noqa: E402
+    FRAMEWORK_HYPER,
+    FRAMEWORK_K,
+    KINDS,
+    assert_matches_and_attacked,
+    flat_params,
+    framework_batches,
+    free_port,
+    init_env_process_group,
+    make_attacker,
+    seed_loop,
+)
+from conftest import TinyEncoder  # noqa: E402
+from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from fastadv.integrations.lightning import AdversarialTraining  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_adversarial.py"
+STEPS = 4  # optimizer steps
+WORLD = 2
+#: The callback's options for each kind: the hyperparameters of the seed's classes in :func:`seed_loop`.
+OPTIONS = {kind: {**FRAMEWORK_HYPER[kind], **({"k": FRAMEWORK_K[kind]} if kind != "fgm" else {})} for kind in KINDS}
+#: Trainer options, and the matching options of seed_loop. "16-mixed" on the CPU would silently be bf16: the plugin
+#: is what gives fp16 autocast with the GradScaler.
+CONFIGS = {
+    "32-true": ({}, {}),
+    "bf16-mixed": ({"precision": "bf16-mixed"}, {"autocast": torch.bfloat16}),
+    "16-mixed-scaler": ({"plugins": [MixedPrecision("16-mixed", "cpu")]}, {"autocast": torch.float16, "scaler": True}),
+    "accumulate-2": ({"accumulate_grad_batches": 2}, {"accumulate": 2}),
+    "clip": ({"gradient_clip_val": 0.5}, {"clip": 0.5}),  # clean gradient norm ~0.6, with the attack ~1.2
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_threaded():
+    """One thread is much faster for a model this small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Module(pl.LightningModule):
+    """:class:`TinyEncoder` under Lightning; counts its training_step calls and logs the count."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 0.1):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.calls = 0
+
+    def training_step(self, ids, batch_idx):
+        self.calls += 1
+        self.log("calls", float(self.calls))
+        return self.model(ids)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ManualModule(Module):
+    """The README's manual-optimization recipe: ``attacker.run`` with ``self.manual_backward``, ``no_sync`` on the
+    micro-batches before the last, ``clip_gradients``."""
+
+    def __init__(self, model, kind: str, accumulate: int, clip: float):
+        super().__init__(model)
+        self.automatic_optimization = False
+        self.kind, self.accumulate, self.clip = kind, accumulate, clip
+
+    def on_fit_start(self):
+        self.attacker = make_attacker(self.kind, self, "auto", **FRAMEWORK_HYPER[self.kind])  # FusedPGD(self, ...)
+
+    def training_step(self, ids, batch_idx):
+        opt = self.optimizers()
+        last = (batch_idx + 1) % self.accumulate == 0
+
+        def run_pass():
+            loss = self.model(ids) / self.accumulate
+            self.manual_backward(loss)
+            return loss
+
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP's no_sync
+        with contextlib.nullcontext() if last else no_sync():
+            self.attacker.run(run_pass, FRAMEWORK_K[self.kind])
+        if last:
+            self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+
+
+def fit(model: torch.nn.Module, batches, callbacks=(), module_cls=Module, epochs: int = 1, devices: int = 1,
+        module_args=(), **trainer_options) -> pl.Trainer:
+    module = module_cls(model, *module_args)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=epochs,
+        callbacks=list(callbacks), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, **trainer_options,
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def seed_options(options: dict) -> dict:
+    options = dict(options)
+    if options.pop("scaler", False):
+        options["scaler"] = torch.amp.GradScaler("cpu")
+    return options
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_callback_matches_the_seed_loop(config):
+    """Every method under one Trainer configuration: the weights after training match the hand-written loop's;
+    ``training_step``'s logs come from the clean pass only."""
+    trainer_options, loop_options = CONFIGS[config]
+    accumulate = loop_options.get("accumulate", 1)
+    batches = framework_batches(STEPS * accumulate)
+    torch.manual_seed(0)
+    start = TinyEncoder(device="cpu")
+    plain = copy.deepcopy(start)
+    seed_loop(plain, None, batches, **seed_options(loop_options))
+    for kind in KINDS:
+        model, want = copy.deepcopy(start), copy.deepcopy(start)
+        callback = AdversarialTraining(kind, **OPTIONS[kind])
+        trainer = fit(model, batches, [callback], **trainer_options)
+        seed_loop(want, kind, batches, **seed_options(loop_options))
+        # bf16/fp16 too: both loops run the same autocast ops on fp32 weights and only the attacks' fp32 rounding
+        # differs (measured: at most 1.2e-7), while bf16 against fp32 moves the weights by 1e-4: so autocast did run
+        assert_matches_and_attacked(flat_params(model), flat_params(want), flat_params(plain))
+        passes = 1 + FRAMEWORK_K[kind]
+        assert trainer.callback_metrics["calls"] == len(batches) * passes - (passes - 1)
+        assert torch.isfinite(trainer.callback_metrics["adv_loss"])
+        assert callback.attacker.nonfinite_skips == 0
+
+
+def test_manual_optimization_recipe():
+    """The README's recipe (accumulation, clipping) with each method, single process."""
+    batches = framework_batches(STEPS * 2)
+    torch.manual_seed(0)
+    start = TinyEncoder(device="cpu")
+    plain = copy.deepcopy(start)
+    seed_loop(plain, None, batches, accumulate=2, clip=0.5)
+    for kind in KINDS:
+        model, want = copy.deepcopy(start), copy.deepcopy(start)
+        fit(model, batches, module_cls=ManualModule, module_args=(kind, 2, 0.5))
+        seed_loop(want, kind, batches, accumulate=2, clip=0.5)
+        assert_matches_and_attacked(flat_params(model), flat_params(want), flat_params(plain))
+
+
+def test_start_epoch():
+    """Plain steps in epoch 0, adversarial from epoch 1 on."""
+    batches = framework_batches(STEPS)
+    torch.manual_seed(0)
+    start = TinyEncoder(device="cpu")
+    model, want, plain = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start)
+    fit(model, batches, [AdversarialTraining("awp", start_epoch=1, **OPTIONS["awp"])], epochs=2)
+    seed_loop(want, "awp", batches, epochs=2, start_epoch=1)
+    seed_loop(plain, "awp", batches, epochs=2)  # attacked from the start
+    assert_matches_and_attacked(flat_params(model), flat_params(want), flat_params(plain))
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    """Per accumulation (1, 2) and method: the callback and the manual recipe (with clipping) under Lightning's DDP,
+    each against the hand-written loop on a DDP-wrapped model in the same process group."""
+    init_env_process_group(rank, WORLD, port)
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for accumulate in (1, 2):
+            batches = framework_batches(STEPS * accumulate, rows=slice(rank, None, WORLD))
+            torch.manual_seed(0)
+            start = TinyEncoder(device="cpu")
+            plain = copy.deepcopy(start)
+            seed_loop(torch.nn.parallel.DistributedDataParallel(plain), None, batches, accumulate=accumulate)
+            results[accumulate, "plain"] = flat_params(plain)
+            for kind in KINDS:
+                model, manual, want = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start)
+                fit(model, batches, [AdversarialTraining(kind, **OPTIONS[kind])], devices=WORLD,
+                    accumulate_grad_batches=accumulate)
+                seed_loop(torch.nn.parallel.DistributedDataParallel(want), kind, batches, accumulate=accumulate)
+                results[accumulate, kind] = flat_params(model), flat_params(want)
+                if accumulate == 2:
+                    fit(manual, batches, module_cls=ManualModule, module_args=(kind, 2, 0.5), devices=WORLD)
+                    clipped = copy.deepcopy(start)
+                    seed_loop(torch.nn.parallel.DistributedDataParallel(clipped), kind, batches, accumulate=2,
+                              clip=0.5)
+                    results["manual", kind] = flat_params(manual), flat_params(clipped)
+        torch.save(results, f"{out_dir}/lightning-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo")
+@pytest.mark.skipif(sys.platform != "linux", reason="spawns processes (Linux CI)")
+def test_ddp_two_processes(tmp_path):
+    """One spawn for every configuration (starting processes is the slow part). Under DDP the ranks must agree, and
+    each must match the hand loop (which all-reduces in every synchronised backward and runs the micro-batches
+    before the last of a step under no_sync, so its perturbations there are per rank)."""
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"lightning-{rank}.pt") for rank in range(WORLD)]
+    for key, value in ranks[0].items():
+        if key[1] == "plain":
+            continue
+        plain = ranks[0][1 if key[0] == "manual" else key[0], "plain"]
+        for result in ranks:
+            actual, want = result[key]
+            assert_matches_and_attacked(actual, want, plain)
+        assert torch.equal(value[0], ranks[1][key][0]), f"{key}: the ranks differ"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="'fgm', 'pgd', 'awp'"):
+        AdversarialTraining("fgsm")
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        AdversarialTraining("pgd", eps=-1.0)
+    with pytest.raises(ValueError, match="adv_lr must be"):
+        AdversarialTraining("awp", adv_lr=float("nan"))
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        AdversarialTraining("pgd", k=0)
+    with pytest.raises(ValueError, match="k: not an option of 'fgm' \\(its options: eps, emb_name\\)"):
+        AdversarialTraining("fgm", k=3)
+    with pytest.raises(ValueError, match="eps, emb_name: not options of 'awp'"):
+        AdversarialTraining("awp", eps=1.0, emb_name="word_embeddings")
+    with pytest.raises(ValueError, match="start_epoch"):
+        AdversarialTraining("awp", start_epoch=-1)
+    assert AdversarialTraining("AWP").method == "awp"
+
+
+class ManualWithCallback(Module):
+    def __init__(self, model):
+        super().__init__(model)
+        self.automatic_optimization = False
+
+
+class FailingAt(Module):
+    """``training_step`` raises at its ``n``-th call."""
+
+    def __init__(self, model, n: int):
+        super().__init__(model)
+        self.n = n
+
+    def training_step(self, ids, batch_idx):
+        if self.calls + 1 == self.n:
+            raise RuntimeError("boom")  # not KeyboardInterrupt: Lightning turns that into SystemExit
+        return super().training_step(ids, batch_idx)
+
+
+@pytest.mark.parametrize(
+    "kind, options, module, error, match",
+    [
+        ("fgm", {"emb_name": "wte"}, (Module,), ValueError, "emb_name='wte'.*word_embeddings"),
+        ("awp", {"adv_param": "nope"}, (Module,), ValueError, "adv_param='nope'"),
+        ("pgd", {}, (ManualWithCallback,), RuntimeError, "automatic optimization.*manual_backward"),
+        ("fgm", {}, (FailingAt, 2), RuntimeError, "boom"),  # the adversarial pass
+        ("pgd", {"k": 3}, (FailingAt, 3), RuntimeError, "boom"),  # the second adversarial pass
+        ("awp", {"k": 2}, (FailingAt, 3), RuntimeError, "boom"),
+    ],
+    ids=["no-emb_name", "no-adv_param", "manual-optimization", "fgm-pass-raises", "pgd-pass-raises", "awp-pass-raises"],
+)
+def test_errors_leave_the_weights_untouched(kind, options, module, error, match):
+    model = TinyEncoder(device="cpu")
+    before = flat_params(model)
+    with pytest.raises(error, match=match):
+        fit(model, framework_batches(2), [AdversarialTraining(kind, **options)], module_cls=module[0],
+            module_args=module[1:])
+    assert torch.equal(flat_params(model), before)
+
+
+def test_missing_lightning_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # makes `import lightning.pytorch` fail
+    monkeypatch.delitem(sys.modules, "fastadv.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install fastadv\[lightning\]"):
+        importlib.import_module("fastadv.integrations.lightning")
+
+
+def test_example_script_runs(capsys):
+    spec = importlib.util.spec_from_file_location("example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--epochs", "1", "--train-size", "64", "--accumulate", "2"])
+    assert set(results) == {"none", "fgm", "pgd", "awp"}
+    for method, r in results.items():
+        assert all(math.isfinite(r[key]) for key in ("loss", "acc", "test_loss", "attacked_loss"))
+        assert math.isnan(r["adv_loss"]) == (method == "none")
+    assert "FGM-attacked loss" in capsys.readouterr().out
