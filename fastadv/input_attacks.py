@@ -92,16 +92,26 @@ class _EmbeddingOutput:
         self._rng: tuple[Tensor, Tensor | None] | None = None
         self.mask: Tensor | None = None
         self._attention_mask: Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handle": None}  # a copy is not installed
 
     @contextlib.contextmanager
     def installed(self, attention_mask: Tensor | None) -> Iterator[_EmbeddingOutput]:
+        """The hook, from a clean state, for the block. Re-entrant: inside an installed block (a framework's clean
+        pass ran under it, see the Lightning callback) it is the same hook, state kept."""
+        if self._handle is not None:
+            yield self
+            return
         self.init, self.delta, self.detach, self.replay_rng, self.output, self.calls = None, None, False, False, None, 0
         self._rng, self.mask, self._attention_mask = None, None, attention_mask
-        handle = self.module.register_forward_hook(self._hook)
+        self._handle = self.module.register_forward_hook(self._hook)
         try:
             yield self
         finally:
-            handle.remove()
+            self._handle.remove()
+            self._handle = None
             self.init = self.delta = self.output = self.mask = self._attention_mask = self._rng = None
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
@@ -238,6 +248,11 @@ class FusedFreeLB(_InputAttack):
         self.norm = _check_choice("norm", norm, ("l2", "linf"))
         self.shared_dropout = bool(shared_dropout)
 
+    def _prepare(self, hook: _EmbeddingOutput) -> None:
+        """Set up an installed hook for a step: the initial delta at the first call, the random state replayed."""
+        if hook.init is None:
+            hook.init, hook.replay_rng = self._init(hook), self.shared_dropout
+
     def _init(self, hook: _EmbeddingOutput) -> Callable[[Tensor], Tensor]:
         """The initial delta of the official code, from the embedding output's first call."""
 
@@ -258,7 +273,7 @@ class FusedFreeLB(_InputAttack):
         """Returns the losses of the first and the last pass (each before the division by ``adv_steps``)."""
         bound = ("l2" if self.norm == "l2" else "inf") if self.adv_max_norm > 0 else "none"
         with self._embedding.installed(attention_mask) as hook:
-            hook.init, hook.replay_rng = self._init(hook), self.shared_dropout
+            self._prepare(hook)
             losses = []
             for t in range(self.adv_steps):
                 loss = _loss_of(self._forward(forward, hook))
@@ -277,8 +292,15 @@ class FusedFreeLB(_InputAttack):
 
 def _kl(logits: Tensor, target: Tensor) -> Tensor:
     """KL(softmax(logits) || softmax(target)) in fp32, averaged over the rows (batchmean)."""
-    p, q = (F.log_softmax(x.reshape(-1, x.size(-1)).float(), dim=-1) for x in (logits, target))
-    return F.kl_div(q, p, reduction="batchmean", log_target=True)
+    with torch.autocast(logits.device.type, enabled=False):
+        p, q = (F.log_softmax(x.reshape(-1, x.size(-1)).float(), dim=-1) for x in (logits, target))
+        return F.kl_div(q, p, reduction="batchmean", log_target=True)
+
+
+def _mse(prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """The squared error of two regression heads' outputs, in fp32."""
+    with torch.autocast(prediction.device.type, enabled=False):
+        return F.mse_loss(prediction.float(), target.float(), reduction=reduction)
 
 
 class FusedSMART(_InputAttack):
@@ -331,7 +353,7 @@ class FusedSMART(_InputAttack):
                 hook.delta = noise.requires_grad_()
                 _, adv_logits = _loss_and_logits(self._forward(forward, hook))
                 if self.divergence == "mse":
-                    divergence = F.mse_loss(adv_logits.float(), logits.detach().float(), reduction="sum")
+                    divergence = _mse(adv_logits, logits.detach(), "sum")
                 else:
                     divergence = _kl(adv_logits, logits.detach())
                 (grad,) = torch.autograd.grad(divergence, noise)
@@ -342,7 +364,7 @@ class FusedSMART(_InputAttack):
             hook.delta = noise
             _, adv_logits = _loss_and_logits(self._forward(forward, hook))
             if self.divergence == "mse":
-                term = F.mse_loss(adv_logits.float(), logits.float())
+                term = _mse(adv_logits, logits)
             else:
                 term = _kl(adv_logits.detach(), logits) + _kl(logits.detach(), adv_logits)
             term = torch.where(finite, term, 0.0)
@@ -385,7 +407,7 @@ class FusedR3F(_InputAttack):
             hook.delta, hook.detach = hook.masked(noise).to(embed.dtype), True
             _, noised_logits = _loss_and_logits(self._forward(forward, hook))
             if self.divergence == "mse":
-                term = F.mse_loss(noised_logits.float(), logits.float())
+                term = _mse(noised_logits, logits)
             else:
                 term = _kl(logits, noised_logits) + _kl(noised_logits, logits)
             backward(loss + self.r3f_lambda * term)

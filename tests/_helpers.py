@@ -19,7 +19,7 @@ import torch
 from conftest import DEVICE, TinyEncoder, assert_matches, batch
 from torch import nn
 
-from fastadv import FusedAWP, FusedFGM, FusedPGD
+from fastadv import FusedAWP, FusedFGM, FusedFreeLB, FusedPGD, FusedR3F, FusedSMART, reference
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
 HALF = [torch.bfloat16, torch.float16]
@@ -292,3 +292,123 @@ def init_env_process_group(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), NODE_RANK="0")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+# ---- the input-space methods (FreeLB, SMART, R3F) ----
+
+
+class TinyClassifier(nn.Module):
+    """A BERT-shaped classifier: word and position embeddings, LayerNorm, dropout, a masked mean over the tokens and a
+    head; returns ``(loss, logits)`` (``labels`` float: a regression head and MSE)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, classes: int = 3, dropout: float = 0.1,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = DEVICE):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
+        self.embeddings.position_embeddings = nn.Embedding(16, dim)
+        self.embeddings.LayerNorm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.hidden = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+        self.to(device=device, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
+        h = torch.tanh(self.hidden(self.dropout(self.embeddings.LayerNorm(h))))
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        logits = self.head((h * weights).sum(1) / weights.sum(1))
+        if labels.is_floating_point():
+            return nn.functional.mse_loss(logits.squeeze(-1).float(), labels), logits
+        return nn.functional.cross_entropy(logits.float(), labels), logits
+
+
+def input_batches(count: int, seed: int = 5, regression: bool = False, rows: slice = slice(None),
+                  device: torch.device = DEVICE) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches for :class:`TinyClassifier` (``rows``: this process's share): token ids, an attention mask
+    padded at the end of some rows, labels."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 50, (4, 10), generator=gen, device=device)
+        lengths = torch.randint(2, 11, (4,), generator=gen, device=device)
+        mask = (torch.arange(10, device=device) < lengths[:, None]).long()
+        labels = (torch.randn(4, generator=gen, device=device) if regression
+                  else torch.randint(0, 3, (4,), generator=gen, device=device))
+        batches.append({"ids": ids[rows], "attention_mask": mask[rows], "labels": labels[rows]})
+    return batches
+
+
+#: Each method's configurations: (fused class, its reference step, keyword arguments both take).
+INPUT_CASES = {
+    "freelb-l2": (FusedFreeLB, reference.freelb_step,
+                  {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.5, "adv_max_norm": 0.3, "norm": "l2"}),
+    "freelb-linf": (FusedFreeLB, reference.freelb_step,
+                    {"adv_lr": 0.05, "adv_steps": 2, "adv_init_mag": 0.05, "adv_max_norm": 0.04, "norm": "linf"}),
+    "freelb-plain": (FusedFreeLB, reference.freelb_step, {"adv_lr": 0.1, "adv_steps": 2}),
+    "smart-inf": (FusedSMART, reference.smart_step,
+                  {"alpha": 2.0, "steps": 2, "step_size": 0.1, "noise_var": 1e-3, "adv_eps": 0.05}),
+    "smart-l2-example": (FusedSMART, reference.smart_step,
+                         {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "norm": "l2", "per_token": False}),
+    "smart-sign": (FusedSMART, reference.smart_step, {"step_size": 0.01, "noise_var": 1e-3, "norm": "sign"}),
+    "smart-default": (FusedSMART, reference.smart_step, {}),
+    "smart-mse": (FusedSMART, reference.smart_step,
+                  {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "divergence": "mse"}),
+    "r3f": (FusedR3F, reference.r3f_step, {"r3f_lambda": 1.5, "eps": 1e-2}),
+    "r3f-normal": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "noise_type": "normal"}),
+    "r3f-mse": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "divergence": "mse"}),
+}
+
+
+def input_forward(model: nn.Module, kind: str, batch: dict[str, torch.Tensor], divide: int = 1,
+                  autocast: torch.dtype | None = None) -> Callable[[], object]:
+    """The closure of ``kind``: FreeLB's returns the loss, SMART's and R3F's ``(loss, logits)``."""
+    ids = batch["ids"]
+
+    def forward():
+        with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
+            loss, logits = model(ids, batch["attention_mask"], batch["labels"])
+        return loss / divide if kind.startswith("freelb") else (loss / divide, logits)
+
+    return forward
+
+
+def input_train(model: nn.Module, kind: str, backend: str | None, batches: Sequence[dict], *, accumulate: int = 1,
+                scaler: torch.amp.GradScaler | None = None, autocast: torch.dtype | None = None,
+                clip: float | None = None, lr: float = 0.1, seed: int = 1000) -> nn.Module:
+    """SGD over ``batches``, ``accumulate`` micro-batches per step, with the fused class of ``kind`` on ``backend`` or
+    (None) its reference step: the random state seeded with ``seed + i`` before micro-batch ``i`` (its noise and
+    dropout masks), each backpropagated loss (SMART, R3F: with the regulariser) divided by ``accumulate`` and scaled
+    by ``scaler``, DDP's ``no_sync`` before the
+    last micro-batch of a step, the unscaled gradients clipped to ``clip``. Returns the unwrapped model."""
+    cls, ref_step, options = INPUT_CASES[kind]
+    inner = model.module if hasattr(model, "module") else model
+    attacker = cls(model, backend=backend, **options) if backend else None
+    def backward(loss: torch.Tensor) -> None:
+        loss = loss / accumulate
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for i, micro_batch in enumerate(batches):
+        last = (i + 1) % accumulate == 0 or i + 1 == len(batches)
+        forward = input_forward(model, kind, micro_batch, autocast=autocast)
+        mask = micro_batch["attention_mask"]
+        torch.manual_seed(seed + i)
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            if attacker is None:
+                ref_step(inner.embeddings.word_embeddings, forward, mask, backward=backward, **options)
+            else:
+                attacker.run(forward, backward, mask)
+        if last:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+    return inner

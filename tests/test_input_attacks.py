@@ -13,112 +13,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import INPUT_CASES, TinyClassifier, input_batches, input_forward, input_train
 from conftest import BACKENDS, DEVICE
 from torch import nn
 
-from fastadv import reference
 from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
 
 
-class TinyClassifier(nn.Module):
-    """A BERT-shaped classifier: word and position embeddings, LayerNorm, dropout, a masked mean over the tokens and a
-    head; returns ``(loss, logits)`` (``labels`` float: a regression head and MSE)."""
-
-    def __init__(self, vocab: int = 50, dim: int = 16, classes: int = 3, dropout: float = 0.1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = DEVICE):
-        super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
-        self.embeddings.position_embeddings = nn.Embedding(16, dim)
-        self.embeddings.LayerNorm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-        self.hidden = nn.Linear(dim, dim)
-        self.head = nn.Linear(dim, classes)
-        self.to(device=device, dtype=dtype)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
-        h = torch.tanh(self.hidden(self.dropout(self.embeddings.LayerNorm(h))))
-        weights = mask.to(h.dtype).unsqueeze(-1)
-        logits = self.head((h * weights).sum(1) / weights.sum(1))
-        if labels.is_floating_point():
-            return nn.functional.mse_loss(logits.squeeze(-1).float(), labels), logits
-        return nn.functional.cross_entropy(logits.float(), labels), logits
-
-
-def make_batch(generator: torch.Generator, size: tuple[int, int] = (4, 10), regression: bool = False,
-               device: torch.device = DEVICE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids, an attention mask padded at the end of some rows, labels."""
-    ids = torch.randint(0, 50, size, generator=generator, device=device)
-    lengths = torch.randint(2, size[1] + 1, (size[0],), generator=generator, device=device)
-    mask = (torch.arange(size[1], device=device) < lengths[:, None]).long()
-    if regression:
-        labels = torch.randn(size[0], generator=generator, device=device)
-    else:
-        labels = torch.randint(0, 3, (size[0],), generator=generator, device=device)
-    return ids, mask, labels
-
-
-#: Each method's configurations: (fused class, its reference step, keyword arguments both take).
-CASES = {
-    "freelb-l2": (FusedFreeLB, reference.freelb_step,
-                  {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.5, "adv_max_norm": 0.3, "norm": "l2"}),
-    "freelb-linf": (FusedFreeLB, reference.freelb_step,
-                    {"adv_lr": 0.05, "adv_steps": 2, "adv_init_mag": 0.05, "adv_max_norm": 0.04, "norm": "linf"}),
-    "freelb-plain": (FusedFreeLB, reference.freelb_step, {"adv_lr": 0.1, "adv_steps": 2}),
-    "smart-inf": (FusedSMART, reference.smart_step,
-                  {"alpha": 2.0, "steps": 2, "step_size": 0.1, "noise_var": 1e-3, "adv_eps": 0.05}),
-    "smart-l2-example": (FusedSMART, reference.smart_step,
-                         {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "norm": "l2", "per_token": False}),
-    "smart-sign": (FusedSMART, reference.smart_step, {"step_size": 0.01, "noise_var": 1e-3, "norm": "sign"}),
-    "smart-default": (FusedSMART, reference.smart_step, {}),
-    "smart-mse": (FusedSMART, reference.smart_step,
-                  {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "divergence": "mse"}),
-    "r3f": (FusedR3F, reference.r3f_step, {"r3f_lambda": 1.5, "eps": 1e-2}),
-    "r3f-normal": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "noise_type": "normal"}),
-    "r3f-mse": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "divergence": "mse"}),
-}
-
-
-def forward_of(model: nn.Module, kind: str, ids, mask, labels, divide: int = 1, autocast: torch.dtype | None = None):
-    """The closure of ``kind``: FreeLB's returns the loss, SMART's and R3F's ``(loss, logits)``."""
-
-    def forward():
-        with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
-            loss, logits = model(ids, mask, labels)
-        return loss / divide if kind.startswith("freelb") else (loss / divide, logits)
-
-    return forward
-
-
 def train(model: nn.Module, kind: str, backend: str | None, *, steps: int = 3, micro_batches: int = 1,
-          seed: int = 7, scaler: torch.amp.GradScaler | None = None, autocast: torch.dtype | None = None,
-          rows: slice = slice(None), device: torch.device = DEVICE) -> nn.Module:
-    """``steps`` SGD steps of ``kind`` with the fused class on ``backend``, or with (None) the reference; each over
-    ``micro_batches`` accumulated batches, through ``scaler`` when given. Returns the unwrapped model."""
-    cls, ref_step, options = CASES[kind]
-    inner = model.module if hasattr(model, "module") else model
-    attacker = cls(model, backend=backend, **options) if backend else None
-    backward = (lambda loss: scaler.scale(loss).backward()) if scaler else (lambda loss: loss.backward())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for step in range(steps):
-        for _ in range(micro_batches):
-            ids, mask, labels = (t[rows] for t in make_batch(gen, regression=kind.endswith("mse"), device=device))
-            forward = forward_of(model, kind, ids, mask, labels, micro_batches, autocast)
-            torch.manual_seed(seed + step)  # the same noise and dropout masks on both sides
-            if attacker is None:
-                ref_step(inner.embeddings.word_embeddings, forward, mask, backward=backward, **options)
-            else:
-                attacker.run(forward, backward, mask)
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad()
-    return inner
+          seed: int = 7, rows: slice = slice(None), device: torch.device = DEVICE, **options) -> nn.Module:
+    """:func:`input_train` over ``steps * micro_batches`` fresh batches."""
+    batches = input_batches(steps * micro_batches, seed, kind.endswith("mse"), rows, device)
+    return input_train(model, kind, backend, batches, accumulate=micro_batches, **options)
+
+
+def one_batch(seed: int) -> dict[str, torch.Tensor]:
+    return input_batches(1, seed)[0]
 
 
 def assert_close_params(fused: nn.Module, ref: nn.Module, **tolerance) -> None:
@@ -126,7 +36,7 @@ def assert_close_params(fused: nn.Module, ref: nn.Module, **tolerance) -> None:
         torch.testing.assert_close(a.detach(), b.detach(), msg=lambda m, name=name: f"{name}: {m}", **tolerance)
 
 
-@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize("kind", INPUT_CASES)
 def test_training_matches_the_reference(kind, backend, seed):
     model = TinyClassifier(classes=1 if kind.endswith("mse") else 3)
     ref = train(copy.deepcopy(model), kind, None)
@@ -138,11 +48,12 @@ def test_training_matches_the_reference(kind, backend, seed):
 def test_the_attack_changes_the_gradients(kind, seed):
     """Against the same loop without the method: a step that silently did nothing would pass the parity tests."""
     model = TinyClassifier(dropout=0.0)
-    ids, mask, labels = make_batch(torch.Generator(device=DEVICE).manual_seed(seed))
+    b = one_batch(seed)
+    ids, mask, labels = b["ids"], b["attention_mask"], b["labels"]
     plain = copy.deepcopy(model)
     plain(ids, mask, labels)[0].backward()
-    cls, _, options = CASES[kind]
-    cls(model, **options).step(forward_of(model, kind, ids, mask, labels), mask)
+    cls, _, options = INPUT_CASES[kind]
+    cls(model, **options).step(input_forward(model, kind, b), mask)
     changed = max((a.grad - b.grad).abs().max().item() for a, b in zip(model.parameters(), plain.parameters()))
     assert changed > 1e-6
 
@@ -190,7 +101,8 @@ def test_freelb_overflowed_gradient_keeps_the_delta(seed):
     """An overflowed gradient must not write NaN into the perturbation (the official code does): the later passes
     stay finite, and the parameters' inf gradients make a GradScaler skip the step as usual."""
     model = TinyClassifier(dropout=0.0)
-    ids, mask, labels = make_batch(torch.Generator(device=DEVICE).manual_seed(seed))
+    b = one_batch(seed)
+    ids, mask, labels = b["ids"], b["attention_mask"], b["labels"]
 
     def forward():
         _, logits = model(ids, mask, labels)
@@ -204,8 +116,9 @@ def test_freelb_overflowed_gradient_keeps_the_delta(seed):
 
 def test_shared_dropout_draws_the_same_masks_in_every_pass(seed):
     model = TinyClassifier(dropout=0.5)
-    ids, mask, labels = make_batch(torch.Generator(device=DEVICE).manual_seed(seed))
-    forward = forward_of(model, "freelb", ids, mask, labels)
+    b = one_batch(seed)
+    mask = b["attention_mask"]
+    forward = input_forward(model, "freelb", b)
     # a tiny step: the passes' losses differ by the dropout masks alone
     shared = FusedFreeLB(model, adv_lr=1e-9, adv_steps=3, shared_dropout=True).run(forward, torch.Tensor.backward, mask)
     fresh = FusedFreeLB(model, adv_lr=1e-9, adv_steps=3).run(forward, torch.Tensor.backward, mask)
@@ -216,7 +129,8 @@ def test_shared_dropout_draws_the_same_masks_in_every_pass(seed):
 def test_hugging_face_style_output_and_hooks_removed(seed):
     """SMART and R3F take an output object with .loss and .logits; no hook is left on the model after a step."""
     model = TinyClassifier()
-    ids, mask, labels = make_batch(torch.Generator(device=DEVICE).manual_seed(seed))
+    b = one_batch(seed)
+    ids, mask, labels = b["ids"], b["attention_mask"], b["labels"]
 
     class Output:
         def __init__(self, loss, logits):
@@ -262,10 +176,11 @@ def step_error(attacker, forward, mask) -> Exception:
 
 def test_bad_step_inputs_are_clear_errors(seed):
     model = TinyClassifier()
-    ids, mask, labels = make_batch(torch.Generator(device=DEVICE).manual_seed(seed))
-    forward = forward_of(model, "smart", ids, mask, labels)
+    b = one_batch(seed)
+    ids, mask, labels = b["ids"], b["attention_mask"], b["labels"]
+    forward = input_forward(model, "smart", b)
     assert "attention_mask has shape" in str(step_error(FusedSMART(model), forward, mask[:, :-1]))
-    bare = forward_of(model, "freelb", ids, mask, labels)
+    bare = input_forward(model, "freelb", b)
     assert "must return (loss, logits)" in str(step_error(FusedR3F(model), bare, mask))
 
     def twice():
@@ -283,8 +198,9 @@ def test_bad_step_inputs_are_clear_errors(seed):
 
 def test_an_error_in_a_later_pass_leaves_no_hook_and_the_next_step_works(seed):
     model = TinyClassifier()
-    ids, mask, labels = make_batch(torch.Generator(device=DEVICE).manual_seed(seed))
-    forward = forward_of(model, "smart", ids, mask, labels)
+    b = one_batch(seed)
+    mask = b["attention_mask"]
+    forward = input_forward(model, "smart", b)
     calls = []
 
     def failing():
@@ -304,9 +220,9 @@ def test_attack_objects_copy_and_pickle():
     model = TinyClassifier(device="cpu")
     for attacker in (FusedFreeLB(model), FusedSMART(model), FusedR3F(model)):
         for clone in (copy.deepcopy(attacker), pickle.loads(pickle.dumps(attacker))):
-            ids, mask, labels = make_batch(torch.Generator().manual_seed(0), device=torch.device("cpu"))
+            b = input_batches(1, 0, device=torch.device("cpu"))[0]
             kind = "freelb" if isinstance(clone, FusedFreeLB) else "smart"
-            clone.step(forward_of(clone.model, kind, ids, mask, labels), mask)
+            clone.step(input_forward(clone.model, kind, b), b["attention_mask"])
             assert all(p.grad is not None for p in clone.model.parameters())
 
 
