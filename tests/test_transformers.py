@@ -338,3 +338,83 @@ def test_example_script_runs(capsys):
         assert math.isfinite(r["attacked_loss"])
         assert math.isnan(r["train_adv_loss"]) == (method == "none")
     assert "attacked" in capsys.readouterr().out
+
+
+INPUT_PARAMS = {
+    "freelb": {"adv_lr": 0.1, "adv_steps": 2, "adv_init_mag": 0.1, "adv_max_norm": 0.5},
+    "smart": {"alpha": 1.0, "steps": 2, "step_size": 0.1, "noise_var": 1e-3, "adv_eps": 0.05},
+    "r3f": {"r3f_lambda": 1.0, "eps": 1e-2},
+}
+REFERENCE_STEPS = {"freelb": reference.freelb_step, "smart": reference.smart_step, "r3f": reference.r3f_step}
+
+
+def masked_data() -> list[dict[str, torch.Tensor]]:
+    """:func:`make_data` with an attention mask padding the end of some rows."""
+    data = make_data()
+    for i, row in enumerate(data):
+        row["attention_mask"] = (torch.arange(SEQ) < SEQ - i % 3).long()
+    return data
+
+
+class SeededTrainer(CheckedTrainer):
+    """Seeds the random state before each micro-batch (its noise), as :func:`input_hand_loop` does."""
+
+    micro_batches = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        torch.manual_seed(1000 + self.micro_batches)
+        self.micro_batches += 1
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def input_hand_loop(model, method: str, ga: int, attack: bool = True) -> None:
+    """The hand-written loop around the reference step of ``method`` (SGD, the loss divided by ``ga``); without
+    ``attack`` the plain loop."""
+    optimizer = make_optimizer(model, "sgd")
+    data = masked_data()
+    batches = [default_collate(data[i : i + BATCH]) for i in range(0, len(data), BATCH)]
+    model.train()
+    for i, batch in enumerate(batches):
+        torch.manual_seed(1000 + i)
+
+        def forward(batch=batch):
+            out = model(**batch)
+            return out.loss if method == "freelb" else (out.loss, out.logits)
+
+        if attack:
+            REFERENCE_STEPS[method](model.bert.embeddings.word_embeddings, forward, batch["attention_mask"],
+                                    backward=lambda loss: (loss / ga).backward(), **INPUT_PARAMS[method])
+        else:
+            (model(**batch).loss / ga).backward()
+        if (i + 1) % ga == 0:
+            optimizer.step()
+            model.zero_grad()
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+@pytest.mark.parametrize("method", ["freelb", "smart", "r3f"])
+def test_input_space_methods_match_their_reference_loop(tmp_path, method, ga):
+    """FreeLB, SMART and R3F on a BERT through the Trainer (its compute_loss, GA division and backward) against the
+    hand-written loop around their reference steps, with padded batches."""
+    model = tiny_bert()
+    model.accepts_loss_kwargs = False  # the Trainer divides by GA
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = SeededTrainer(model=model, args=make_args(tmp_path, ga=ga), train_dataset=masked_data(),
+                            optimizers=(make_optimizer(model, "sgd"), None), adversarial=method,
+                            adv_options=INPUT_PARAMS[method])
+    trainer.train()
+    input_hand_loop(twin, method, ga)
+    assert_same_weights(model, twin, rtol=1e-5, atol=1e-6)
+    assert all(math.isfinite(value) for value in train_logs(trainer, "adv_loss"))
+    input_hand_loop(plain, method, ga, attack=False)
+    attacked = max((a - b).abs().max().item() for a, b in zip(twin.parameters(), plain.parameters()))
+    assert attacked > 1e-5, "the method changed nothing"  # 10x the tolerance above
+
+
+def test_input_space_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="adv_options="):
+        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1)
+    with pytest.raises(ValueError, match="adv_options configures"):
+        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="fgm", adv_options={"a": 1})
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="r3f", adv_options={"alpha": 1})
