@@ -58,3 +58,17 @@ def test_end_to_end(benchmark, method: str) -> None:
     rows = benchmark.pedantic(lambda: bench.end_to_end(DEVICE, IMPLS, repeats, (method,)), rounds=1, iterations=1)
     for row_method, impl, seconds, ratio in rows:
         benchmark.extra_info[f"{impl}:{row_method}"] = {"ms": round(seconds * 1e3, 1), "x_no_attack": round(ratio, 3)}
+
+
+@pytest.mark.parametrize("method", list(bench.INPUT_METHODS))
+def test_input_space_end_to_end(benchmark, method: str) -> None:
+    """FreeLB, SMART and R3F training steps of the same BERT (padded batch): the reference step and the fused class on
+    each backend, each against a plain training step."""
+    pytest.importorskip("transformers")
+    benchmark.group = f"e2e-{method}"
+    repeats = 1 if benchmark.disabled else 3
+    backends = [impl for impl in IMPLS if impl != "seed" and "+" not in impl]
+    rows = benchmark.pedantic(lambda: bench.input_end_to_end(DEVICE, backends, repeats, (method,)), rounds=1,
+                              iterations=1)
+    for row_method, impl, seconds, ratio in rows:
+        benchmark.extra_info[f"{impl}:{row_method}"] = {"ms": round(seconds * 1e3, 1), "x_plain_step": round(ratio, 3)}

@@ -2,8 +2,9 @@
 
 ``python -m fastadv.bench`` prints, per case, the time per call, the speed-up over the seed and the extra peak memory
 of the call; ``--quick`` runs the BERT-base shapes only, ``--e2e`` adds whole training steps of a ``transformers`` BERT
-with a 250002-token vocabulary, ``--plot FILE.png`` draws the speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``)
-shrinks every shape, for CI. The pytest-benchmark suite in ``benchmarks/`` uses the same cases.
+with a 250002-token vocabulary (and FreeLB, SMART and R3F steps against a plain step), ``--plot FILE.png`` draws the
+speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``) shrinks every shape, for CI. The pytest-benchmark suite in
+``benchmarks/`` uses the same cases.
 
 A "call" is what an attack costs besides the forward/backward passes: FGM ``attack`` + ``restore``; PGD k=3
 ``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``; AWP ``attack`` + ``restore``. An implementation
@@ -26,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastadv import FusedAWP, FusedFGM, FusedPGD, available_backends
+from fastadv import FusedAWP, FusedFGM, FusedFreeLB, FusedPGD, FusedR3F, FusedSMART, available_backends
 from fastadv.backends import resolve_backend
 from fastadv.loops import backward_pass
-from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
+from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, freelb_step, pgd_step, r3f_step, smart_step
 
 #: Embedding shapes (rows, dim) of the models users train.
 SHAPES = {"bert-base": (30522, 768), "xlm-r": (250002, 768), "llama": (32000, 4096)}
@@ -321,6 +322,36 @@ class NoAttack:
         self._grads = {}  # a reference kept here would make the next backward accumulate out of place
 
 
+def _e2e_bert(device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The end-to-end model, a transformers BERT (250002-token vocabulary, hidden 256, 2 layers), and a batch of
+    16x64 tokens whose attention mask pads the end of half the rows."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    vocab = max(1000, int(250002 * bench_scale()))
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).to(device)
+    mask = torch.ones(16, 64, dtype=torch.long, device=device)
+    mask[::2, 48:] = 0
+    batch = {"input_ids": torch.randint(0, vocab, (16, 64), device=device), "attention_mask": mask,
+             "labels": torch.randint(0, 2, (16,), device=device)}
+    return model, batch
+
+
+def _alternating(baseline: Callable[[], None], attacked: Callable[[], None], device: torch.device,
+                 repeats: int) -> tuple[float, float]:
+    """Median seconds of ``baseline`` and ``attacked``, timed alternately so that drifts of the machine's speed cancel
+    in their ratio, each first in turn so that neither always pays for freeing what the other allocated."""
+    times: dict[Callable[[], None], list[float]] = {baseline: [], attacked: []}
+    for r in range(2 * repeats + 1):
+        for fn in (baseline, attacked) if r % 2 else (attacked, baseline):
+            times[fn].append(time_call(fn, device, 1, 0))
+    base, seconds = (statistics.median(t[1:]) for t in times.values())
+    return base, seconds
+
+
 def end_to_end(
     device: torch.device, impls: list[str], repeats: int, methods: tuple[str, ...] = _METHODS
 ) -> list[tuple[str, str, float, float]]:
@@ -330,19 +361,11 @@ def end_to_end(
     the attack's own cost), each step timed alternately with the no-attack step; ``impls`` with row hints run as the
     default, ``rows="auto"``. The first row of each method is the no-attack step itself.
     """
-    from transformers import BertConfig, BertForSequenceClassification
-
-    vocab = max(1000, int(250002 * bench_scale()))
-    config = BertConfig(
-        vocab_size=vocab, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024
-    )
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).to(device)
-    ids = torch.randint(0, vocab, (16, 64), device=device)
-    labels = torch.randint(0, 2, (16,), device=device)
+    model, batch = _e2e_bert(device)
+    del batch["attention_mask"]
 
     def closure() -> torch.Tensor:
-        return model(input_ids=ids, labels=labels).loss
+        return model(**batch).loss
 
     def step(attacker, method: str) -> None:
         model.zero_grad()
@@ -364,13 +387,55 @@ def end_to_end(
             if not runs(Case("xlm-r", torch.float32, "rows", method), impl):  # BERT's embedding: untied
                 continue
             attacked = functools.partial(step, make_attacker(impl, method, model), method)
-            # interleaved with the baseline, so that drifts of the machine's speed cancel in the ratio, each first in
-            # turn, so that neither always pays for freeing what the other allocated
-            times: dict[Callable[[], None], list[float]] = {baseline: [], attacked: []}
-            for r in range(2 * repeats + 1):
-                for fn in (baseline, attacked) if r % 2 else (attacked, baseline):
-                    times[fn].append(time_call(fn, device, 1, 0))
-            base, seconds = (statistics.median(t[1:]) for t in times.values())
+            base, seconds = _alternating(baseline, attacked, device, repeats)
+            rows.append((method, impl, seconds, seconds / base))
+    return rows
+
+
+#: The input-space methods end to end: their class, reference step and hyperparameters (GLUE-like FreeLB with K=3;
+#: SMART and R3F with their defaults).
+INPUT_METHODS = {
+    "freelb": (FusedFreeLB, freelb_step, {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.6, "adv_max_norm": 1.0}),
+    "smart": (FusedSMART, smart_step, {}),
+    "r3f": (FusedR3F, r3f_step, {}),
+}
+
+
+def input_end_to_end(
+    device: torch.device, backends: list[str], repeats: int, methods: tuple[str, ...] = tuple(INPUT_METHODS)
+) -> list[tuple[str, str, float, float]]:
+    """FreeLB, SMART and R3F training steps of the end-to-end BERT (:func:`_e2e_bert`, padded batch).
+
+    Returns rows of (method, impl, seconds per step, step time / that of one plain training step, a forward and a
+    backward pass): ``seed`` is the reference step (:mod:`fastadv.reference`: the public code's unfused ops), each
+    backend the fused class on it. FreeLB's K passes and SMART's and R3F's extra forward passes are most of the
+    ratio; the fused ops' share shows in the seed/backend difference.
+    """
+    model, batch = _e2e_bert(device)
+    embedding = model.bert.embeddings.word_embeddings
+
+    def plain() -> None:
+        model.zero_grad()
+        model(**batch).loss.backward()
+
+    def forward(logits: bool) -> Callable[[], object]:
+        return (lambda: model(**batch)) if logits else (lambda: model(**batch).loss)
+
+    rows = []
+    for method in methods:
+        cls, reference_step, options = INPUT_METHODS[method]
+        closure = forward(method != "freelb")
+        rows.append((method, "plain step", time_call(plain, device, repeats=repeats), 1.0))
+        steps = {"seed": functools.partial(reference_step, embedding, closure, batch["attention_mask"], **options)}
+        for name in backends:
+            attacker = cls(model, backend=name, **options)
+            steps[name] = functools.partial(attacker.step, closure, batch["attention_mask"])
+        for impl, run in steps.items():
+            def step(run: Callable[[], object] = run) -> None:
+                model.zero_grad()
+                run()
+
+            base, seconds = _alternating(plain, step, device, repeats)
             rows.append((method, impl, seconds, seconds / base))
     return rows
 
@@ -468,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         results.extend(time_case(case, device, impls, args.repeats))
         print(f"timed {case.group}", file=sys.stderr, flush=True)
     e2e = end_to_end(device, impls, args.repeats) if args.e2e else []
+    backends = [i for i in impls if i not in ("seed", COMPILED_SEED) and "+" not in i]
+    input_e2e = input_end_to_end(device, backends, args.repeats) if args.e2e else []
     for case in cases(args.quick):  # memory last: see measure_peaks
         measure_peaks(case, device, [r for r in results if r.case == case])
 
@@ -480,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     if e2e:
         print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ no-op':>8}")
         for method, impl, seconds, ratio in e2e:
+            print(f"{method:<32} {impl:<11} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
+        print(f"\n{'input space (BERT, padded batch)':<32} {'impl':<11} {'ms/step':>10} {'/ plain':>8}")
+        for method, impl, seconds, ratio in input_e2e:
             print(f"{method:<32} {impl:<11} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
     if args.plot:
         _plot(results, args.plot)
