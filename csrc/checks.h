@@ -7,7 +7,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+
+#include "common.h"
 
 namespace fastadv {
 
@@ -128,6 +131,65 @@ inline void check_pass(const char* op, at::TensorList params, at::TensorList gra
     TORCH_CHECK(backed >= 0 && backed <= rows[i].size(0), "fastadv::", op, ": n_backed[", i, "] = ", backed,
                 " is outside [0, ", rows[i].size(0), "]");
   }
+}
+
+// input_step's norm and bound, as the kernels take them.
+struct InputModes {
+  InputNorm norm;
+  InputBound bound;
+};
+
+inline InputModes check_input_step(const at::Tensor& delta, const at::Tensor& grad,
+                                   const std::optional<at::Tensor>& mask, double lr, c10::string_view norm,
+                                   double denom_eps, double denom_floor, c10::string_view bound, double radius) {
+  const auto dtype = delta.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fastadv::input_step: delta is ", dtype, "; expected float32, bfloat16 or float16");
+  TORCH_CHECK(delta.dim() == 3 && delta.is_contiguous(), "fastadv::input_step: delta must be a contiguous [B, T, D] ",
+              "tensor (it is written in place), got sizes ", delta.sizes(), " and strides ", delta.strides());
+  TORCH_CHECK(grad.device() == delta.device(), "fastadv::input_step: grad is on ", grad.device(), ", delta on ",
+              delta.device());
+  TORCH_CHECK(grad.sizes() == delta.sizes() && grad.scalar_type() == dtype && grad.is_contiguous(),
+              "fastadv::input_step: grad must be a contiguous tensor of delta's shape and dtype (", dtype, " ",
+              delta.sizes(), "), got ", grad.scalar_type(), " ", grad.sizes(), " with strides ", grad.strides());
+  if (mask) {
+    TORCH_CHECK(mask->device() == delta.device(), "fastadv::input_step: mask is on ", mask->device(), ", delta on ",
+                delta.device());
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == delta.size(0) &&
+                    mask->size(1) == delta.size(1),
+                "fastadv::input_step: mask must be a bool [B, T] = [", delta.size(0), ", ", delta.size(1),
+                "] tensor, got ", mask->scalar_type(), " ", mask->sizes());
+  }
+  InputModes modes{};
+  if (norm == "l2") {
+    modes.norm = InputNorm::kL2;
+  } else if (norm == "inf") {
+    modes.norm = InputNorm::kInf;
+  } else {
+    TORCH_CHECK(norm == "sign", "fastadv::input_step: norm must be \"l2\", \"inf\" or \"sign\", got \"", norm, "\"");
+    modes.norm = InputNorm::kSign;
+  }
+  if (bound == "none") {
+    modes.bound = InputBound::kNone;
+  } else if (bound == "l2") {
+    modes.bound = InputBound::kL2;
+  } else {
+    TORCH_CHECK(bound == "inf", "fastadv::input_step: bound must be \"none\", \"l2\" or \"inf\", got \"", bound,
+                "\"");
+    modes.bound = InputBound::kInf;
+  }
+  TORCH_CHECK(std::isfinite(lr), "fastadv::input_step: lr must be finite, got ", lr);
+  if (modes.norm != InputNorm::kSign) {  // a zero gradient would divide 0 by 0
+    TORCH_CHECK(std::isfinite(denom_eps + denom_floor) && denom_eps >= 0 && denom_floor >= 0 &&
+                    (denom_eps > 0 || denom_floor > 0),
+                "fastadv::input_step: denom_eps and denom_floor must be finite, >= 0 and not both 0, got ", denom_eps,
+                " and ", denom_floor);
+  }
+  if (modes.bound != InputBound::kNone) {
+    TORCH_CHECK(std::isfinite(radius) && radius >= 0, "fastadv::input_step: radius must be finite and >= 0, got ",
+                radius);
+  }
+  return modes;
 }
 
 }  // namespace fastadv

@@ -9,6 +9,7 @@
 
 #include <ATen/Dispatch.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -109,5 +110,34 @@ template <typename V>
 FASTADV_HD inline V lerp(V start, V end, float weight) {
   return weight < 0.5f ? start + V(weight) * (end - start) : end - (end - start) * V(1.0f - weight);
 }
+
+// ---- input_step ----
+
+enum class InputNorm { kL2, kInf, kSign };     // the group norm n (kSign: the l2 norm, the step lr * sign(g))
+enum class InputBound { kNone, kL2, kInf };  // what bounds the new perturbation
+
+// Whether a group steps: its norm is finite (not inf, not NaN).
+FASTADV_HD inline bool finite_norm(float n) { return n <= FLT_MAX; }
+
+// max(n + denom_eps, denom_floor), the divisor of the "l2" and "inf" steps (only a finite n is used).
+FASTADV_HD inline float step_denominator(float n, float denom_eps, float denom_floor) {
+  return maximum(n + denom_eps, denom_floor);
+}
+
+// The "l2" and "inf" steps, lr * g / denominator, rounded as the torch backend rounds it: (g * lr) / denominator.
+template <typename V>
+FASTADV_HD inline V scaled_step(V grad, float lr, float denominator) {
+  return grad * V(lr) / V(denominator);
+}
+
+// The "inf" bound: clamp(value, -radius, radius) as torch.clamp computes it (NaN stays NaN).
+template <typename V>
+FASTADV_HD inline V clamped(V value, float radius) {
+  return minimum(maximum(value, V(-radius)), V(radius));
+}
+
+// The "l2" bound's factor: radius / size where the group's new values' norm `size` exceeds radius (not NaN), else 1
+// (new * 1 is new, bit for bit).
+FASTADV_HD inline float bound_factor(float size, float radius) { return size > radius ? radius / size : 1.0f; }
 
 }  // namespace fastadv

@@ -105,7 +105,7 @@ struct Device {
         launch.sums = sums;
         launch.segments.max_blocks = resident_blocks<kernel>();
         for (int i : group) {
-          const int slot = launch.segments.add(i, work[i].rows);
+          const int slot = launch.segments.add(i, work[i].rows, Rows<scalar_t>::rows_per_block(args));
           launch.tensors[slot] = work[i].tensor;
           launch.packed[slot] = work[i].aligned;
         }

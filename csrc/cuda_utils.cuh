@@ -53,10 +53,11 @@ struct Segments {
   int64_t block_offset[kMaxTensors + 1] = {0};
   int index[kMaxTensors] = {0};
 
-  // Appends tensor `tensor_index` with `rows` rows to process; returns its slot in the launch.
-  int add(int tensor_index, int64_t rows) {
+  // Appends tensor `tensor_index` with `rows` rows to process, `rows_per_block` at a time per block (a warp per row:
+  // kWarps); returns its slot in the launch.
+  int add(int tensor_index, int64_t rows, int64_t rows_per_block = kWarps) {
     index[n] = tensor_index;
-    const int64_t blocks = std::min(std::max<int64_t>(1, ceil_div(rows, kWarps)), max_blocks);
+    const int64_t blocks = std::min(std::max<int64_t>(1, ceil_div(rows, rows_per_block)), max_blocks);
     block_offset[n + 1] = block_offset[n] + blocks;
     return n++;
   }
@@ -204,6 +205,23 @@ __device__ inline double block_sum(double v) {
   }
   __syncthreads();  // warp_totals is reused by the next call
   return total;
+}
+
+// The sum, or with `maximum` the NaN-propagating maximum, of v over the warp or, with `whole_block`, over the block;
+// the same bits in every thread (butterflies of commutative steps, then the warps' results in warp order). Every
+// thread of the warp (the block) must call it.
+__device__ inline float team_reduce(float v, bool maximum_of, bool whole_block) {
+  const auto combine = [maximum_of](float a, float b) { return maximum_of ? maximum(a, b) : a + b; };
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = combine(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if (!whole_block) return v;
+  __shared__ float warp_results[kWarps];
+  if (threadIdx.x % kWarpSize == 0) warp_results[threadIdx.x / kWarpSize] = v;
+  __syncthreads();
+  float result = warp_results[0];
+  for (int w = 1; w < kWarps; ++w) result = combine(result, warp_results[w]);
+  __syncthreads();  // warp_results is reused by the next call
+  return result;
 }
 
 }  // namespace fastadv::cuda

@@ -243,4 +243,58 @@ void impl_restore(torch::Library& m) {
   m.impl("restore", &restore<Device, Rows>);
 }
 
+// ---- input_step ----
+
+// The one tensor of input_step: a "row" of the apply is a group (an example, or a token with per_token).
+struct InputStepTensor {
+  void* delta;
+  const void* grad;
+  const bool* mask;  // [B, T], or nullptr: every token
+  float* norms;      // one per group
+  int64_t groups, group_tokens, cols;
+};
+
+struct InputStepArgs {
+  InputNorm norm;
+  InputBound bound;
+  bool per_token;
+  float lr, denom_eps, denom_floor, radius;  // rounded to fp32 once, as the torch backend's fp32 math does
+};
+
+template <typename Device, template <typename> class Rows>
+at::Tensor input_step(const at::Tensor& delta, const at::Tensor& grad, const std::optional<at::Tensor>& mask,
+                      double lr, c10::string_view norm, bool per_token, double denom_eps, double denom_floor,
+                      c10::string_view bound, double radius) {
+  const InputModes modes = check_input_step(delta, grad, mask, lr, norm, denom_eps, denom_floor, bound, radius);
+  const int64_t batch = delta.size(0), tokens = delta.size(1), cols = delta.size(2);
+  const int64_t group_tokens = per_token ? 1 : tokens;
+  // every element is written by the group's functor
+  at::Tensor norms = per_token ? at::empty({batch, tokens}, delta.options().dtype(at::kFloat))
+                               : at::empty({batch}, delta.options().dtype(at::kFloat));
+  if (norms.numel() == 0) return norms;
+  const at::Tensor flags = mask ? mask->contiguous() : at::Tensor();  // alive until the kernel is enqueued
+  const at::Tensor delta_rows = delta.view({batch * tokens, cols}), grad_rows = grad.view({batch * tokens, cols});
+  const std::vector<Work<InputStepTensor>> work{
+      {{delta.mutable_data_ptr(), grad.const_data_ptr(), mask ? flags.const_data_ptr<bool>() : nullptr,
+        norms.mutable_data_ptr<float>(), norms.numel(), group_tokens, cols},
+       delta.scalar_type(),
+       norms.numel(),
+       2 * group_tokens * cols * delta.element_size(),  // delta and grad
+       rows_aligned({&delta_rows, &grad_rows})}};
+  const InputStepArgs args{modes.norm,
+                           modes.bound,
+                           per_token,
+                           static_cast<float>(lr),
+                           static_cast<float>(denom_eps),
+                           static_cast<float>(denom_floor),
+                           static_cast<float>(radius)};
+  Device::template apply<Rows>(delta.device(), work, args, 0, at::Tensor());
+  return norms;
+}
+
+template <typename Device, template <typename> class Rows>
+void impl_input_step(torch::Library& m) {
+  m.impl("input_step", &input_step<Device, Rows>);
+}
+
 }  // namespace fastadv

@@ -83,6 +83,8 @@ struct perturb_kernel {
   static constexpr int kBlocksPerSm = 2;
   // measure's sum
   static constexpr int kSums = 1;
+  // a warp per row
+  static constexpr int64_t rows_per_block(const PerturbArgs&) { return kWarps; }
 };
 
 }  // namespace

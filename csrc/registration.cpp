@@ -4,7 +4,8 @@
 // the fake (meta) kernels.
 //
 // Lists are Tensor[]: one op call covers every target parameter. (a!)/(b!) mark the lists written in place so that
-// torch.compile functionalises the calls correctly. The contract of each op is in fastadv/backends/__init__.py.
+// torch.compile functionalises the calls correctly (input_step takes one [B, T, D] perturbation, not a list). The
+// contract of each op is in fastadv/backends/contract.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastadv, m) {
@@ -20,4 +21,7 @@ TORCH_LIBRARY(fastadv, m) {
       "project(Tensor(a!)[] params, Tensor[] grads, Tensor[] rows, Tensor[] backups, Tensor scales, "
       "Tensor delta_sumsq, float eps) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] rows, Tensor[] backups) -> ()");
+  m.def(
+      "input_step(Tensor(a!) delta, Tensor grad, Tensor? mask, float lr, str norm, bool per_token, float denom_eps, "
+      "float denom_floor, str bound, float radius) -> Tensor");
 }

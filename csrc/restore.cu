@@ -30,6 +30,8 @@ struct restore_kernel {
   // 4 blocks per SM or more (64 registers): a batch of packs and its addresses, unspilled.
   static constexpr int kBlocksPerSm = 4;
   static constexpr int kSums = 0;
+  // a warp per row
+  static constexpr int64_t rows_per_block(const NoArgs&) { return kWarps; }
 };
 
 }  // namespace

@@ -63,6 +63,8 @@ struct scan_kernel {
   static constexpr int kBlocksPerSm = 3;
   // the sum of squares, the fresh-row count and the parameters' sum of squares
   static constexpr int kSums = 3;
+  // a warp per row
+  static constexpr int64_t rows_per_block(const NoArgs&) { return kWarps; }
 };
 
 }  // namespace

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExtensionUnavailable as err:
         print(f"fastadv: {err}", file=sys.stderr)
         return 1
-    ops = ("scan", "row_sumsq", "perturb", "measure", "project", "restore")
+    ops = ("scan", "row_sumsq", "perturb", "measure", "project", "restore", "input_step")
     print(f"fastadv: torch.ops.fastadv: {', '.join(op for op in ops if hasattr(torch.ops.fastadv, op))}")
     return 0
 

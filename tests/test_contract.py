@@ -132,6 +132,9 @@ def opcheck_cases() -> list[tuple[str, tuple]]:
     backups = [torch.randn(len(r), p.shape[1], device=DEVICE).to(p.dtype) for p, r in zip(params, rows)]  # not W
     scales, delta_sumsq = torch.tensor([0.5, 0.25], device=DEVICE), torch.tensor([0.1, 4.0], device=DEVICE)
     lists = (params, grads, rows, backups)
+    # input_step: one [B, T, D] perturbation, a padded mask or none; a radius that the "l2" bound hits
+    delta, delta_grad = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE)
+    mask = torch.tensor([[True, True, False], [True, False, False]], device=DEVICE)
     return [
         ("scan", (grads, touched, fresh)),
         ("scan", (grads, touched, fresh, params)),
@@ -141,6 +144,9 @@ def opcheck_cases() -> list[tuple[str, tuple]]:
         ("measure", (*lists, [0, 1], scales)),
         ("project", (*lists, scales, delta_sumsq, 0.5)),
         ("restore", (params, rows, backups)),
+        ("input_step", (delta, delta_grad, mask, 0.1, "l2", False, 1e-6, 1e-8, "l2", 0.5)),
+        ("input_step", (delta.to(BF16), delta_grad.to(BF16), None, 0.1, "inf", True, 0.0, 1e-8, "inf", 0.05)),
+        ("input_step", (delta, delta_grad, mask, 0.1, "sign", True, 1e-6, 1e-8, "none", 0.0)),
     ]
 
 
@@ -163,7 +169,8 @@ def test_compiled_triton_attack_is_one_graph_of_the_ops(seed):
         graphs.append(graph)
         return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
 
-    def step(params, grads, rows, backups, touched, fresh):
+    def step(params, grads, rows, backups, touched, fresh, delta):
+        norms_in = triton_ops.input_step(delta, grads[0].view(1, 7, 4), None, 0.1, "l2", False, 1e-6, 1e-8, "l2", 0.5)
         stats = triton_ops.scan(grads, touched, fresh, params=params)
         scales = stats[:, 0].rsqrt().float()
         norms = triton_ops.measure(params, grads, rows, backups, [0, 0], scales)
@@ -172,18 +179,19 @@ def test_compiled_triton_attack_is_one_graph_of_the_ops(seed):
         sums = triton_ops.row_sumsq(params, rows)
         moved = [p.clone() for p in params]
         triton_ops.restore(params, rows, backups)
-        return stats, norms, sums, moved
+        return stats, norms, sums, moved, norms_in
 
     shapes = [(7, 4, F32), (3, 9, BF16)]
     grads = [torch.randn(n, m, device=DEVICE).to(dtype) for n, m, dtype in shapes]
     grads[0][::2] = 0
     start = [torch.randn(n, m, device=DEVICE).to(dtype) for n, m, dtype in shapes]
     rows = [torch.tensor([5, 1, 3], device=DEVICE), torch.tensor([2], device=DEVICE)]
+    delta = torch.randn(1, 7, 4, device=DEVICE)
 
-    def arguments() -> tuple[list[torch.Tensor], ...]:
+    def arguments() -> tuple:
         return ([p.clone() for p in start], grads, rows, [torch.empty(len(r), p.shape[1], dtype=p.dtype, device=DEVICE)
                 for p, r in zip(start, rows)], [torch.zeros(len(g), dtype=torch.bool, device=DEVICE) for g in grads],
-                [torch.empty(len(g), dtype=torch.bool, device=DEVICE) for g in grads])
+                [torch.empty(len(g), dtype=torch.bool, device=DEVICE) for g in grads], delta.clone())
 
     eager, compiled = arguments(), arguments()
     expected = step(*eager)
@@ -192,7 +200,7 @@ def test_compiled_triton_attack_is_one_graph_of_the_ops(seed):
     for a, e in zip(actual, expected):
         assert all(torch.equal(x, y) for x, y in zip(a, e)) if isinstance(a, list) else torch.equal(a, e)
     for a, e in zip(compiled, eager):
-        assert all(torch.equal(x, y) for x, y in zip(a, e))
+        assert all(torch.equal(x, y) for x, y in zip(a, e)) if isinstance(a, list) else torch.equal(a, e)
     assert len(graphs) == 1
     called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert {f"fastadv_triton.{op}" for op in _library.LibraryOps._fields} <= called, called

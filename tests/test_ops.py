@@ -390,3 +390,85 @@ def test_torch_every_row_path_in_chunks(seed, layout, bound, monkeypatch):
         check_measure_then_project(target, case, 0.05)
     else:
         check_perturb(target, case, 0.02 if bound == "box" else None, moved=True)
+
+
+# ---- input_step ----
+
+#: [B, T, D] of the input_step cases. Triton: 768 columns are three 256-column blocks, 9 tokens two 8-token blocks of
+#: an example; 130 columns three 64-column blocks. Extension: 768 fp32/bf16/fp16 columns are whole 16-byte packs and CPU
+#: vectors, 130 neither (unaligned rows, a vector tail).
+INPUT_SHAPES = [(3, 9, 768), (4, 5, 130)]
+INPUT_ARGS = {"lr": 0.3, "denom_eps": 1e-6, "denom_floor": 1e-3}
+
+
+def input_case(target: Target, shape: tuple[int, int, int], dtype: torch.dtype, masked: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``delta``, ``grad`` and ``mask`` of one call: padded examples (the first one all padding, the second none) with
+    a NaN gradient on a padded token, which must not count; a NaN in example 0's first token and an inf in example
+    1's last one, so their groups' norms are not finite (example 0 is padding only when masked); the last example's
+    gradient tiny, so that ``denom_floor`` is the denominator of its groups."""
+    batch, tokens, cols = shape
+    dev = target.device
+    delta = (0.1 * torch.randn(shape, device=dev)).to(dtype)
+    grad = torch.randn(shape, device=dev)
+    grad[-1] *= 1e-6
+    grad[0, 0, 1], grad[1, -1, 2] = math.nan, math.inf
+    mask = None
+    if masked:
+        lengths = torch.randint(1, tokens + 1, (batch,), device=dev)
+        lengths[0], lengths[1] = 0, tokens
+        mask = torch.arange(tokens, device=dev) < lengths[:, None]
+        grad[2, -1, 0] = math.nan
+        mask[2, -1] = False
+    return delta, grad.to(dtype), mask
+
+
+def group_norms(values: torch.Tensor, per_token: bool) -> torch.Tensor:
+    return torch.linalg.vector_norm(values, dim=(-1,) if per_token else (-2, -1))
+
+
+@every_target
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-example", "per-token"])
+@pytest.mark.parametrize("norm", ["l2", "inf", "sign"])
+@pytest.mark.parametrize("bound", ["none", "l2", "inf"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padded"])
+def test_input_step(target, seed, dtype, per_token, norm, bound, masked):
+    """Against the torch op on the same inputs in fp32 (rounded once to ``dtype``): norms to rtol 1e-5, ``delta`` fp32
+    tight and bf16/fp16 within one ulp (or a few fp32 ulps of its terms where the step nearly cancels ``delta``). The
+    radius is the median group norm (l2) or element magnitude (inf) of the unbounded step, so the bound moves some
+    values and not others."""
+    if not target.ops.supports(target.device, dtype, dtype):
+        pytest.skip(f"{target.name} does not take {dtype}")
+    for shape in INPUT_SHAPES:
+        delta, grad, mask = input_case(target, shape, dtype, masked)
+        unbounded = delta.to(F32, copy=True)
+        torch_ops.input_step(unbounded, grad.float(), mask, norm=norm, per_token=per_token, bound="none", radius=0.0,
+                             **INPUT_ARGS)
+        radius = {"none": 0.0, "l2": group_norms(unbounded, per_token).median().item(),
+                  "inf": unbounded.abs().median().item()}[bound]
+        args = dict(norm=norm, per_token=per_token, bound=bound, radius=radius, **INPUT_ARGS)
+        expected = delta.to(F32, copy=True)
+        expected_norms = torch_ops.input_step(expected, grad.float(), mask, **args)
+        if bound != "none":
+            assert not torch.equal(expected, unbounded)
+        start, address = delta.clone(), delta.data_ptr()
+        with poisoned_buffers():
+            norms = target.ops.input_step(delta, grad, mask, **args)
+
+        assert delta.data_ptr() == address and delta.dtype == dtype
+        assert norms.dtype == F32 and norms.shape == (shape[:2] if per_token else shape[:1])
+        torch.testing.assert_close(norms, expected_norms, rtol=1e-5, atol=0.0, equal_nan=True)
+        assert not norms.isfinite().all()  # the NaN and inf groups
+        actual = delta
+        if dtype != F32:  # where delta + step nearly cancels, the fp32 rounding of its terms exceeds an ulp of it
+            terms = start.float().abs() + (expected - start.float()).abs()
+            cancelled = (delta.float() - expected).abs() <= 4 * torch.finfo(F32).eps * terms
+            actual = torch.where(cancelled, expected.to(dtype), delta)
+        assert_matches(actual, expected)
+        if bound == "none":  # kept bit for bit: the groups whose norm is not finite, the padded tokens
+            kept = ~expected_norms.isfinite()
+            kept = kept if per_token else kept[:, None].expand(shape[:2])
+            if mask is not None:
+                kept = kept | ~mask
+            assert torch.equal(delta[kept], start[kept])

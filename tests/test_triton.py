@@ -195,6 +195,24 @@ def test_listed_rows_outside_the_parameter_touch_nothing(seed):
     check(memory, param, backup.masked_fill(~inside[:, None], math.nan), alone, alone_backup)
 
 
+@pytest.mark.parametrize(("change", "complaint"), [
+    ({"delta": torch.zeros(2, 3, 8, dtype=torch.float64)}, r"delta must be a contiguous \[B, T, D\] float32"),
+    ({"delta": torch.zeros(2, 8, 3).transpose(1, 2)}, r"delta must be a contiguous \[B, T, D\] float32"),
+    ({"grad": torch.zeros(2, 3, 8, dtype=BF16)}, "grad must be contiguous and of delta's shape and dtype"),
+    ({"mask": torch.ones(2, 4, dtype=torch.bool)}, r"mask must be a bool \[B, T\] = \(2, 3\) tensor"),
+    ({"norm": "linf"}, "norm must be one of l2, inf, sign"),
+    ({"lr": math.inf}, "lr must be finite"),
+    ({"denom_eps": 0.0, "denom_floor": 0.0}, "not both 0"),
+    ({"radius": -1.0}, "radius must be finite and >= 0"),
+])
+def test_input_step_rejects_what_the_kernel_would_misread(change, complaint):
+    args = {"delta": torch.zeros(2, 3, 8), "grad": torch.zeros(2, 3, 8), "mask": None, "lr": 0.1, "norm": "l2",
+            "per_token": False, "denom_eps": 1e-6, "denom_floor": 1e-8, "bound": "l2", "radius": 1.0}
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in {**args, **change}.items()}
+    with pytest.raises(ValueError, match=complaint):
+        triton_backend.input_step(**args)
+
+
 @pytest.mark.skipif(not _common.INTERPRETED, reason="compiled kernels assert only when built under TRITON_DEBUG=1")
 def test_rows_outside_the_parameter_fail_the_debug_assertion(monkeypatch):
     from triton.runtime import interpreter
@@ -254,10 +272,12 @@ except Exception as err:
     print(f"triton.compile for sm_90 does not run here: {err!r}")
     sys.exit(3)
 
-from fastadv.kernels import _common, perturb, restore, scan
+from fastadv.kernels import _common, input_step, perturb, restore, scan
 
 TYPES = {"table": "*i64", "bounds": "*i64", "n": "i32", "blocks_per_program": "i32", "partials": "*fp32",
-         "scales": "*fp32", "box_eps": "fp32", "delta_sumsq": "*fp32", "eps": "fp32"}
+         "scales": "*fp32", "box_eps": "fp32", "delta_sumsq": "*fp32", "eps": "fp32", "mask": "*u8",
+         "norms": "*fp32", "tokens": "i32", "cols": "i32", "lr": "fp32", "denom_eps": "fp32", "denom_floor": "fp32",
+         "radius": "fp32"}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 out = {}
 
@@ -283,6 +303,11 @@ for label, dtype in DTYPES.items():
     for stage, box in [("STEP", False), ("STEP", True), ("MEASURE", False), ("PROJECT", False), ("SUMSQ", False)]:
         build(f"rows-{label}-{stage}-box={box}", perturb._rows_kernel,
               {"P_DTYPE": dtype, "G_DTYPE": dtype, "STAGE": getattr(perturb, "_" + stage).value, "BOX": box, **tile})
+    for norm, norm_code in input_step.NORMS.items():
+        for bound, bound_code in input_step.BOUNDS.items():
+            build(f"input_step-{label}-{norm}-{bound}", input_step._input_step_kernel,
+                  {"NORM": norm_code.value, "BOUND": bound_code.value, "HAS_MASK": True, "BLOCK_T": 8, "BLOCK_D": 256},
+                  delta=f"*{label}", grad=f"*{label}")
 for size, bits in restore._BITS.items():
     build(f"restore-{size}", restore._restore_kernel, {"DTYPE": bits, "NT": 1, "VEC": max(1, 16 // size),
                                                        "BLOCK_M": 8, "BLOCK_N": 256})
@@ -307,7 +332,7 @@ def sm90(tmp_path_factory):
 
 
 def test_every_variant_compiles_for_sm90_without_spills(sm90):
-    assert len(sm90) == 3 * (2 + 5) + 3 + 2
+    assert len(sm90) == 3 * (2 + 5 + 9) + 3 + 2
     assert not {name: v["spill_bytes"] for name, v in sm90.items() if v["spill_bytes"]}
     # The streaming kernels leave room for at least 3 programs of 4 warps per SM (65536 registers); the per-tensor
     # sum runs one program per tensor.
@@ -337,3 +362,15 @@ def test_projection_is_correctly_rounded(sm90, dtype):
     ptx = sm90[f"rows-{dtype}-PROJECT-box=False"]["ptx"]
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     assert not re.search(r"sqrt\.approx|div\.(full|approx)|rcp\.approx", ptx)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_input_step_is_correctly_rounded(sm90, dtype):
+    """input_step's step ``(g * lr) / denominator``, l2 norms and bound factor: correctly rounded divisions and square
+    roots, as the torch backend and the extension compute them."""
+    for name, variant in sm90.items():
+        if name.startswith(f"input_step-{dtype}-"):
+            _, _, norm, bound = name.split("-")
+            assert ("div.rn.f32" in variant["ptx"]) == (norm != "sign" or bound == "l2"), name
+            assert ("sqrt.rn.f32" in variant["ptx"]) == (norm != "inf" or bound == "l2"), name
+            assert not re.search(r"sqrt\.approx|div\.(full|approx)|rcp\.approx", variant["ptx"]), name

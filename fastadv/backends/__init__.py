@@ -1,7 +1,8 @@
 """Backends: the stateless ops every implementation provides, and the choice between implementations.
 
 A backend is a module of functions over lists of tensors: ``scan``, ``row_sumsq``, ``backup``, ``perturb``,
-``measure``, ``project``, ``restore`` and ``supports(device, dtype=None, grad_dtype=None)``. Their signatures, types
+``measure``, ``project``, ``restore``, ``input_step`` (over one input perturbation) and
+``supports(device, dtype=None, grad_dtype=None)``. Their signatures, types
 and meaning are written once, as :class:`fastadv.backends.contract.Backend` (a ``typing.Protocol``; also importable
 from here); ``tests/test_contract.py`` checks every backend module against it. No op syncs with the host.
 

@@ -18,7 +18,7 @@ from fastadv import ext as _ext
 from fastadv.backends import _library
 from fastadv.backends.torch_ops import backup  # a gather: the same on every backend
 
-__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
 #: What the kernels read and write: fp32 accumulation of these, gradients of the parameter's dtype.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,7 +30,7 @@ except ImportError as _err:
     raise
 
 _library.register_fakes("fastadv")
-scan, row_sumsq, perturb, measure, project, restore = _library.calls("fastadv")
+scan, row_sumsq, perturb, measure, project, restore, input_step = _library.calls("fastadv")
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:

@@ -193,7 +193,7 @@ def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm
                denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
     wide = _math_dtype(delta)
     dims = (-1,) if per_token else (-2, -1)
-    g = grad.to(wide)
+    g = grad.to(wide, copy=True)  # a copy even in the math dtype: the step is computed in it in place
     if mask is not None:  # where, not a product: a NaN outside the mask must not count
         g = torch.where(mask.unsqueeze(-1), g, 0.0)
     norms = torch.linalg.vector_norm(g, ord=math.inf if norm == "inf" else 2, dim=dims, keepdim=True)

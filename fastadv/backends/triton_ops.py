@@ -2,8 +2,9 @@
 
 Each op is one launch per (dtype, vector width) group over the whole list (one in practice): ``scan`` reads whole
 tensors; ``row_sumsq``, ``perturb``, ``measure`` and ``project`` are stages of one kernel over the listed rows
-(``kernels/perturb.py``), ``restore`` a copy of their bits. The reductions (``scan``, ``row_sumsq``, ``measure``) add
-a small per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
+(``kernels/perturb.py``), ``restore`` a copy of their bits; ``input_step`` is one launch over its one tensor, a
+program per group (``kernels/input_step.py``). The reductions (``scan``, ``row_sumsq``, ``measure``) add a small
+per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
 CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it). See :class:`fastadv.backends.contract.Backend` for the
 contract of each op.
 
@@ -19,6 +20,7 @@ import torch
 try:
     from fastadv.backends import _library
     from fastadv.backends.torch_ops import backup  # a gather: the same on every backend
+    from fastadv.kernels import input_step as _input_step
     from fastadv.kernels import perturb as _rows
     from fastadv.kernels import restore as _restore
     from fastadv.kernels import scan as _scan
@@ -26,13 +28,14 @@ try:
 except ImportError as err:  # no triton, or a broken install: the registry reports the backend as not available
     raise ImportError(f"the triton backend needs a working triton: {err}") from err
 
-__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
+__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
 #: What the kernels read and write (gradients may be of another of them): fp32 math, not float64's.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-scan, row_sumsq, perturb, measure, project, restore = _library.define("fastadv_triton", _library.LibraryOps(
-    _scan.scan, _rows.row_sumsq, _rows.perturb, _rows.measure, _rows.project, _restore.restore))
+scan, row_sumsq, perturb, measure, project, restore, input_step = _library.define(
+    "fastadv_triton", _library.LibraryOps(_scan.scan, _rows.row_sumsq, _rows.perturb, _rows.measure, _rows.project,
+                                          _restore.restore, _input_step.input_step))
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:
