@@ -130,11 +130,13 @@ def _expect_sums(actual: Any, expected: Tensor, what: str) -> None:
         raise _Mismatch(f"{what} differ by up to {worst:.3g} relative (allowed 1e-05)")
 
 
-def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[Tensor], slack: list[float]) -> None:
+def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[Tensor], slack: list[float],
+                    names: list[str] | None = None) -> None:
     """Written weights: fp32 within rtol 1e-5/atol 1e-6, bf16/fp16 within one ulp (or, where the fp32 math nearly
-    cancels, within ``slack``: a few fp32 ulps of its terms, which FMA or not may change); other rows bit for bit."""
+    cancels, within ``slack``: a few fp32 ulps of its terms, which FMA or not may change); other rows bit for bit.
+    ``names``: what each tensor is, for the message (default: the case's weights)."""
     for i, (a, e, rows) in enumerate(zip(actual, expected, written)):
-        which = f"weights of {_what(i)}"
+        which = names[i] if names else f"weights of {_what(i)}"
         if a.dtype != e.dtype or a.shape != e.shape:
             raise _Mismatch(f"{which} changed dtype or shape")
         a, e = a.cpu(), e.cpu()
@@ -352,6 +354,24 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
         _run(device, ops.restore, params, inputs["rows"], inputs["backups"])
         _expect_unchanged(inputs, originals)
         _expect_bits(params, expected, "weights")
+
+    with _op("input_step"):  # FreeLB's per-example l2 step and bound, SMART's per-token inf step and box
+        gen = torch.Generator().manual_seed(_SEED)
+        delta = (0.1 * torch.randn(3, 5, 24, generator=gen)).to(device, case.dtype)
+        grad = torch.randn(3, 5, 24, generator=gen).to(device, case.dtype)
+        mask = (torch.arange(5) < torch.tensor([[5], [3], [1]])).to(device)  # padded examples
+        every_row = torch.arange(15, device=device)
+        for norm, per_token, bound in (("l2", False, "l2"), ("inf", True, "inf")):
+            expected = delta.clone()
+            want = ref.input_step(expected, grad.clone(), mask.clone(), 0.1, norm, per_token, 1e-6, 1e-8, bound, 0.2)
+            actual = delta.clone()
+            inputs, originals = read_only(grad=[grad], mask=[mask])
+            norms = _run(device, ops.input_step, actual, inputs["grad"][0], inputs["mask"][0], 0.1, norm, per_token,
+                         1e-6, 1e-8, bound, 0.2)
+            _expect_unchanged(inputs, originals)
+            _expect_sums(norms, want, "gradient norms")
+            _expect_weights([actual.flatten(0, 1)], [expected.flatten(0, 1)], [every_row], [0.0],
+                            [f"delta ({norm} per {'token' if per_token else 'example'}, {bound} bound)"])
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -20,7 +20,7 @@ from fastadv.backends import torch_ops
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 COMPILED = [name for name in BACKENDS if name != "torch"]
-OPS = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "supports"]
+OPS = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +99,22 @@ def wrong_projection(real):
     return op
 
 
+def wrong_delta(real):
+    def op(delta, *args):
+        norms = real(delta, *args)
+        nudged(delta, 0)
+        return norms
+
+    return op
+
+
+def wrong_norms(real):
+    def op(*args):
+        return real(*args) * (1 + 1e-4)
+
+    return op
+
+
 FAULTS = [
     ("perturb", wrong_weights, "perturb: weights of tensor 0 (7x5) differ by up to"),
     ("perturb", skipped_backups, "perturb: backups of tensor 0 (7x5) differ"),
@@ -108,6 +124,8 @@ FAULTS = [
     ("row_sumsq", float32_sums, "row_sumsq: sums of squares are torch.float32"),
     ("project", wrong_projection, "project: weights of tensor 0 (7x5) differ by up to"),
     ("restore", no_restore, "restore: weights of tensor 0 (7x5) differ"),
+    ("input_step", wrong_delta, "input_step: delta (l2 per example, l2 bound) differ by up to"),
+    ("input_step", wrong_norms, "input_step: gradient norms differ by up to"),
 ]
 
 

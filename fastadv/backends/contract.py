@@ -94,8 +94,8 @@ class Backend(Protocol):
         ``lr * g / max(n + denom_eps, denom_floor)`` (``"l2"``, ``"inf"``) or ``lr * sign(g)`` (``"sign"``).
         ``new = delta + step``, then ``bound="l2"``: ``new *= radius / ||new||_2`` in groups where
         ``||new||_2 > radius``; ``"inf"``: ``new = clamp(new, -radius, radius)``; ``"none"``: as is. Groups whose
-        ``n`` is not finite keep their ``delta``. Written rounded once; masked-out tokens keep their values (the
-        ``"l2"`` bound scales them with their group). Returns ``n``, float32 ``[B]`` (``[B, T]`` with
+        ``n`` is not finite take no step (``new = delta``, then bounded). Written rounded once; masked-out tokens keep
+        their values (the ``"l2"`` bound scales them with their group). Returns ``n``, float32 ``[B]`` (``[B, T]`` with
         ``per_token``)."""
         ...
 
