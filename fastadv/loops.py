@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from fastadv._sharding import Placement
 from fastadv._util import check_steps
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def awp_loop(awp: FusedAWP, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]
     micro-batches of gradient accumulation) are set aside for the step, so the attack sees this batch's alone, and
     added back after it."""
     check_steps("k", k)
-    with earlier_grads_set_aside(awp.model):
+    with earlier_grads_set_aside(awp.model, awp._placement):
         loss = run_pass()
         with _undone_on_error(awp):
             for _ in range(k):
@@ -92,8 +93,10 @@ def awp_loop(awp: FusedAWP, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]
 
 
 @contextlib.contextmanager
-def earlier_grads_set_aside(model: nn.Module) -> Iterator[None]:
-    """Gradients already in ``.grad`` are set aside for the block and added back after it."""
+def earlier_grads_set_aside(model: nn.Module, placement: Placement | None = None) -> Iterator[None]:
+    """Gradients already in ``.grad`` are set aside for the block and added back after it (through ``placement``:
+    a released DeepSpeed ZeRO-3 parameter needs its help to take a gradient)."""
+    set_grad = (placement or Placement()).set_grad
     params = [p for p in model.parameters() if p.requires_grad]
     earlier = [p.grad for p in params]
     for p in params:
@@ -103,4 +106,7 @@ def earlier_grads_set_aside(model: nn.Module) -> Iterator[None]:
     finally:
         for p, grad in zip(params, earlier):
             if grad is not None:
-                p.grad = grad if p.grad is None else p.grad.add_(grad)
+                if p.grad is None:
+                    set_grad(p, grad)
+                else:
+                    p.grad.add_(grad)
