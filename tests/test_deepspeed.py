@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _helpers import KINDS, adversarial_step, make_attacker
-from conftest import TinyEncoder, ulp_distance
+from conftest import TinyEncoder
 
 from fastadv.loops import earlier_grads_set_aside
 
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the processes train on the CPU (gloo), GPU or not
 pytest.importorskip("deepspeed")
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
@@ -179,10 +180,10 @@ def references() -> dict:
 
 
 def _max_error(got: dict, want: dict, dtype: str = "fp32") -> float:
-    """The largest difference: absolute in fp32, in units in the last place for bf16 (both hold bf16 values)."""
-    if dtype == "bf16":
-        return max(ulp_distance(got[n].bfloat16(), value).max().item() for n, value in want.items())
-    return max((got[n] - value).abs().max().item() for n, value in want.items())
+    """The largest absolute difference; for bf16, the largest part of it beyond one bf16 ulp of the weight (2**-7
+    relative at most)."""
+    margin = 2**-7 if dtype == "bf16" else 0.0
+    return max(((got[n] - value).abs() - margin * value.abs()).max().item() for n, value in want.items())
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -198,11 +199,11 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
             errors[config, rank] = _max_error(got, references[config], config[2])
     print({f"{c[0]} gas={c[1]} {c[2]}": max(errors[c, r] for r in range(WORLD)) for c in [*CONFIGS, MANUAL]})
     for (config, rank), error in errors.items():
-        # fp32: rounding only (the mean of the halves' gradients against the whole batch's). bf16: gradients are
-        # bf16 (8 significant bits) and averaged over the ranks in bf16, so the fp32 master weights differ from the
-        # one-process loop's by rounding, and a master weight that lands near a bf16 rounding boundary rounds to the
-        # neighbouring bf16 value: one ulp of the weights, not more
-        limit = 1e-6 if config[2] == "fp32" else 1
+        # fp32: rounding only (the mean of the halves' gradients against the whole batch's). bf16: a weight may round
+        # to the neighbouring bf16 value (one ulp), and the fp32 master weights drift apart by the rounding of the
+        # bf16 gradients (8 significant bits, averaged over the ranks in bf16): lr * steps * |g| * 2**-8, ~1e-4 per
+        # micro-batch
+        limit = 1e-6 if config[2] == "fp32" else 1e-4 * config[1]
         assert error <= limit, f"stage {stage} {config} rank {rank}: max error {error:.3g} > {limit}"
     # DeepSpeed#5667: an FGM step that changes nothing would match the run without attack
     moved = _max_error(ranks[0]["fgm", 1, "fp32"], references["no attack"])
