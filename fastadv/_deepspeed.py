@@ -79,6 +79,8 @@ class EngineSupport:
                 ' "managed_gradient_accumulation": false and under pipeline parallelism: remove that key / use a'
                 " plain (non-pipeline) module"
             )
+        if engine.optimizer is None:
+            raise ValueError("the DeepSpeed engine has no optimizer: pass optimizer= (or a config's) to initialize()")
         if not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
             raise ValueError(
                 f"the engine's optimizer wrapper {type(engine.optimizer).__name__} does not support"

@@ -218,6 +218,19 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
         assert "stages 1, 2 and 3, got stage 0" in misuse["stage 0"], misuse
 
 
+def test_old_deepspeed_is_refused(monkeypatch):
+    import deepspeed
+
+    from fastadv import FusedFGM
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.0")
+    engine_class = type("DeepSpeedEngine", (torch.nn.Module,), {"__module__": "deepspeed.runtime.engine"})
+    engine = engine_class()
+    engine.module = new_model()
+    with pytest.raises(RuntimeError, match=r"needs deepspeed >= 0\.19\.1 .* found 0\.19\.0"):
+        FusedFGM(engine)
+
+
 def test_import_fastadv_does_not_import_deepspeed():
     code = "import sys, fastadv, fastadv.attacks; assert 'deepspeed' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
