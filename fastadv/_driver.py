@@ -9,8 +9,9 @@ bit-exactly if the next one is interrupted (an exception, a KeyboardInterrupt, a
 3. ``_plan``: the new rows backed up and committed (from here on ``restore()`` puts them back), the step sizes;
 4. ``_apply``: the weights stepped (``perturb``, or ``measure`` + ``project`` for a ball).
 
-Parameters sharded by FSDP2 (DTensors with ``Shard(0)``) are worked on through their local shards, with the sums of
-squares all-reduced (:mod:`fastadv._sharding`).
+Where each target's weights and gradient are read and written is a :class:`fastadv._sharding.Placement`: the tensors
+themselves, FSDP2's local shards (DTensors with ``Shard(0)``, the sums of squares all-reduced), or DeepSpeed ZeRO's
+(:mod:`fastadv._deepspeed`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from fastadv._hints import BatchRows, batch_rows
-from fastadv._rows import RowState, as_rows
-from fastadv._sharding import Sharding, distributed, local
+from fastadv._rows import RowState
+from fastadv._sharding import Placement, Sharding, distributed, local
 from fastadv._util import matching_parameters, user_stacklevel
 from fastadv.backends import backend_for, resolve_backend, torch_ops
 from fastadv.rules import Rule
@@ -42,7 +43,10 @@ class RowPerturbation:
     rows are found (``rows``: ``"scan"``, ``"batch"`` hints, or ``"auto"``: hints where they are exact, checked
     against a scan at the first attack, falling back to scans with one warning when they are not)."""
 
-    def __init__(self, model: nn.Module, backend: str, rows: str = "scan", emb_name: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, backend: str, rows: str = "scan", emb_name: str | None = None,
+        placement: Placement | None = None,
+    ) -> None:
         resolve_backend(backend, None)  # fail now on an unknown or unavailable backend, not at the first attack
         if rows not in ROWS:
             raise ValueError(
@@ -50,6 +54,7 @@ class RowPerturbation:
                 f" (the looked-up ids), got {rows!r}"
             )
         self.model = model
+        self.placement = placement or Placement()
         self.backend_name = backend
         hinted = rows != "scan" and emb_name is not None
         self.batch_rows = batch_rows(model, emb_name, required=rows == "batch") if hinted else None
@@ -87,13 +92,16 @@ class RowPerturbation:
         """One attack step of ``rule`` on the parameters whose names contain ``name_part``; ``first`` starts a new
         attack, else it continues the active one."""
         self._check_continuation(name_part, first, rule.arg)
+        self.placement.ready()
         targets = self.targets(name_part, rule)
         self._check_not_rebound(targets)
-        sharding = Sharding(targets)
+        self.placement.prepare(targets)
+        sharding = self.placement.sharding(targets)
         hints = self._hints_for(name_part, sharding)
         # inference_mode(False): buffers made here must stay usable outside an inference_mode block
         with torch.inference_mode(False), torch.no_grad():
             self._step(name_part, targets, sharding, hints, rule)
+        self.placement.written(targets)
 
     def _check_continuation(self, name_part: str, first: bool, arg: str) -> None:
         if first and self.active_name is not None:
@@ -134,7 +142,8 @@ class RowPerturbation:
     def targets(self, name_part: str, rule: Rule) -> list[tuple[str, nn.Parameter]]:
         """The parameters whose names contain ``name_part``, validated before anything is modified; zero-size ones
         are left out (nothing to perturb), and unless the rule ``needs_grad`` so are those without a gradient."""
-        named = [(n, p) for n, p in matching_parameters(self.model, name_part, rule.arg) if p.numel()]
+        shape = self.placement.shape
+        named = [(n, p) for n, p in matching_parameters(self.model, name_part, rule.arg) if shape(p).numel()]
         if not rule.needs_grad:
             named = [(n, p) for n, p in named if p.grad is not None]
             if not named:
@@ -153,9 +162,9 @@ class RowPerturbation:
                     f"parameter {name!r} has a {grad.layout} gradient (e.g. nn.Embedding(sparse=True)); fastadv needs"
                     " dense gradients: build the embedding with sparse=False"
                 )
-            if grad.shape != param.shape:
+            if grad.shape != shape(param):
                 raise RuntimeError(
-                    f"parameter {name!r} has shape {tuple(param.shape)} but its grad {tuple(grad.shape)}"
+                    f"parameter {name!r} has shape {tuple(shape(param))} but its grad {tuple(grad.shape)}"
                 )
             if not local(param.data).is_contiguous():
                 raise RuntimeError(
@@ -175,8 +184,8 @@ class RowPerturbation:
         rule: Rule,
     ) -> None:
         names = [name for name, _ in targets]
-        params = [as_rows(local(p.data)) for _, p in targets]
-        grads = [as_rows(local(p.grad).contiguous()) for _, p in targets]
+        params = [self.placement.weights(p) for _, p in targets]
+        grads = [self.placement.grad(p) for _, p in targets]
         if not params:  # every matched parameter is zero-size: nothing to perturb, nothing to restore
             self.active_name = name_part
             return
@@ -310,7 +319,7 @@ class RowPerturbation:
                 state.drop_pending()
                 if not state.n_rows:
                     continue
-                current = as_rows(local(live[name].data)) if name in live else None
+                current = self.placement.weights(live[name]) if name in live else None
                 if current is not None and state.writes_into(current):
                     in_place.append(state)
                 elif current is not None and current.shape == state.param.shape:
@@ -325,6 +334,7 @@ class RowPerturbation:
                 )
             for state in self._states.values():
                 state.clear()
+        self.placement.written([(name, live[name]) for name in self._states if name in live])
         self.active_name = None
         if moved:
             warnings.warn(
@@ -345,7 +355,7 @@ class RowPerturbation:
         or converted since, instead of perturbing a tensor whose originals are backed up elsewhere."""
         for name, param in targets:
             state = self._states.get(name)
-            if state is not None and state.n_rows and not state.writes_into(as_rows(local(param.data))):
+            if state is not None and state.n_rows and not state.writes_into(self.placement.weights(param)):
                 raise RuntimeError(
                     f"parameter {name!r} was rebound or converted (model.to(), .half(), param.data = ...) during the"
                     " active attack: call restore() first (it writes the originals into the live tensor)"

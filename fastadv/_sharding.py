@@ -1,10 +1,14 @@
-"""Parameters sharded by FSDP2 (DTensors with ``Shard(0)``): the attack works on their local shards, with the sums
-of squares all-reduced over the shard groups."""
+"""Where this process reads a target's gradient and writes its weights (:class:`Placement`), and how the targets are
+split across processes (:class:`Sharding`). Parameters sharded by FSDP2 (DTensors with ``Shard(0)``) are worked on
+through their local shards, with the sums of squares all-reduced over the shard groups; engines that keep weights or
+gradients elsewhere (DeepSpeed ZeRO, :mod:`fastadv._deepspeed`) subclass :class:`Placement`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from fastadv._rows import as_rows
 
 try:
     import torch.distributed as dist
@@ -33,26 +37,64 @@ def local(tensor: Tensor) -> Tensor:
 class Sharding:
     """How the targets are split across processes: the groups whose partial sums of squares add up to the norms."""
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
-        sharded = [is_sharded(p) for _, p in named]
-        self.groups: list = []
-        if not any(sharded):
-            return
-        if not all(sharded):
-            plain = [n for (n, _), s in zip(named, sharded) if not s]
-            raise RuntimeError(f"some target parameters are sharded DTensors and some ({', '.join(plain)}) are not")
-        first = named[0][1]
-        for name, param in named:
-            bad = [p for p in param.placements if not (p.is_replicate() or p.is_shard(0))]
-            if bad or param.device_mesh != first.device_mesh or param.placements != first.placements:
-                raise RuntimeError(
-                    f"{name!r} is a DTensor with placements {param.placements} on {param.device_mesh}; fastadv needs"
-                    " every target sharded the same way, with Shard(0) or Replicate (as FSDP2's fully_shard does)"
-                )
-        mesh = first.device_mesh
-        self.groups = [mesh.get_group(d) for d, p in enumerate(first.placements) if p.is_shard(0)]
+    def __init__(self, groups: list | None = None) -> None:
+        self.groups = groups or []
 
     def all_reduce(self, sums: Tensor) -> None:
         """Sum ``sums`` in place over the shards (a no-op for unsharded targets)."""
         for group in self.groups:
             dist.all_reduce(sums, group=group)
+
+
+def dtensor_sharding(named: list[tuple[str, nn.Parameter]]) -> Sharding:
+    """The :class:`Sharding` of FSDP2's DTensor targets (none for plain tensors)."""
+    sharded = [is_sharded(p) for _, p in named]
+    if not any(sharded):
+        return Sharding()
+    if not all(sharded):
+        plain = [n for (n, _), s in zip(named, sharded) if not s]
+        raise RuntimeError(f"some target parameters are sharded DTensors and some ({', '.join(plain)}) are not")
+    first = named[0][1]
+    for name, param in named:
+        bad = [p for p in param.placements if not (p.is_replicate() or p.is_shard(0))]
+        if bad or param.device_mesh != first.device_mesh or param.placements != first.placements:
+            raise RuntimeError(
+                f"{name!r} is a DTensor with placements {param.placements} on {param.device_mesh}; fastadv needs"
+                " every target sharded the same way, with Shard(0) or Replicate (as FSDP2's fully_shard does)"
+            )
+    mesh = first.device_mesh
+    return Sharding([mesh.get_group(d) for d, p in enumerate(first.placements) if p.is_shard(0)])
+
+
+class Placement:
+    """Where an attack reads a target's gradient and writes its weights: the tensors themselves, or a DTensor's local
+    shard. The driver calls ``ready()`` at the start of every attack, ``prepare(targets)`` once they are validated,
+    before it reads a gradient, and ``written(params)`` after an attack or a restore."""
+
+    def ready(self) -> None:
+        """Raise if the gradients cannot be read now (nothing is modified yet)."""
+
+    def shape(self, param: nn.Parameter) -> torch.Size:
+        """The parameter's full shape."""
+        return param.shape
+
+    def prepare(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Make the targets' gradients the ones to attack with (e.g. average them over processes)."""
+
+    def weights(self, param: nn.Parameter) -> Tensor:
+        """The ``[rows, cols]`` tensor this process writes in place."""
+        return as_rows(local(param.data))
+
+    def grad(self, param: nn.Parameter) -> Tensor:
+        """The ``[rows, cols]`` gradient matching :meth:`weights` row for row."""
+        return as_rows(local(param.grad).contiguous())
+
+    def sharding(self, named: list[tuple[str, nn.Parameter]]) -> Sharding:
+        return dtensor_sharding(named)
+
+    def written(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Called after an attack or restore wrote these parameters' :meth:`weights`."""
+
+    def set_grad(self, param: nn.Parameter, grad: Tensor | None) -> None:
+        """``param.grad = grad`` (PGD's ``restore_grad``, AWP's earlier micro-batches)."""
+        param.grad = grad

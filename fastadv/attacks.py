@@ -10,12 +10,15 @@ model, which rows are perturbed and their originals, the skip count) and each me
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from fastadv._deepspeed import EngineSupport, is_engine
 from fastadv._driver import RowPerturbation
+from fastadv._sharding import Placement
 from fastadv._util import check_positive, unwrap
 from fastadv.loops import Pass, awp_loop, backward_pass, fgm_loop, pgd_loop
 from fastadv.rules import awp_rule, fgm_rule, pgd_rule
@@ -24,12 +27,15 @@ __all__ = ["FusedFGM", "FusedPGD", "FusedAWP"]
 
 
 class _Attack(abc.ABC):
-    """What every attack class shares: the model (unwrapped from DDP-style ``.module`` wrappers), the perturbed rows
-    and their originals, ``nonfinite_skips``, ``restore`` and ``cleanup``."""
+    """What every attack class shares: the model (unwrapped from DDP-style ``.module`` wrappers and DeepSpeed
+    engines), the perturbed rows and their originals, ``nonfinite_skips``, ``restore``, ``cleanup`` and the passes of
+    ``step``."""
 
     def __init__(self, model: nn.Module, backend: str, rows: str, target: str) -> None:
+        self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
-        self._rows = RowPerturbation(self.model, backend, rows, target)
+        self._rows = RowPerturbation(self.model, backend, rows, target, self.engine and self.engine.placement)
+        self._placement = self._rows.placement  # where the loops and the gradient backup put gradients back
 
     @property
     def nonfinite_skips(self) -> int:
@@ -44,6 +50,16 @@ class _Attack(abc.ABC):
         """After a failed pass: put back whatever an attack left changed (a no-op when nothing is)."""
         if self._rows.active_name is not None:
             self.restore()
+
+    @contextlib.contextmanager
+    def _passes(self, closure: Callable[[], Tensor]) -> Iterator[Pass]:
+        """The pass of ``step(closure)``: ``closure().backward()``, or under a DeepSpeed engine its ``backward`` inside
+        a ``coalesce_grad_reduction`` block (the caller's if one is open)."""
+        if self.engine is None:
+            yield backward_pass(closure)
+        else:
+            with self.engine.window():
+                yield self.engine.backward_pass(closure)
 
     @abc.abstractmethod
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
@@ -76,7 +92,7 @@ class _GradStash:
     def pending(self) -> bool:
         return self._grads is not None
 
-    def restore(self, model: nn.Module) -> None:
+    def restore(self, model: nn.Module, placement: Placement) -> None:
         if self._grads is None:
             raise RuntimeError(
                 "restore_grad() called without backup_grad(): call backup_grad() after the clean backward"
@@ -92,7 +108,7 @@ class _GradStash:
         for name, param in model.named_parameters():
             if param.requires_grad:
                 stashed = self._grads.get(name)
-                param.grad = None if stashed is None else stashed[0]
+                placement.set_grad(param, None if stashed is None else stashed[0])
         self._grads = None
 
 
@@ -145,7 +161,8 @@ class FusedFGM(_Attack):
         ``closure()`` runs the forward pass and returns the loss; gradients accumulate into ``.grad`` as in the seed's
         loop, ready for ``optimizer.step()``.
         """
-        return fgm_loop(self, backward_pass(closure))[0].detach()
+        with self._passes(closure) as run_pass:
+            return fgm_loop(self, run_pass)[0].detach()
 
 
 class FusedPGD(_Attack):
@@ -194,7 +211,7 @@ class FusedPGD(_Attack):
 
     def restore_grad(self) -> None:
         """Put the clean gradients back; a parameter without a clean gradient gets ``None``."""
-        self._grads.restore(self.model)
+        self._grads.restore(self.model, self._placement)
 
     def cleanup(self) -> None:
         """After a failed pass: put back the weights and the clean gradients, where an attack left them changed."""
@@ -211,7 +228,8 @@ class FusedPGD(_Attack):
         ``closure()`` runs the forward pass and returns the loss. Afterwards ``.grad`` holds the clean gradient plus
         that of the last adversarial pass, ready for ``optimizer.step()``.
         """
-        return pgd_loop(self, backward_pass(closure), k)[0].detach()
+        with self._passes(closure) as run_pass:
+            return pgd_loop(self, run_pass, k)[0].detach()
 
 
 class FusedAWP(_Attack):
@@ -269,4 +287,5 @@ class FusedAWP(_Attack):
         gradient accumulation) are kept: set aside for the attack, they are put back before the last adversarial
         backward, which adds to them (and under DDP all-reduces them).
         """
-        return awp_loop(self, backward_pass(closure), k)[0].detach()
+        with self._passes(closure) as run_pass:
+            return awp_loop(self, run_pass, k)[0].detach()

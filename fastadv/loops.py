@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from fastadv._sharding import Placement
 from fastadv._util import check_steps
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def awp_loop(awp: FusedAWP, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]
     put back before the last adversarial pass, whose backward adds to them (under DDP, the backward that all-reduces
     them: put back after it, each rank would keep its own)."""
     check_steps("k", k)
-    with earlier_grads_set_aside(awp.model) as put_back:
+    with earlier_grads_set_aside(awp.model, awp._placement) as put_back:
         loss = run_pass()
         with _undone_on_error(awp):
             for t in range(k):
@@ -123,24 +124,30 @@ def set_grads_aside(params: list[nn.Parameter]) -> list[Tensor | None]:
     return grads
 
 
-def add_grads(params: list[nn.Parameter], grads: list[Tensor | None]) -> None:
-    """Add ``grads`` (from :func:`set_grads_aside`) to the ``.grad`` of ``params``, in place where there is one."""
+def add_grads(params: list[nn.Parameter], grads: list[Tensor | None], placement: Placement | None = None) -> None:
+    """Add ``grads`` (from :func:`set_grads_aside`) to the ``.grad`` of ``params``, in place where there is one
+    (through ``placement`` where there is none: a released DeepSpeed ZeRO-3 parameter needs its help to take one)."""
+    set_grad = (placement or Placement()).set_grad
     for p, grad in zip(params, grads):
-        if grad is not None:
-            p.grad = grad if p.grad is None else p.grad.add_(grad)
+        if grad is None:
+            continue
+        if p.grad is None:
+            set_grad(p, grad)
+        else:
+            p.grad.add_(grad)
 
 
 @contextlib.contextmanager
-def earlier_grads_set_aside(model: nn.Module) -> Iterator[Callable[[], None]]:
-    """Gradients already in ``.grad`` are set aside for the block and added back when it calls the function it gets
-    (once; later calls do nothing), or at its end."""
+def earlier_grads_set_aside(model: nn.Module, placement: Placement | None = None) -> Iterator[Callable[[], None]]:
+    """Gradients already in ``.grad`` are set aside for the block and added back (through ``placement``) when it
+    calls the function it gets (once; later calls do nothing), or at its end."""
     params = [p for p in model.parameters() if p.requires_grad]
     earlier: list[Tensor | None] | None = set_grads_aside(params)
 
     def put_back() -> None:
         nonlocal earlier
         if earlier is not None:
-            add_grads(params, earlier)
+            add_grads(params, earlier, placement)
             earlier = None
 
     try:

@@ -12,7 +12,9 @@ Requires ``transformers`` and ``accelerate``: ``pip install fastadv[transformers
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "fastadv.integrations.transformers needs transformers and accelerate: pip install fastadv[transformers]"
     ) from exc
 
+from fastadv._deepspeed import is_engine
 from fastadv._util import check_positive, check_steps, matching_parameters, unwrap
 from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
 from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
@@ -76,8 +79,10 @@ class AdversarialTrainer(Trainer):
     With gradient accumulation FGM's and PGD's first attack uses ``.grad`` as it stands, earlier micro-batches
     included, exactly as the seed's code in an accumulation loop. Weights (and PGD's clean gradients) are restored
     even when a pass raises. The step returns (and the Trainer logs as ``loss``) the clean loss; the loss of the last
-    adversarial pass is logged beside it as ``adv_loss``, averaged over the same optimizer steps. DeepSpeed (whose
-    ``backward`` also steps the optimizer) and the LOMO optimizers are refused.
+    adversarial pass is logged beside it as ``adv_loss``, averaged over the same optimizer steps. Under DeepSpeed
+    (ZeRO 1-3, ``gradient_accumulation_steps=1``), where ``accelerator.backward`` also steps the engine, the passes
+    run without that step inside one ``engine.coalesce_grad_reduction()`` block and the engine steps once after them
+    (see :class:`fastadv.FusedFGM` on engines). The LOMO optimizers are refused.
 
     Example::
 
@@ -139,16 +144,23 @@ class AdversarialTrainer(Trainer):
         super().__init__(*args, **trainer_kwargs)
 
         if self.adversarial is not None:
-            if getattr(self, "is_deepspeed_enabled", False):
+            if getattr(self, "is_deepspeed_enabled", False) and self.adversarial in INPUT_METHODS:
                 raise NotImplementedError(
-                    "AdversarialTrainer does not support DeepSpeed: its backward also steps the optimizer (so every"
-                    " adversarial pass would be an optimizer step) and ZeRO keeps gradients outside .grad"
+                    f"AdversarialTrainer does not support {self.adversarial!r} under DeepSpeed (untested; FreeLB's"
+                    " several backward passes would each step the engine): use 'fgm', 'pgd' or 'awp' there"
+                )
+            if getattr(self, "is_deepspeed_enabled", False) and self.args.gradient_accumulation_steps != 1:
+                raise NotImplementedError(
+                    "AdversarialTrainer with DeepSpeed supports gradient_accumulation_steps=1 only, got"
+                    f" {self.args.gradient_accumulation_steps}: use a larger per-device batch size instead"
                 )
             optim = str(getattr(self.args.optim, "value", self.args.optim))
             if optim in ("lomo", "adalomo"):
                 raise NotImplementedError(f"AdversarialTrainer does not support optim={optim!r}: its backward updates")
             if self.model is not None:  # fail now on a bad emb_name/adv_param/backend, not at the first step
-                self._attacker = self._build_attacker(unwrap(self.model))
+                attacker = self._build_attacker(unwrap(self.model))
+                # under DeepSpeed the attack object is built on the engine, which train() creates
+                self._attacker = None if getattr(self, "is_deepspeed_enabled", False) else attacker
 
     @property
     def attacker(self) -> Attacker | None:
@@ -176,7 +188,8 @@ class AdversarialTrainer(Trainer):
     def _attacker_for(self, model: nn.Module) -> Attacker:
         target = unwrap(model)
         if self._attacker is None or self._attacker.model is not target:  # e.g. a new model from model_init
-            self._attacker = self._build_attacker(target)
+            # a DeepSpeed engine itself (the attack needs it), other wrappers unwrapped
+            self._attacker = self._build_attacker(model if is_engine(model) else target)
         return self._attacker
 
     def _pass(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> Tensor:
@@ -198,7 +211,8 @@ class AdversarialTrainer(Trainer):
         attacker = self._attacker_for(model)
         if isinstance(attacker, FusedFreeLB | FusedSMART | FusedR3F):
             return self._input_step(attacker, model, inputs, num_items_in_batch)
-        loss, adv_loss = attacker.run(lambda: self._pass(model, inputs, num_items_in_batch), self.adv_k)
+        with self._engine_step(attacker):
+            loss, adv_loss = attacker.run(lambda: self._pass(model, inputs, num_items_in_batch), self.adv_k)
         self._record_adv_loss(adv_loss)
         return loss
 
@@ -232,6 +246,26 @@ class AdversarialTrainer(Trainer):
         if loss is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         return (loss, None) if return_outputs else loss
+
+    @contextlib.contextmanager
+    def _engine_step(self, attacker: Attacker) -> Iterator[None]:
+        """Under DeepSpeed, ``accelerator.backward`` would also run ``engine.step()`` after every pass: the passes run
+        with that off, inside one ``coalesce_grad_reduction`` block, and the engine steps once after it."""
+        if attacker.engine is None:
+            yield
+            return
+        state = self.accelerator.gradient_state
+        sync = state.sync_gradients
+        state._set_sync_gradients(False)  # accelerate's DeepSpeed backward steps the engine where this is True
+        try:
+            with attacker.engine.window():
+                yield
+        finally:
+            state._set_sync_gradients(sync)
+        engine = attacker.engine.engine
+        engine.set_gradient_accumulation_boundary(sync)
+        if sync:
+            engine.step()
 
     def _record_adv_loss(self, adv_loss: Tensor) -> None:
         adv_loss = adv_loss.detach()

@@ -1,0 +1,325 @@
+"""DeepSpeed ZeRO 1, 2 and 3 (two gloo processes, ``DS_ACCELERATOR=cpu``): the attack classes take the engine.
+
+Each process trains on half of every batch through the engine; the weights must be those of the seed's classes run in
+one process on the whole batch (SGD on fp32 master weights, as DeepSpeed's optimizer does). One spawn per stage runs
+every method x gradient accumulation (1, 2 micro-batches in one ``coalesce_grad_reduction`` block) x dtype (fp32,
+bf16) and the error cases, re-initialising the engine for each (starting processes and importing deepspeed is the slow
+part); the parent asserts on each configuration by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _helpers import KINDS, adversarial_step, make_attacker
+from conftest import TinyEncoder
+
+from fastadv.loops import earlier_grads_set_aside
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the processes train on the CPU (gloo), GPU or not
+pytest.importorskip("deepspeed")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
+    pytest.mark.skipif(sys.platform != "linux", reason="spawns processes with a file:// rendezvous (Linux CI)"),
+]
+
+WORLD = 2
+STEPS = 3
+LR = 0.1
+SIZE = (4, 6)
+# 63 rows of 16: each ZeRO-3 partition (504 values) is 31.5 rows, so the attack works on half rows of 8
+VOCAB = 63
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONFIGS = [(kind, gas, dtype) for kind in KINDS for gas in (1, 2) for dtype in DTYPES]
+MANUAL = ("fgm-manual", 1, "fp32")  # the seed's attack()/restore() calls inside the caller's block
+
+
+def new_model(dtype: str = "fp32") -> TinyEncoder:
+    torch.manual_seed(0)
+    return TinyEncoder(vocab=VOCAB, device="cpu").to(DTYPES[dtype])
+
+
+def batches(gas: int, rows: slice = slice(None)):
+    """``STEPS`` optimizer steps of ``gas`` micro-batches each (this process's ``rows`` of each)."""
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(STEPS):
+        yield [torch.randint(0, VOCAB, SIZE, generator=gen)[rows] for _ in range(gas)]
+
+
+def reference(kind: str | None, gas: int, dtype: str) -> dict[str, torch.Tensor]:
+    """The seed's classes (``kind``, or no attack for ``None``) in one process on whole batches; SGD steps fp32
+    master copies of the weights, which are then rounded to ``dtype`` (what DeepSpeed's ZeRO optimizers do). AWP's
+    usage code zeroes the gradients of earlier micro-batches, which ``FusedAWP.step`` keeps (a documented difference):
+    they are set aside around it here."""
+    model = new_model(dtype)
+    master = [p.detach().float().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(master, lr=LR)
+    attacker = None if kind is None else make_attacker(kind, model, None)
+    for micro_batches in batches(gas):
+        for ids in micro_batches:
+            if attacker is None:
+                model(ids).backward()
+            else:
+                with earlier_grads_set_aside(model) if kind == "awp" else contextlib.nullcontext():
+                    adversarial_step(kind, attacker, model, lambda ids=ids: model(ids))
+        for m, p in zip(master, model.parameters()):
+            m.grad = p.grad.float()
+            p.grad = None
+        opt.step()
+        with torch.no_grad():
+            for m, p in zip(master, model.parameters()):
+                p.copy_(m)
+    return {name: p.detach().float() for name, p in model.named_parameters()}
+
+
+def _engine(stage: int, dtype: str = "fp32", **config):
+    import deepspeed
+
+    model = new_model()
+    config = {
+        "train_micro_batch_size_per_gpu": SIZE[0] // WORLD,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # the default clips at 1.0 since 0.19.3
+        "zero_allow_untested_optimizer": True,
+        # 100: the LayerNorm weights (16 values) stay whole on every rank, the larger weights are partitioned
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 100},
+        "bf16": {"enabled": dtype == "bf16"},
+        **config,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
+    return engine
+
+
+def _full_params(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):  # a no-op below stage 3
+        return {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
+
+
+def _train(engine, kind: str, gas: int, rank: int) -> None:
+    manual = kind == "fgm-manual"
+    attacker = make_attacker("fgm" if manual else kind, engine, "auto")
+    for micro_batches in batches(gas, slice(rank, None, WORLD)):
+        # with one micro-batch step() opens (and flushes) the block itself
+        with engine.coalesce_grad_reduction() if gas > 1 or manual else contextlib.nullcontext():
+            for ids in micro_batches:
+                if manual:
+                    engine.backward(engine(ids))
+                    attacker.attack()
+                    engine.backward(engine(ids))
+                    attacker.restore()
+                else:
+                    adversarial_step(kind, attacker, engine.module, lambda ids=ids: engine(ids), use_step=True)
+        engine.step()
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except (RuntimeError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _misuse(stage: int, rank: int) -> dict[str, object]:
+    """The error cases; each also records whether weights (and gradients) were left as they were."""
+    out: dict[str, object] = {}
+    engine = _engine(stage)
+    fgm = make_attacker("fgm", engine, "auto")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    engine.backward(engine(ids))  # outside coalesce_grad_reduction: ZeRO has taken the gradients
+    before = _full_params(engine)
+    out["outside the block"] = _error(fgm.attack)
+    out["outside the block: weights kept"] = all(torch.equal(v, before[k]) for k, v in _full_params(engine).items())
+    engine.step()
+    fgm.step(lambda: engine(ids))
+    out["two steps"] = _error(lambda: fgm.step(lambda: engine(ids)))
+    engine.step()
+    if stage == 1:
+        out["gas 2"] = _error(lambda: make_attacker("pgd", _engine(1, gradient_accumulation_steps=2), "auto"))
+        out["stage 0"] = _error(lambda: make_attacker("awp", _engine(0), "auto"))
+    return out
+
+
+def _worker(rank: int, stage: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    import deepspeed  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip compiling the shm op (minutes)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results: dict = {}
+        for kind, gas, dtype in [*CONFIGS, MANUAL]:
+            engine = _engine(stage, dtype)
+            try:
+                _train(engine, kind, gas, rank)
+                results[kind, gas, dtype] = _full_params(engine)
+            except Exception as err:  # reported per configuration by the parent
+                results[kind, gas, dtype] = f"{type(err).__name__}: {err}"
+        results["misuse"] = _misuse(stage, rank)
+        torch.save(results, os.path.join(out_dir, f"{stage}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    refs = {(kind, gas, dtype): reference(kind, gas, dtype) for kind, gas, dtype in CONFIGS}
+    refs[MANUAL] = refs["fgm", 1, "fp32"]
+    refs["no attack"] = reference(None, 1, "fp32")
+    return refs
+
+
+def _max_error(got: dict, want: dict, dtype: str = "fp32") -> float:
+    """The largest absolute difference; for bf16, the largest part of it beyond one bf16 ulp of the weight (2**-7
+    relative at most)."""
+    margin = 2**-7 if dtype == "bf16" else 0.0
+    return max(((got[n] - value).abs() - margin * value.abs()).max().item() for n, value in want.items())
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_matches_one_process(tmp_path, stage, references):
+    """Every method, both accumulations and dtypes, manual calls and the error cases, at one ZeRO stage."""
+    mp.spawn(_worker, args=(stage, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"{stage}-{rank}.pt") for rank in range(WORLD)]
+    errors = {}
+    for config in [*CONFIGS, MANUAL]:
+        for rank, result in enumerate(ranks):
+            got = result[config]
+            assert not isinstance(got, str), f"stage {stage} {config} rank {rank}: {got}"
+            errors[config, rank] = _max_error(got, references[config], config[2])
+    print({f"{c[0]} gas={c[1]} {c[2]}": max(errors[c, r] for r in range(WORLD)) for c in [*CONFIGS, MANUAL]})
+    for (config, rank), error in errors.items():
+        # fp32: rounding only (the mean of the halves' gradients against the whole batch's). bf16: a weight may round
+        # to the neighbouring bf16 value (one ulp), and the fp32 master weights drift apart by the rounding of the
+        # bf16 gradients (8 significant bits, averaged over the ranks in bf16): lr * steps * |g| * 2**-8, ~1e-4 per
+        # micro-batch
+        limit = 1e-6 if config[2] == "fp32" else 1.5e-4 * config[1]
+        assert error <= limit, f"stage {stage} {config} rank {rank}: max error {error:.3g} > {limit}"
+    # DeepSpeed#5667: an FGM step that changes nothing would match the run without attack
+    moved = _max_error(ranks[0]["fgm", 1, "fp32"], references["no attack"])
+    assert moved > 1e-3, f"stage {stage}: FGM changed the weights by {moved:.3g} only"
+    misuse = ranks[0]["misuse"]
+    assert "coalesce_grad_reduction" in misuse["outside the block"], misuse
+    assert misuse["outside the block: weights kept"], misuse
+    assert "without engine.step()" in misuse["two steps"], misuse
+    if stage == 1:
+        assert '"gradient_accumulation_steps": 2' in misuse["gas 2"], misuse
+        assert "stages 1, 2 and 3, got stage 0" in misuse["stage 0"], misuse
+
+
+def test_old_deepspeed_is_refused(monkeypatch):
+    import deepspeed
+
+    from fastadv import FusedFGM
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.0")
+    engine_class = type("DeepSpeedEngine", (torch.nn.Module,), {"__module__": "deepspeed.runtime.engine"})
+    engine = engine_class()
+    engine.module = new_model()
+    with pytest.raises(RuntimeError, match=r"needs deepspeed >= 0\.19\.1 .* found 0\.19\.0"):
+        FusedFGM(engine)
+
+
+def test_import_fastadv_does_not_import_deepspeed():
+    code = "import sys, fastadv, fastadv.attacks; assert 'deepspeed' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+
+class _TinyLM(TinyEncoder):
+    """:class:`TinyEncoder` as the Trainer calls a model: keyword inputs, the loss in a dict."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"loss": super().forward(input_ids)}
+
+
+TRAINER_STAGE = 2
+HYPER_FGM_EPS = 0.5
+TRAINER_SAMPLES = 16  # 4 optimizer steps of 2 x 2 sequences
+
+
+def _trainer_data() -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, VOCAB, (TRAINER_SAMPLES, SIZE[1]), generator=torch.Generator().manual_seed(3))
+    return [{"input_ids": row, "labels": torch.tensor(0)} for row in ids]
+
+
+def _trainer_worker(rank: int, init_file: str, out_dir: str, port: int) -> None:
+    # accelerate checks these even with the process group already initialised
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed  # noqa: F401
+    from transformers import TrainingArguments
+
+    from fastadv.integrations.transformers import AdversarialTrainer
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        seen = []
+
+        class Recording(AdversarialTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                seen.append(inputs["input_ids"].clone())
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        torch.manual_seed(0)
+        model = _TinyLM(vocab=VOCAB, device="cpu")
+        args = TrainingArguments(
+            output_dir=out_dir, report_to=[], save_strategy="no", max_grad_norm=0.0, lr_scheduler_type="constant",
+            learning_rate=LR, per_device_train_batch_size=SIZE[0] // WORLD, num_train_epochs=1, disable_tqdm=True,
+            dataloader_num_workers=0, seed=0, use_cpu=True,
+            # the optimizer in the config: under DeepSpeed the Trainer replaces one passed to it by AdamW
+            deepspeed={"zero_optimization": {"stage": TRAINER_STAGE}, "zero_allow_untested_optimizer": True,
+                       "optimizer": {"type": "SGD", "params": {"lr": LR}},
+                       "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                       "gradient_clipping": "auto"},
+        )
+        trainer = Recording(model=model, args=args, train_dataset=_trainer_data(),
+                            adversarial="fgm", adv_eps=HYPER_FGM_EPS)
+        trainer.train()
+        engine = trainer.model_wrapped
+        result = {"params": _full_params(engine), "seen": seen, "engine steps": engine.global_steps,
+                  "trainer steps": trainer.state.global_step}
+        torch.save(result, os.path.join(out_dir, f"trainer-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adversarial_trainer_steps_the_engine_once(tmp_path):
+    """AdversarialTrainer under DeepSpeed (ZeRO-2): one engine step per optimizer step (accelerate's backward would
+    step after every pass), and the weights of the seed's FGM loop in one process on the whole batches."""
+    pytest.importorskip("transformers")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_trainer_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), port), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"trainer-{rank}.pt") for rank in range(WORLD)]
+    steps = TRAINER_SAMPLES // SIZE[0]
+    for rank, result in enumerate(ranks):
+        assert result["trainer steps"] == steps and result["engine steps"] == steps, (rank, result)
+    model = new_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    fgm = make_attacker("fgm", model, None, eps=HYPER_FGM_EPS)
+    for halves in zip(*(result["seen"] for result in ranks)):
+        ids = torch.cat(halves)
+        adversarial_step("fgm", fgm, model, lambda ids=ids: model(ids))
+        opt.step()
+        opt.zero_grad()
+    want = {name: p.detach() for name, p in model.named_parameters()}
+    for rank, result in enumerate(ranks):
+        got = {name.removeprefix("module."): value for name, value in result["params"].items()}
+        error = _max_error(got, want)
+        print(f"trainer rank {rank}: max error {error:.3g}")
+        assert error <= 1e-6, f"AdversarialTrainer ZeRO-{TRAINER_STAGE} rank {rank}: max error {error:.3g}"
