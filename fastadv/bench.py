@@ -493,6 +493,33 @@ def op_bandwidth(
                 copy_seconds = time_call(lambda a=dst[:half], b=src[:half]: a.copy_(b), device, repeats)
                 seconds = time_call(call, device, repeats)
                 out.append((op, gradient, name, moved[op] / seconds / 1e9, copy_seconds / seconds))
+    out.extend(_input_step_bandwidth(device, backends, dtype, repeats))
+    return out
+
+
+def _input_step_bandwidth(device: torch.device, backends: list[str], dtype: torch.dtype,
+                          repeats: int) -> list[tuple[str, str, str, float, float]]:
+    """``input_step`` at a large FreeLB/SMART batch (32 x 512 tokens x 1024, a quarter padded): FreeLB's per-example
+    l2 step with its l2 bound, and SMART's per-token inf step with its box. Bytes counted: one read of the gradient and
+    of delta, one write of delta (the passes a group's norm and bound need again are the op's own cost)."""
+    shape = (32, max(2, int(512 * bench_scale())), 1024)
+    gen = torch.Generator(device).manual_seed(0)
+    delta = 0.01 * torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    mask = torch.arange(shape[1], device=device) < (shape[1] * 3) // 4
+    mask = mask.expand(shape[0], -1).contiguous()
+    moved = 3 * delta.numel() * delta.element_size()
+    src = torch.empty(moved // 8 + 1, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_seconds = time_call(lambda: dst.copy_(src), device, repeats)  # a read and a write of moved / 2 bytes
+    out = []
+    for name in backends:
+        ops = resolve_backend(name, device)
+        for what, options in (("example-l2", ("l2", False, 0.0, 1e-8, "l2", 1.0)),
+                              ("token-inf", ("inf", True, 1e-6, 0.0, "inf", 1e-3))):
+            step = functools.partial(ops.input_step, delta, grad, mask, 0.1, *options)
+            seconds = time_call(step, device, repeats)
+            out.append(("input_step", what, name, moved / seconds / 1e9, copy_seconds / seconds))
     return out
 
 

@@ -122,10 +122,10 @@ class _EmbeddingOutput:
         if self.mask is None:
             self.mask = self._mask_for(output)
         self.output = output
-        if self.replay_rng:
-            self._replay(output.device)
         if self.delta is None and self.init is not None:
             self.delta = self.init(output.detach())
+        if self.replay_rng:  # after the initial delta's draw: the state the first pass's dropout starts from
+            self._replay(output.device)
         if self.delta is None:
             return None
         if self.delta.shape != output.shape:
@@ -178,6 +178,11 @@ class _InputAttack(abc.ABC):
         out = forward()
         hook.pass_done()
         return out
+
+    def _clean_pass(self, forward: Forward, hook: _EmbeddingOutput) -> tuple[Tensor, Tensor, Tensor]:
+        """SMART's and R3F's first pass: the loss, the logits and the embedding output (whose shape the noise takes)."""
+        loss, logits = _loss_and_logits(self._forward(forward, hook))
+        return loss, logits, hook.output
 
     def _ascend(self, delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
                 denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
@@ -344,8 +349,7 @@ class FusedSMART(_InputAttack):
             attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the task loss and the adversarial term (before ``alpha``)."""
         with self._embedding.installed(attention_mask) as hook:
-            loss, logits = _loss_and_logits(self._forward(forward, hook))
-            embed = hook.output
+            loss, logits, embed = self._clean_pass(forward, hook)
             noise = hook.masked(embed.new_empty(embed.size()).normal_(0, 1) * self.noise_var).detach()
             finite = torch.ones((), dtype=torch.bool, device=embed.device)
             bound, radius = ("inf", self.adv_eps) if self.adv_eps is not None else ("none", 0.0)
@@ -398,8 +402,7 @@ class FusedR3F(_InputAttack):
             attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the task loss and the symmetric divergence (before ``r3f_lambda``)."""
         with self._embedding.installed(attention_mask) as hook:
-            loss, logits = _loss_and_logits(self._forward(forward, hook))
-            embed = hook.output
+            loss, logits, embed = self._clean_pass(forward, hook)
             if self.noise_type == "normal":
                 noise = torch.normal(torch.zeros_like(embed, dtype=torch.float32), self.eps)
             else:

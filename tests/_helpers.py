@@ -121,12 +121,7 @@ def train(model: nn.Module, attacker, kind: str, *, steps: int = 4, k: int | Non
             ids = torch.randint(0, 64, size, device=device, generator=gen)[rows]
             closure = functools.partial(forward, ids)
             losses.append(adversarial_step(kind, attacker, inner, closure, k, use_step).item())
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad()
+        optimizer_step(model, opt, scaler, None)
     return losses
 
 
@@ -233,6 +228,21 @@ def _seed_awp_step(awp, model: nn.Module, closure: Callable[[], torch.Tensor], k
     awp.restore()
 
 
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   clip: float | None) -> None:
+    """The end of a hand-written step: unscale, clip the gradients to ``clip``, step (through ``scaler``), zero."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad()
+
+
 def seed_loop(model: nn.Module, kind: str | None, batches: Sequence[torch.Tensor], *, accumulate: int = 1,
               clip: float | None = None, autocast: torch.dtype | None = None,
               scaler: torch.amp.GradScaler | None = None, lr: float = 0.1, epochs: int = 1, start_epoch: int = 0,
@@ -268,16 +278,7 @@ def seed_loop(model: nn.Module, kind: str | None, batches: Sequence[torch.Tensor
                 else:
                     _seed_awp_step(attacker, inner, closure, FRAMEWORK_K[kind])
             if last:
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                if scaler is None:
-                    opt.step()
-                else:
-                    scaler.step(opt)
-                    scaler.update()
-                opt.zero_grad()
+                optimizer_step(model, opt, scaler, clip)
 
 
 def free_port() -> int:
@@ -401,14 +402,5 @@ def input_train(model: nn.Module, kind: str, backend: str | None, batches: Seque
             else:
                 attacker.run(forward, backward, mask)
         if last:
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
-            opt.zero_grad()
+            optimizer_step(model, opt, scaler, clip)
     return inner
