@@ -11,4 +11,4 @@ from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
 
 __all__ = ["FusedFGM", "FusedPGD", "FusedAWP", "FusedFreeLB", "FusedSMART", "FusedR3F", "available_backends",
            "__version__"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
