@@ -19,21 +19,24 @@ from torch import Tensor, nn
 from fastadv._deepspeed import EngineSupport, is_engine
 from fastadv._driver import RowPerturbation
 from fastadv._sharding import Placement
-from fastadv._util import check_positive, unwrap
+from fastadv._util import Hyperparameters, check_positive, check_steps, matching_parameters, unwrap
+from fastadv.backends import resolve_backend
 from fastadv.loops import Pass, awp_loop, backward_pass, fgm_loop, pgd_loop
 from fastadv.rules import awp_rule, fgm_rule, pgd_rule
 
 __all__ = ["FusedFGM", "FusedPGD", "FusedAWP"]
 
 
-class _Attack(abc.ABC):
-    """What every attack class shares: the model (unwrapped from DDP-style ``.module`` wrappers and DeepSpeed
-    engines), the perturbed rows and their originals, ``nonfinite_skips``, ``restore``, ``cleanup`` and the passes of
-    ``step``."""
+class _Attack(Hyperparameters, abc.ABC):
+    """What every attack class shares: the model (unwrapped from DDP, FSDP and DataParallel wrappers and DeepSpeed
+    engines, see :func:`fastadv._util.unwrap`), the perturbed rows and their originals, ``nonfinite_skips``,
+    ``restore``, ``cleanup`` and the passes of ``step``."""
 
-    def __init__(self, model: nn.Module, backend: str, rows: str, target: str) -> None:
+    def __init__(self, model: nn.Module, backend: str, rows: str, target: str, arg: str) -> None:
         self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
+        named = matching_parameters(self.model, target, arg)  # what can fail before the first pass fails here
+        resolve_backend(backend, named[0][1].device)
         self._rows = RowPerturbation(self.model, backend, rows, target, self.engine and self.engine.placement)
         self._placement = self._rows.placement  # where the loops and the gradient backup put gradients back
 
@@ -60,6 +63,11 @@ class _Attack(abc.ABC):
         else:
             with self.engine.window():
                 yield self.engine.backward_pass(closure)
+
+    @staticmethod
+    def check_k(k: object, name: str = "k") -> int:
+        """``k``, the number of attack steps of a step, checked."""
+        return check_steps(name, k)
 
     @abc.abstractmethod
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
@@ -116,7 +124,7 @@ class FusedFGM(_Attack):
     """Drop-in for the seed's ``FGM``: ``W += eps * G / ||G||`` on the embedding rows the batch touched.
 
     Args:
-        model: the model (a wrapper with ``.module``, e.g. DDP, is unwrapped).
+        model: the model (DDP, FSDP, DataParallel and DeepSpeed engines are unwrapped).
         eps: perturbation size, > 0.
         emb_name: substring of the names of the parameters to attack; ``attack``/``restore`` may override it.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
@@ -134,6 +142,10 @@ class FusedFGM(_Attack):
         optimizer.step(); optimizer.zero_grad()
     """
 
+    CHECKS = {"eps": check_positive}
+    eps: float
+    emb_name: str
+
     def __init__(
         self,
         model: nn.Module,
@@ -142,17 +154,21 @@ class FusedFGM(_Attack):
         backend: str = "auto",
         rows: str = "auto",
     ) -> None:
-        super().__init__(model, backend, rows, emb_name)
-        self.eps = check_positive("eps", eps)
-        self.emb_name = emb_name
+        vars(self).update(self.checked({"eps": eps, "emb_name": emb_name}))
+        super().__init__(model, backend, rows, emb_name, "emb_name")
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
         self._rows.attack(emb_name or self.emb_name, True, fgm_rule(self.eps))
 
+    @staticmethod
+    def check_k(k: object, name: str = "k") -> int:
+        if k != 1 or isinstance(k, bool):
+            raise ValueError(f"FGM makes one attack per step, got {name}={k!r}")
+        return 1
+
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
-        if k != 1:
-            raise ValueError(f"FGM makes one attack per step, got k={k!r}")
+        self.check_k(k)
         return fgm_loop(self, run_pass)
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -169,7 +185,7 @@ class FusedPGD(_Attack):
     """Drop-in for the seed's ``PGD``: ``k`` steps of ``alpha * G / ||G||`` projected onto the ``eps`` ball.
 
     Args:
-        model: the model (a wrapper with ``.module``, e.g. DDP, is unwrapped).
+        model: the model (DDP, FSDP, DataParallel and DeepSpeed engines are unwrapped).
         eps: radius of the perturbation ball, > 0.
         alpha: step size, > 0.
         emb_name: substring of the names of the parameters to attack; ``attack``/``restore`` may override it.
@@ -185,6 +201,11 @@ class FusedPGD(_Attack):
         optimizer.step(); optimizer.zero_grad()
     """
 
+    CHECKS = {"eps": check_positive, "alpha": check_positive}
+    eps: float
+    alpha: float
+    emb_name: str
+
     def __init__(
         self,
         model: nn.Module,
@@ -195,10 +216,8 @@ class FusedPGD(_Attack):
         copy_grads: bool = False,
         rows: str = "auto",
     ) -> None:
-        super().__init__(model, backend, rows, emb_name)
-        self.eps = check_positive("eps", eps)
-        self.alpha = check_positive("alpha", alpha)
-        self.emb_name = emb_name
+        vars(self).update(self.checked({"eps": eps, "alpha": alpha, "emb_name": emb_name}))
+        super().__init__(model, backend, rows, emb_name, "emb_name")
         self._grads = _GradStash(copy_grads)
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
@@ -241,7 +260,7 @@ class FusedAWP(_Attack):
     stored); ``restore()`` puts ``W0`` back. A zero, inf or NaN gradient norm skips that tensor.
 
     Args:
-        model: the model (a wrapper with ``.module``, e.g. DDP, is unwrapped).
+        model: the model (DDP, FSDP, DataParallel and DeepSpeed engines are unwrapped).
         adv_param: substring of the names of the parameters to perturb.
         adv_lr: step size relative to the weights' norm, > 0.
         adv_eps: half-width of the box, relative to ``|W0|``, > 0.
@@ -254,6 +273,11 @@ class FusedAWP(_Attack):
         optimizer.step(); optimizer.zero_grad()
     """
 
+    CHECKS = {"adv_lr": check_positive, "adv_eps": check_positive}
+    adv_param: str
+    adv_lr: float
+    adv_eps: float
+
     def __init__(
         self,
         model: nn.Module,
@@ -262,10 +286,8 @@ class FusedAWP(_Attack):
         adv_eps: float = 0.01,
         backend: str = "auto",
     ) -> None:
-        super().__init__(model, backend, "scan", adv_param)  # dense weights: every row may change
-        self.adv_param = adv_param
-        self.adv_lr = check_positive("adv_lr", adv_lr)
-        self.adv_eps = check_positive("adv_eps", adv_eps)
+        vars(self).update(self.checked({"adv_param": adv_param, "adv_lr": adv_lr, "adv_eps": adv_eps}))
+        super().__init__(model, backend, "scan", adv_param, "adv_param")  # dense weights: every row may change
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""

@@ -1,11 +1,14 @@
 """FusedFreeLB, FusedSMART and FusedR3F: the input-space family, on the output of the embedding module.
 
 The public implementations of these methods feed ``inputs_embeds`` (FreeLB, SMART) or need a model that takes
-``token_embeddings`` (R3F). Here a forward hook on the embedding module (found by name, like ``emb_name``) adds the
-perturbation to its output during the method's passes and is removed after the step, so any model works unchanged.
-FreeLB's and SMART's ascent step (masked per-example or per-token norm of the gradient, step, bound) is one op of the
-backend contract, :meth:`~fastadv.backends.contract.Backend.input_step`. The oracles are
-:func:`fastadv.reference.freelb_step`, :func:`~fastadv.reference.smart_step` and :func:`~fastadv.reference.r3f_step`.
+``token_embeddings`` (R3F). Here the perturbation is added to the output of the embedding module (found by name, like
+``emb_name``) by a forward hook that exists only while a step runs: a global module hook (``torch.nn.modules.module.
+register_module_forward_hook``) that acts on that module alone, installed by the step and removed on every way out of
+it, so nothing of fastadv is ever on the user's model (a ``copy.deepcopy`` or ``torch.save`` taken inside a step
+carries nothing away) and any model works unchanged. FreeLB's and SMART's ascent step (masked per-example or
+per-token norm of the gradient, step, bound) is one op of the backend contract,
+:meth:`~fastadv.backends.contract.Backend.input_step`. The oracles are :func:`fastadv.reference.freelb_step`,
+:func:`~fastadv.reference.smart_step` and :func:`~fastadv.reference.r3f_step`.
 
 Each class has ``step(closure, attention_mask=None)`` (``closure()`` runs the forward pass; the step runs every
 backward itself) and ``run(forward, backward, attention_mask=None)``, the same step with your own backward (a
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastadv._util import check_positive, check_steps, unwrap
+from fastadv._deepspeed import EngineSupport, is_engine
+from fastadv._util import (
+    Hyperparameters,
+    as_bool,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_steps,
+    optional,
+    unwrap,
+)
 from fastadv.backends import backend_for, resolve_backend
 
 __all__ = ["FusedFreeLB", "FusedSMART", "FusedR3F"]
@@ -52,69 +64,112 @@ def _loss_and_logits(out: Any) -> tuple[Tensor, Tensor]:
     )
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+def embedding_module(model: nn.Module, emb_name: str) -> tuple[str, nn.Module]:
+    """The module whose output the input-space methods perturb: the one whose name ends with ``emb_name`` as a dotted
+    suffix (``"encoder.embed_tokens"`` picks one of an encoder-decoder's two), or, for a name without a dot, whose last
+    name part contains it (``"word_embeddings"``). A clear error unless exactly one matches."""
+    if "." in emb_name:
+        found = [(n, m) for n, m in model.named_modules() if n == emb_name or n.endswith("." + emb_name)]
+    else:
+        found = [(n, m) for n, m in model.named_modules() if n and emb_name in n.split(".")[-1]]
+    if len(found) == 1:
+        return found[0]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    what = "no module" if not found else f"{len(found)} modules ({', '.join(n for n, _ in found)})"
+    raise ValueError(
+        f"{what} of the model is named like emb_name={emb_name!r}; the embedding modules are: "
+        f"{', '.join(names) or 'none'}. Pass emb_name= the last part of the name of the one whose output to perturb "
+        "(the word embeddings), or a dotted suffix of its name (e.g. 'encoder.embed_tokens') to pick one of several"
+    )
 
 
-def _check_nonnegative(name: str, value: float) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+def _neftune_hooks(module: nn.Module) -> list[int]:
+    """The keys of transformers' NEFTune hooks on ``module`` (``Trainer(neftune_noise_alpha=...)``)."""
+    return [key for key, hook in module._forward_hooks.items()
+            if getattr(hook, "__name__", "") == "neftune_post_forward_hook"]
+
+
+def _sequence_mark() -> int:
+    """The autograd sequence number the next node created on this thread gets: passes are told apart by it, since a
+    node's number says which pass created it."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return torch.empty((), requires_grad=True).view(()).grad_fn._sequence_nr()
 
 
 class _EmbeddingOutput:
-    """The forward hook that adds a perturbation to the output of the embedding module, while installed.
+    """The perturbation of the output of one embedding module during a step (:meth:`installed`).
 
-    ``delta`` is added when set; ``init(output)`` creates it at the first call, when the output's shape is known;
-    ``detach`` adds it to the output cut from the graph (R3F); ``replay_rng`` puts the random state of the first call
-    back at every later one, so that every pass draws the same dropout masks.
+    ``perturb(delta, detach)`` sets what the following passes add (``detach``: added to the output cut from the graph,
+    as R3F's noised embeddings are); ``init(output, mask)``, when given, creates the delta at the first call, when the
+    output's shape is known; ``replay_rng`` puts the random state of the first call back at every later one, so that
+    every pass draws the same dropout masks. A call inside a backward (activation checkpointing recomputing the
+    forward) is not a pass: it gets the perturbation of the pass whose graph it recomputes.
     """
 
     def __init__(self, model: nn.Module, emb_name: str) -> None:
-        found = [(n, m) for n, m in model.named_modules() if n and emb_name in n.split(".")[-1]]
-        if len(found) != 1:
-            names = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
-            what = "no module" if not found else f"{len(found)} modules ({', '.join(n for n, _ in found)})"
-            raise ValueError(
-                f"{what} of the model is named like emb_name={emb_name!r}; the embedding modules are: "
-                f"{', '.join(names) or 'none'}. Pass emb_name= the last part of the name of the one whose output to "
-                "perturb (the word embeddings)"
-            )
-        self.name, self.module = found[0]
-        self.init: Callable[[Tensor], Tensor] | None = None
+        self.name, self.module = embedding_module(model, emb_name)
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.init: Callable[[Tensor, Tensor | None], Tensor] | None = None
         self.delta: Tensor | None = None
         self.detach = self.replay_rng = False
         self.output: Tensor | None = None
+        self.mask: Tensor | None = None
         self.calls = 0
         self._rng: tuple[Tensor, Tensor | None] | None = None
-        self.mask: Tensor | None = None
         self._attention_mask: Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._passes: list[tuple[int, Tensor | None, bool]] = []  # (first sequence number, delta, detach) per pass
+        self._shared_noise: Tensor | None = None
+        self._neftune: list[Callable[..., Any]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handle": None}  # a copy is not installed
 
     @contextlib.contextmanager
-    def installed(self, attention_mask: Tensor | None) -> Iterator[_EmbeddingOutput]:
-        """The hook, from a clean state, for the block. Re-entrant: inside an installed block (a framework's clean
-        pass ran under it, see the Lightning callback) it is the same hook, state kept."""
+    def installed(self, attention_mask: Tensor | None, *, init: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+                  replay_rng: bool = False, share_noise: bool = False) -> Iterator[_EmbeddingOutput]:
+        """The hook, from a clean state, for the block, removed (and the state dropped) on every way out of it.
+
+        ``init`` and ``replay_rng``: see the class. ``share_noise``: the passes compare each other's outputs (SMART,
+        R3F), so noise that a hook of the model adds to the embedding output (transformers' NEFTune) is drawn once,
+        by its own hook at the first pass, and the same noise is added in every pass of the step; its hook is taken
+        off the module for the step and put back after.
+        """
         if self._handle is not None:
-            yield self
-            return
-        self.init, self.delta, self.detach, self.replay_rng, self.output, self.calls = None, None, False, False, None, 0
-        self._rng, self.mask, self._attention_mask = None, None, attention_mask
-        self._handle = self.module.register_forward_hook(self._hook)
+            raise RuntimeError(f"a step on {self.name} is already running: steps of one attack object do not nest")
+        self._clear()
+        self._attention_mask, self.init, self.replay_rng = attention_mask, init, replay_rng
+        hooks = self.module._forward_hooks
+        before = list(hooks.items())
+        self._neftune = [hooks.pop(key) for key in (_neftune_hooks(self.module) if share_noise else [])]
+        self._handle = nn.modules.module.register_module_forward_hook(self._hook)
         try:
             yield self
         finally:
             self._handle.remove()
             self._handle = None
-            self.init = self.delta = self.output = self.mask = self._attention_mask = self._rng = None
+            if self._neftune:  # back in their place, beside hooks added or removed meanwhile
+                added = [(key, hook) for key, hook in hooks.items() if key not in dict(before)]
+                kept = [(key, hook) for key, hook in before if key in hooks or hook in self._neftune]
+                hooks.clear()
+                hooks.update(kept + added)
+            self._clear()
+
+    def perturb(self, delta: Tensor | None, detach: bool = False) -> None:
+        """What the next passes add to the output (``None``: nothing)."""
+        self.delta, self.detach = delta, detach
+
+    def start_pass(self) -> None:
+        """Before each forward pass: remember where its autograd nodes start (for recomputations, see the class)."""
+        self._passes.append((_sequence_mark(), None, False))
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        if module is not self.module:
+            return None
+        if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpointed forward recomputed
+            return self._added(output, *self._recomputed())
         self.calls += 1
         if not isinstance(output, Tensor) or output.dim() != 3:
             raise TypeError(f"the output of {self.name} is not a [batch, tokens, hidden] tensor "
@@ -122,16 +177,39 @@ class _EmbeddingOutput:
         if self.mask is None:
             self.mask = self._mask_for(output)
         self.output = output
+        if self._neftune and self._shared_noise is None:
+            noised = output
+            for neftune in self._neftune:
+                noised = neftune(module, args, noised)
+            self._shared_noise = (noised - output).detach()
         if self.delta is None and self.init is not None:
-            self.delta = self.init(output.detach())
+            self.delta = self.init(output.detach(), self.mask)
         if self.replay_rng:  # after the initial delta's draw: the state the first pass's dropout starts from
             self._replay(output.device)
-        if self.delta is None:
-            return None
-        if self.delta.shape != output.shape:
+        if self.delta is not None and self.delta.shape != output.shape:
             raise RuntimeError(f"the output of {self.name} changed shape within a step ({tuple(self.delta.shape)} "
                                f"to {tuple(output.shape)}): every pass of a step must run on the same batch")
-        return (output.detach() if self.detach else output) + self.delta
+        if self._passes:
+            self._passes[-1] = (self._passes[-1][0], self.delta, self.detach)
+        return self._added(output, self.delta, self.detach)
+
+    def _added(self, output: Tensor, delta: Tensor | None, detach: bool) -> Tensor | None:
+        if delta is None and self._shared_noise is None:
+            return None
+        out = output.detach() if detach else output
+        if self._shared_noise is not None:
+            out = out + self._shared_noise
+        return out if delta is None else out + delta
+
+    def _recomputed(self) -> tuple[Tensor | None, bool]:
+        """The perturbation of the pass whose nodes the backward is evaluating (the current one if unknown)."""
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            number = node._sequence_nr()
+            for start, delta, detach in reversed(self._passes):
+                if start <= number:
+                    return delta, detach
+        return self.delta, self.detach
 
     def _mask_for(self, output: Tensor) -> Tensor | None:
         mask = self._attention_mask
@@ -154,35 +232,52 @@ class _EmbeddingOutput:
     def pass_done(self) -> None:
         """After each forward pass: the embedding module ran exactly once."""
         calls, self.calls = self.calls, 0
+        if calls == 0:
+            raise RuntimeError(
+                f"{self.name} did not run in the forward pass, so nothing was perturbed: the forward does not use it"
+                " (pick the embedding the model looks the tokens up in), or the model was compiled with"
+                " torch.compile, whose compiled code runs without hooks added later (pass the uncompiled model, or"
+                " compile its layers only)"
+            )
         if calls != 1:
             raise RuntimeError(
                 f"{self.name} ran {calls} times in one forward pass; the perturbation needs exactly one call per pass"
-                " (a module shared by an encoder and a decoder: pass emb_name= the encoder's own embedding)"
+                " (a module shared by an encoder and a decoder: pass emb_name= a dotted suffix of the encoder's own,"
+                " e.g. 'encoder.embed_tokens')"
             )
 
     def masked(self, tensor: Tensor) -> Tensor:
         return tensor if self.mask is None else torch.where(self.mask.unsqueeze(-1), tensor, 0.0)
 
 
-class _InputAttack(abc.ABC):
-    """What the three share: the model, the hook on its embedding module's output, the backend of the ascent op."""
+class _InputAttack(Hyperparameters, abc.ABC):
+    """What the three share: the model, the perturbation of its embedding module's output, the backend of the ascent
+    op, and under a DeepSpeed engine the engine's backward inside one ``coalesce_grad_reduction`` block."""
+
+    #: Whether the passes of a step compare each other's logits (noise a model hook adds is then shared in a step).
+    compares_passes = False
 
     def __init__(self, model: nn.Module, emb_name: str, backend: str) -> None:
+        self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
         self.emb_name = emb_name
         self._embedding = _EmbeddingOutput(self.model, emb_name)
-        resolve_backend(backend, None)  # a clear error for an unknown name now, not at the first step
+        weight = next(self._embedding.module.parameters(), None)
+        resolve_backend(backend, None if weight is None else weight.device)  # a clear error now, not at a step
         self.backend = backend
 
+    def _perturbation(self, attention_mask: Tensor | None, **options: Any
+                      ) -> contextlib.AbstractContextManager[_EmbeddingOutput]:
+        """The perturbation of one step (:meth:`_EmbeddingOutput.installed`); under an engine, inside its window."""
+        if self.engine is not None:
+            self.engine.placement.ready()
+        return self._embedding.installed(attention_mask, share_noise=self.compares_passes, **options)
+
     def _forward(self, forward: Forward, hook: _EmbeddingOutput) -> Any:
+        hook.start_pass()
         out = forward()
         hook.pass_done()
         return out
-
-    def _clean_pass(self, forward: Forward, hook: _EmbeddingOutput) -> tuple[Tensor, Tensor, Tensor]:
-        """SMART's and R3F's first pass: the loss, the logits and the embedding output (whose shape the noise takes)."""
-        loss, logits = _loss_and_logits(self._forward(forward, hook))
-        return loss, logits, hook.output
 
     def _ascend(self, delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
                 denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
@@ -194,19 +289,27 @@ class _InputAttack(abc.ABC):
     def run(self, forward: Forward, backward: Backward,
             attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The method's training step with ``forward()`` as its forward passes and ``backward(loss)`` as its
-        backward; returns ``(loss, adversarial part)`` (see each class), detached."""
+        backward; returns ``(loss, adversarial part)`` (see each class), detached. Under a DeepSpeed engine it runs
+        inside the caller's ``with engine.coalesce_grad_reduction():`` block, ``backward`` calling
+        ``engine.backward``."""
 
     def step(self, closure: Forward, attention_mask: Tensor | None = None) -> Tensor:
-        """The method's training step with ``closure()`` as the forward pass and ``loss.backward()``; gradients
-        accumulate into ``.grad``, ready for ``optimizer.step()``. Returns the loss it backpropagated (summed over
-        its backward passes), detached."""
+        """The method's training step with ``closure()`` as the forward pass and ``loss.backward()`` (under a
+        DeepSpeed engine ``engine.backward(loss)``, inside one ``coalesce_grad_reduction`` block: call
+        ``engine.step()`` after it); gradients accumulate into ``.grad``, ready for ``optimizer.step()``. Returns the
+        loss it backpropagated (summed over its backward passes), detached."""
         backpropagated: list[Tensor] = []
+        engine = self.engine
 
         def backward(loss: Tensor) -> None:
             backpropagated.append(loss.detach())
-            loss.backward()
+            if engine is None:
+                loss.backward()
+            else:
+                engine.engine.backward(loss)
 
-        self.run(closure, backward, attention_mask)
+        with contextlib.nullcontext() if engine is None else engine.window():
+            self.run(closure, backward, attention_mask)
         return torch.stack(backpropagated).sum()
 
 
@@ -224,13 +327,13 @@ class FusedFreeLB(_InputAttack):
     overflow) keeps its delta.
 
     Args:
-        model: the model (a wrapper with ``.module``, e.g. DDP, is unwrapped).
+        model: the model (DDP, FSDP, DataParallel are unwrapped; a DeepSpeed engine is used through its backward).
         adv_lr: ascent step size, > 0 (GLUE settings: 0.04-0.1).
         adv_steps: passes per step, K >= 1 (GLUE: 2-3).
         adv_init_mag: initial perturbation size, >= 0 (GLUE: 0.08-0.6).
         adv_max_norm: bound of ``delta``, >= 0; 0: none.
         norm: ``"l2"`` or ``"linf"``.
-        emb_name: the last part of the name of the embedding module whose output is perturbed.
+        emb_name: the embedding module whose output is perturbed: the last part of its name, or a dotted suffix of it.
         shared_dropout: every pass of a step draws the dropout masks of the first, as FreeLB's paper results did
             (with a patched model); done by putting the random state back at the embedding, no model change.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
@@ -242,43 +345,39 @@ class FusedFreeLB(_InputAttack):
         optimizer.step(); optimizer.zero_grad()
     """
 
+    CHECKS = {"adv_lr": check_positive, "adv_steps": check_steps, "adv_init_mag": check_nonnegative,
+              "adv_max_norm": check_nonnegative, "norm": check_choice("l2", "linf"), "shared_dropout": as_bool}
+    adv_lr: float
+    adv_steps: int
+    adv_init_mag: float
+    adv_max_norm: float
+    norm: str
+    shared_dropout: bool
+
     def __init__(self, model: nn.Module, adv_lr: float = 0.1, adv_steps: int = 3, adv_init_mag: float = 0.0,
                  adv_max_norm: float = 0.0, norm: str = "l2", emb_name: str = "word_embeddings",
                  shared_dropout: bool = False, backend: str = "auto") -> None:
+        vars(self).update(self.checked({"adv_lr": adv_lr, "adv_steps": adv_steps, "adv_init_mag": adv_init_mag,
+                                        "adv_max_norm": adv_max_norm, "norm": norm, "shared_dropout": shared_dropout}))
         super().__init__(model, emb_name, backend)
-        self.adv_lr = check_positive("adv_lr", adv_lr)
-        self.adv_steps = check_steps("adv_steps", adv_steps)
-        self.adv_init_mag = _check_nonnegative("adv_init_mag", adv_init_mag)
-        self.adv_max_norm = _check_nonnegative("adv_max_norm", adv_max_norm)
-        self.norm = _check_choice("norm", norm, ("l2", "linf"))
-        self.shared_dropout = bool(shared_dropout)
 
-    def _prepare(self, hook: _EmbeddingOutput) -> None:
-        """Set up an installed hook for a step: the initial delta at the first call, the random state replayed."""
-        if hook.init is None:
-            hook.init, hook.replay_rng = self._init(hook), self.shared_dropout
-
-    def _init(self, hook: _EmbeddingOutput) -> Callable[[Tensor], Tensor]:
+    def _init(self, embeds: Tensor, mask: Tensor | None) -> Tensor:
         """The initial delta of the official code, from the embedding output's first call."""
-
-        def init(embeds: Tensor) -> Tensor:
-            if self.adv_init_mag == 0:
-                return torch.zeros_like(embeds)
-            mask = torch.ones(embeds.shape[:2], device=embeds.device) if hook.mask is None else hook.mask
-            mask = mask.to(embeds).unsqueeze(2)
-            if self.norm == "linf":
-                return torch.zeros_like(embeds).uniform_(-self.adv_init_mag, self.adv_init_mag) * mask
+        if self.adv_init_mag == 0:
+            return torch.zeros_like(embeds).requires_grad_()
+        mask = (torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask).to(embeds).unsqueeze(2)
+        if self.norm == "linf":
+            delta = torch.zeros_like(embeds).uniform_(-self.adv_init_mag, self.adv_init_mag) * mask
+        else:
             magnitude = self.adv_init_mag / torch.sqrt(mask.sum((1, 2)) * embeds.size(-1))
-            return torch.zeros_like(embeds).uniform_(-1, 1) * mask * magnitude.view(-1, 1, 1)
-
-        return lambda embeds: init(embeds).requires_grad_()
+            delta = torch.zeros_like(embeds).uniform_(-1, 1) * mask * magnitude.view(-1, 1, 1)
+        return delta.requires_grad_()
 
     def run(self, forward: Forward, backward: Backward,
             attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the losses of the first and the last pass (each before the division by ``adv_steps``)."""
         bound = ("l2" if self.norm == "l2" else "inf") if self.adv_max_norm > 0 else "none"
-        with self._embedding.installed(attention_mask) as hook:
-            self._prepare(hook)
+        with self._perturbation(attention_mask, init=self._init, replay_rng=self.shared_dropout) as hook:
             losses = []
             for t in range(self.adv_steps):
                 loss = _loss_of(self._forward(forward, hook))
@@ -295,34 +394,76 @@ class FusedFreeLB(_InputAttack):
         return losses[0], losses[-1]
 
 
-def _kl(logits: Tensor, target: Tensor) -> Tensor:
-    """KL(softmax(logits) || softmax(target)) in fp32, averaged over the rows (batchmean)."""
+def _reduced(per_row: Tensor, rows: Tensor | None, total: Tensor | float | None) -> Tensor:
+    """The mean of ``per_row`` over the rows flagged in ``rows`` (every row without it), or their sum divided by
+    ``total`` when given (the Trainer's count of the whole accumulated batch)."""
+    if rows is None and total is None:
+        return per_row.mean()
+    if rows is not None:
+        per_row = torch.where(rows, per_row, 0.0)
+    count = (per_row.numel() if rows is None else rows.sum()) if total is None else total
+    return per_row.sum() / torch.as_tensor(count, dtype=per_row.dtype, device=per_row.device).clamp_min(1)
+
+
+def _kl(logits: Tensor, target: Tensor, rows: Tensor | None = None, total: Tensor | float | None = None) -> Tensor:
+    """KL(softmax(logits) || softmax(target)) of each row of the logits, in fp32, reduced by :func:`_reduced` (the
+    mean over the rows: ``batchmean``)."""
     with torch.autocast(logits.device.type, enabled=False):
         p, q = (F.log_softmax(x.reshape(-1, x.size(-1)).float(), dim=-1) for x in (logits, target))
-        return F.kl_div(q, p, reduction="batchmean", log_target=True)
+        return _reduced(F.kl_div(q, p, reduction="none", log_target=True).sum(-1), rows, total)
 
 
-def _mse(prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    """The squared error of two regression heads' outputs, in fp32."""
+def _squared_error(prediction: Tensor, target: Tensor, rows: Tensor | None = None,
+                   total: Tensor | float | None = None, mean: bool = True) -> Tensor:
+    """The squared error of two regression heads' outputs in fp32: its mean over the elements of the counted rows
+    (``mean=False``: its sum over them)."""
     with torch.autocast(prediction.device.type, enabled=False):
-        return F.mse_loss(prediction.float(), target.float(), reduction=reduction)
+        width = prediction.size(-1) if prediction.dim() > 1 else 1
+        error = (prediction.float() - target.float()).square().reshape(-1, width).sum(-1)
+        if not mean:
+            return (error if rows is None else torch.where(rows, error, 0.0)).sum()
+        return _reduced(error, rows, total) / width
 
 
-class FusedSMART(_InputAttack):
+class _ComparingAttack(_InputAttack):
+    """SMART and R3F: a divergence between the logits of a clean and a perturbed pass, over the rows of the logits
+    that count (token-level logits ``[B, T, V]``: the tokens of the attention mask, as a task loss counts them)."""
+
+    compares_passes = True
+
+    def _rows(self, logits: Tensor, hook: _EmbeddingOutput, logit_rows: Tensor | None) -> Tensor | None:
+        if logit_rows is not None:
+            if tuple(logit_rows.shape) != tuple(logits.shape[:-1]):
+                raise ValueError(f"logit_rows has shape {tuple(logit_rows.shape)}, but the logits are "
+                                 f"{tuple(logits.shape)}: pass a bool mask of logits.shape[:-1]")
+            return logit_rows.reshape(-1).to(device=logits.device, dtype=torch.bool)
+        if hook.mask is not None and logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(hook.mask.shape):
+            return hook.mask.reshape(-1)
+        return None
+
+
+class FusedSMART(_ComparingAttack):
     """SMART's smoothness-inducing adversarial regulariser (Jiang et al., ACL 2020, Algorithm 1), on any model.
 
     Noise ``N(0, 1) * noise_var`` on the word-embedding output (masked by ``attention_mask``) is trained by ``steps``
     ascent steps on ``KL(softmax(adv) || softmax(clean))`` (fp32, batchmean; ``divergence="mse"`` for regression
-    heads: the summed squared error), each along the gradient normalised per token (``per_token=False``: per example)
-    by its inf-norm ``g / (max|g| + epsilon)`` (``norm="inf"``), l2 norm (``"l2"``) or sign (``"sign"``), and
-    projected onto the ``adv_eps`` inf-ball around the clean embedding when ``adv_eps`` is given. Then one backward of
-    ``loss + alpha * (KL(adv || clean) + KL(clean || adv))``, each KL's target side detached (``"mse"``: the mean
-    squared error of the two). A non-finite gradient drops the adversarial term for the batch, without a host sync.
-    ``steps=1`` without ``adv_eps`` is mt-dnn's single-step version (one step of ``step_size`` times the normalised
-    gradient from the noised embedding).
+    heads: the summed squared error), each projected onto the ``adv_eps`` inf-ball when ``adv_eps`` is given. Then one
+    backward of ``loss + alpha * (KL(adv || clean) + KL(clean || adv))``, each KL's target side detached (``"mse"``:
+    the mean squared error of the two). A non-finite gradient drops the adversarial term for the batch, without a host
+    sync. Token-level logits (``[B, T, V]``, a causal LM's) count the tokens of ``attention_mask`` only.
+
+    The ascent step, per token (``per_token=False``: per example), with ``g`` the gradient and ``N(x)`` the
+    normalisation ``x / (max|x| + epsilon)`` (``norm="inf"``), ``x / (||x||_2 + epsilon)`` (``"l2"``) or ``sign(x)``
+    (``"sign"``):
+
+    - ``update="mtdnn"`` (default): ``noise = N(noise + step_size * g)``, as mt-dnn's ``SmartPerturbation`` (and the
+      smart-pytorch package) do: a perturbation of size about 1 per token, for which the defaults (mt-dnn's) were
+      chosen;
+    - ``update="paper"``: ``noise = noise + step_size * N(g)``, Algorithm 1's normalised ascent step, of size
+      ``step_size``.
 
     Defaults as mt-dnn: ``alpha=1``, ``steps=1``, ``step_size=1e-3``, ``noise_var=1e-5``, ``epsilon=1e-6``,
-    ``norm="inf"``, per token.
+    ``norm="inf"``, per token, ``update="mtdnn"``.
 
     Example::
 
@@ -330,59 +471,91 @@ class FusedSMART(_InputAttack):
         loss = smart.step(lambda: model(**batch), batch["attention_mask"])   # the output has .loss and .logits
     """
 
+    CHECKS = {"alpha": check_nonnegative, "steps": check_steps, "step_size": check_positive,
+              "noise_var": check_nonnegative, "epsilon": check_positive, "adv_eps": optional(check_positive),
+              "norm": check_choice("inf", "l2", "sign"), "per_token": as_bool,
+              "divergence": check_choice("kl", "mse"), "update": check_choice("mtdnn", "paper")}
+    alpha: float
+    steps: int
+    step_size: float
+    noise_var: float
+    epsilon: float
+    adv_eps: float | None
+    norm: str
+    per_token: bool
+    divergence: str
+    update: str
+
     def __init__(self, model: nn.Module, alpha: float = 1.0, steps: int = 1, step_size: float = 1e-3,
                  noise_var: float = 1e-5, epsilon: float = 1e-6, adv_eps: float | None = None, norm: str = "inf",
-                 per_token: bool = True, divergence: str = "kl", emb_name: str = "word_embeddings",
-                 backend: str = "auto") -> None:
+                 per_token: bool = True, divergence: str = "kl", update: str = "mtdnn",
+                 emb_name: str = "word_embeddings", backend: str = "auto") -> None:
+        vars(self).update(self.checked({
+            "alpha": alpha, "steps": steps, "step_size": step_size, "noise_var": noise_var, "epsilon": epsilon,
+            "adv_eps": adv_eps, "norm": norm, "per_token": per_token, "divergence": divergence, "update": update}))
         super().__init__(model, emb_name, backend)
-        self.alpha = _check_nonnegative("alpha", alpha)
-        self.steps = check_steps("steps", steps)
-        self.step_size = check_positive("step_size", step_size)
-        self.noise_var = _check_nonnegative("noise_var", noise_var)
-        self.epsilon = check_positive("epsilon", epsilon)
-        self.adv_eps = None if adv_eps is None else check_positive("adv_eps", adv_eps)
-        self.norm = _check_choice("norm", norm, ("inf", "l2", "sign"))
-        self.per_token = bool(per_token)
-        self.divergence = _check_choice("divergence", divergence, ("kl", "mse"))
 
-    def run(self, forward: Forward, backward: Backward,
-            attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns the task loss and the adversarial term (before ``alpha``)."""
-        with self._embedding.installed(attention_mask) as hook:
-            loss, logits, embed = self._clean_pass(forward, hook)
+    def _step_noise(self, noise: Tensor, grad: Tensor, mask: Tensor | None) -> Tensor:
+        """One ascent step of ``noise`` in place (see the class); returns the gradient norms (their finiteness)."""
+        bound, radius = ("inf", self.adv_eps) if self.adv_eps is not None else ("none", 0.0)
+        if self.update == "paper":
+            return self._ascend(noise, grad, mask, self.step_size, self.norm, self.per_token, self.epsilon, 0.0,
+                                bound, radius)
+        # N(noise + step_size * g): input_step's normalised step of that sum, from zero, in the math dtype (the noise
+        # rounded once)
+        wide = torch.float64 if noise.dtype == torch.float64 else torch.float32
+        summed = torch.add(noise.detach().to(wide), grad.to(wide), alpha=self.step_size)
+        step = torch.zeros_like(summed)
+        norms = self._ascend(step, summed, mask, 1.0, self.norm, self.per_token, self.epsilon, 0.0, bound, radius)
+        noise.detach().copy_(step)
+        return norms
+
+    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None, *,
+            logit_rows: Tensor | None = None, logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the task loss and the adversarial term (before ``alpha``).
+
+        ``logit_rows`` (bool, ``logits.shape[:-1]``): the rows of the logits the divergences count (default: every
+        row; for token-level logits the tokens of ``attention_mask``); ``logit_total``: what their summed divergence
+        is divided by (default: how many rows count). The Trainer passes the positions of the labels and the
+        accumulated batch's item count, so that the term is reduced as its loss is.
+        """
+        with self._perturbation(attention_mask) as hook:
+            loss, logits = _loss_and_logits(self._forward(forward, hook))
+            embed = hook.output
+            rows = self._rows(logits, hook, logit_rows)
             noise = hook.masked(embed.new_empty(embed.size()).normal_(0, 1) * self.noise_var).detach()
             finite = torch.ones((), dtype=torch.bool, device=embed.device)
-            bound, radius = ("inf", self.adv_eps) if self.adv_eps is not None else ("none", 0.0)
             for _ in range(self.steps):
-                hook.delta = noise.requires_grad_()
+                hook.perturb(noise.requires_grad_())
                 _, adv_logits = _loss_and_logits(self._forward(forward, hook))
                 if self.divergence == "mse":
-                    divergence = _mse(adv_logits, logits.detach(), "sum")
+                    divergence = _squared_error(adv_logits, logits.detach(), rows, mean=False)
                 else:
-                    divergence = _kl(adv_logits, logits.detach())
+                    divergence = _kl(adv_logits, logits.detach(), rows)
                 (grad,) = torch.autograd.grad(divergence, noise)
-                norms = self._ascend(noise, grad, hook.mask, self.step_size, self.norm, self.per_token, self.epsilon,
-                                     0.0, bound, radius)
+                norms = self._step_noise(noise, grad, hook.mask)
                 finite = finite & norms.isfinite().all()
                 noise = noise.detach()
-            hook.delta = noise
+            hook.perturb(noise)
             _, adv_logits = _loss_and_logits(self._forward(forward, hook))
             if self.divergence == "mse":
-                term = _mse(adv_logits, logits)
+                term = _squared_error(adv_logits, logits, rows, logit_total)
             else:
-                term = _kl(adv_logits.detach(), logits) + _kl(logits.detach(), adv_logits)
+                term = _kl(adv_logits.detach(), logits, rows, logit_total) + _kl(logits.detach(), adv_logits, rows,
+                                                                                 logit_total)
             term = torch.where(finite, term, 0.0)
             backward(loss + self.alpha * term)
         return loss.detach(), term.detach()
 
 
-class FusedR3F(_InputAttack):
+class FusedR3F(_ComparingAttack):
     """R3F (Aghajanyan et al., ICLR 2021), as fairseq's ``sentence_prediction_r3f`` does it, on any model.
 
     A clean pass, and a pass whose word-embedding output (cut from the graph, as fairseq's noised embeddings are) gets
     noise ``U(-eps, eps)`` (``noise_type="normal"``: ``N(0, eps)``) on the tokens of ``attention_mask``; then one
     backward of ``loss + r3f_lambda * (KL(clean || noised) + KL(noised || clean))`` (fp32, per example, both sides
     with gradients; ``divergence="mse"``: their mean squared error). Two forwards, one backward, no ascent.
+    Token-level logits (``[B, T, V]``) count the tokens of ``attention_mask`` only.
 
     Example::
 
@@ -390,28 +563,36 @@ class FusedR3F(_InputAttack):
         loss = r3f.step(lambda: model(**batch), batch["attention_mask"])
     """
 
+    CHECKS = {"r3f_lambda": check_nonnegative, "eps": check_positive, "noise_type": check_choice("uniform", "normal"),
+              "divergence": check_choice("kl", "mse")}
+    r3f_lambda: float
+    eps: float
+    noise_type: str
+    divergence: str
+
     def __init__(self, model: nn.Module, r3f_lambda: float = 1.0, eps: float = 1e-5, noise_type: str = "uniform",
                  divergence: str = "kl", emb_name: str = "word_embeddings", backend: str = "auto") -> None:
+        vars(self).update(self.checked({"r3f_lambda": r3f_lambda, "eps": eps, "noise_type": noise_type,
+                                        "divergence": divergence}))
         super().__init__(model, emb_name, backend)
-        self.r3f_lambda = _check_nonnegative("r3f_lambda", r3f_lambda)
-        self.eps = check_positive("eps", eps)
-        self.noise_type = _check_choice("noise_type", noise_type, ("uniform", "normal"))
-        self.divergence = _check_choice("divergence", divergence, ("kl", "mse"))
 
-    def run(self, forward: Forward, backward: Backward,
-            attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns the task loss and the symmetric divergence (before ``r3f_lambda``)."""
-        with self._embedding.installed(attention_mask) as hook:
-            loss, logits, embed = self._clean_pass(forward, hook)
+    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None, *,
+            logit_rows: Tensor | None = None, logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the task loss and the symmetric divergence (before ``r3f_lambda``); ``logit_rows`` and
+        ``logit_total`` as for :meth:`FusedSMART.run`."""
+        with self._perturbation(attention_mask) as hook:
+            loss, logits = _loss_and_logits(self._forward(forward, hook))
+            embed = hook.output
+            rows = self._rows(logits, hook, logit_rows)
             if self.noise_type == "normal":
                 noise = torch.normal(torch.zeros_like(embed, dtype=torch.float32), self.eps)
             else:
                 noise = torch.rand(embed.shape, device=embed.device) * (2 * self.eps) - self.eps
-            hook.delta, hook.detach = hook.masked(noise).to(embed.dtype), True
+            hook.perturb(hook.masked(noise).to(embed.dtype), detach=True)
             _, noised_logits = _loss_and_logits(self._forward(forward, hook))
             if self.divergence == "mse":
-                term = _mse(noised_logits, logits)
+                term = _squared_error(noised_logits, logits, rows, logit_total)
             else:
-                term = _kl(logits, noised_logits) + _kl(noised_logits, logits)
+                term = _kl(logits, noised_logits, rows, logit_total) + _kl(noised_logits, logits, rows, logit_total)
             backward(loss + self.r3f_lambda * term)
         return loss.detach(), term.detach()

@@ -282,54 +282,84 @@ def freelb_step(embedding: nn.Module, closure: Callable[[], torch.Tensor], atten
         hook.handle.remove()
 
 
-def _kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(logits) || softmax(target)) in fp32, averaged over the rows (batchmean)."""
+def _logit_rows(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Token-level logits ``[B, T, V]`` count the tokens of the attention mask (as the task loss does: padding is no
+    prediction), other logits every row."""
+    if attention_mask is None or logits.dim() != 3 or logits.shape[:2] != attention_mask.shape:
+        return None
+    return attention_mask.bool().reshape(-1)
+
+
+def _kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(softmax(logits) || softmax(target)) in fp32, averaged over the rows (batchmean), or over the counted ones."""
     logits, target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1, target.size(-1)).float()
+    if rows is not None:
+        logits, target = logits[rows], target[rows]
     return F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(logits, dim=-1), reduction="batchmean",
                     log_target=True)
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None,
+         reduction: str = "mean") -> torch.Tensor:
+    width = prediction.size(-1) if prediction.dim() > 1 else 1
+    prediction, target = prediction.reshape(-1, width).float(), target.reshape(-1, width).float()
+    if rows is not None:
+        prediction, target = prediction[rows], target[rows]
+    return F.mse_loss(prediction, target, reduction=reduction)
 
 
 def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
                alpha: float = 1.0, steps: int = 1, step_size: float = 1e-3, noise_var: float = 1e-5,
                epsilon: float = 1e-6, adv_eps: float | None = None, norm: str = "inf", per_token: bool = True,
-               divergence: str = "kl", backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
-    """SMART's smoothness-inducing adversarial regulariser (Jiang et al. 2020, Algorithm 1, as mt-dnn's
-    ``SmartPerturbation`` runs it), on the output of ``embedding``; one backward of the total, which is returned.
+               divergence: str = "kl", update: str = "mtdnn",
+               backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+    """SMART's smoothness-inducing adversarial regulariser (Jiang et al. 2020, Algorithm 1), on the output of
+    ``embedding``; one backward of the total, which is returned.
 
     ``closure()`` returns ``(loss, logits)`` or an object with ``.loss`` and ``.logits``. Noise ``N(0, 1) * noise_var``
     (masked); ``steps`` ascent steps on ``KL(adv || clean)`` (``divergence="mse"``: the summed squared error, for
-    regression) along the gradient normalised per token (``per_token=False``: per example) by its inf-norm
-    (``norm="inf"``), l2 norm (``"l2"``) or sign (``"sign"``), each projected onto the ``adv_eps`` inf-ball when
-    ``adv_eps`` is given; then ``loss + alpha * (KL(adv.detach() || clean) + KL(clean.detach() || adv))`` (MSE
-    between the two for regression). A non-finite gradient norm drops the adversarial term, as mt-dnn does.
+    regression), per token (``per_token=False``: per example), with ``N`` the normalisation by the inf-norm
+    (``norm="inf"``), the l2 norm (``"l2"``) or the sign (``"sign"``): ``update="mtdnn"`` as mt-dnn's
+    ``SmartPerturbation`` does it, ``noise = N(noise + step_size * g)``; ``update="paper"`` as Algorithm 1,
+    ``noise = noise + step_size * N(g)``; each projected onto the ``adv_eps`` inf-ball when ``adv_eps`` is given; then
+    ``loss + alpha * (KL(adv.detach() || clean) + KL(clean.detach() || adv))`` (MSE between the two for regression). A
+    non-finite gradient norm drops the adversarial term, as mt-dnn does. As fastadv specifies, where mt-dnn differs:
+    plain KL (not ``stable_kl``), norms in fp32, the gradient masked by ``attention_mask``, and token-level logits
+    counting the tokens of ``attention_mask`` only.
     """
     hook = _OutputPerturbation(embedding)
     try:
         loss, logits = _loss_and_logits(closure())
+        rows = _logit_rows(logits, attention_mask)
         embed = hook.output
         noise = _masked(embed.new_empty(embed.size()).normal_(0, 1) * noise_var, attention_mask).detach()
         dims = (-1,) if per_token else (-2, -1)
+
+        def normalised(x: torch.Tensor) -> torch.Tensor:
+            if norm == "l2":
+                return x / (torch.norm(x, dim=dims, keepdim=True) + epsilon)
+            if norm == "sign":
+                return x.sign()
+            return x / (x.abs().amax(dim=dims, keepdim=True) + epsilon)
+
         finite = True
         for _ in range(steps):
             noise.requires_grad_()
             hook.delta = noise
             _, adv_logits = _loss_and_logits(closure())
             if divergence == "mse":
-                adv_loss = F.mse_loss(adv_logits.float(), logits.detach().float(), reduction="sum")
+                adv_loss = _mse(adv_logits, logits.detach(), rows, reduction="sum")
             else:
-                adv_loss = _kl(adv_logits, logits.detach())
+                adv_loss = _kl(adv_logits, logits.detach(), rows)
             (delta_grad,) = torch.autograd.grad(adv_loss, noise, only_inputs=True, retain_graph=False)
             delta_grad = _masked(delta_grad.float(), attention_mask)
             if not torch.isfinite(delta_grad.norm()):
                 finite = False
                 break
-            if norm == "l2":
-                direction = delta_grad / (torch.norm(delta_grad, dim=dims, keepdim=True) + epsilon)
-            elif norm == "sign":
-                direction = delta_grad.sign()
+            if update == "mtdnn":
+                new = normalised(noise.detach().float() + step_size * delta_grad)
             else:
-                direction = delta_grad / (delta_grad.abs().amax(dim=dims, keepdim=True) + epsilon)
-            new = noise.detach().float() + step_size * direction
+                new = noise.detach().float() + step_size * normalised(delta_grad)
             if adv_eps is not None:
                 new = torch.clamp(new, -adv_eps, adv_eps)
             noise = new.to(noise.dtype).detach()
@@ -339,9 +369,9 @@ def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask:
             hook.delta = noise.detach()
             _, adv_logits = _loss_and_logits(closure())
             if divergence == "mse":
-                adv_term = F.mse_loss(adv_logits.float(), logits.float())
+                adv_term = _mse(adv_logits, logits, rows)
             else:
-                adv_term = _kl(adv_logits.detach(), logits) + _kl(logits.detach(), adv_logits)
+                adv_term = _kl(adv_logits.detach(), logits, rows) + _kl(logits.detach(), adv_logits, rows)
             total = loss + alpha * adv_term
         backward(total)
         return total.detach()
@@ -367,11 +397,14 @@ def r3f_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: t
         hook.delta = _masked(noise, attention_mask).to(embed.dtype)
         hook.detach = True
         _, noised_logits = _loss_and_logits(closure())
+        rows = _logit_rows(logits, attention_mask)
         if divergence == "mse":
-            symm = F.mse_loss(noised_logits.float(), logits.float())
+            symm = _mse(noised_logits, logits, rows)
         else:
             noised = noised_logits.reshape(-1, noised_logits.size(-1)).float()
             clean = logits.reshape(-1, logits.size(-1)).float()
+            if rows is not None:
+                noised, clean = noised[rows], clean[rows]
             symm = F.kl_div(F.log_softmax(noised, dim=-1), F.softmax(clean, dim=-1), reduction="sum")
             symm = (symm + F.kl_div(F.log_softmax(clean, dim=-1), F.softmax(noised, dim=-1), reduction="sum"))
             symm = symm / noised.size(0)

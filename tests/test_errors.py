@@ -41,12 +41,15 @@ def test_bad_eps_alpha(cls, name, value):
 
 
 def test_no_matching_parameter_lists_candidates(backend, model):
+    """At construction (before the clean pass, which would be wasted), and at an attack given another name."""
     before = snapshot(model)
-    fgm = FusedFGM(model, emb_name="tok_emb", backend=backend)
     with pytest.raises(ValueError, match="tok_emb.*embeddings.word_embeddings.weight"):
-        fgm.attack()
+        FusedFGM(model, emb_name="tok_emb", backend=backend)
+    fgm = FusedFGM(model, backend=backend)
+    with pytest.raises(ValueError, match="tok_emb.*embeddings.word_embeddings.weight"):
+        fgm.attack(emb_name="tok_emb")
     assert_untouched(model, before)
-    fgm.attack(emb_name="word_embeddings")  # nothing half-done: the object still works
+    fgm.attack()  # nothing half-done: the object still works
 
 
 def test_matched_parameter_without_grad(model):

@@ -327,8 +327,14 @@ def test_bad_arguments():
         AdversarialTraining("awp", adv_lr=float("nan"))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         AdversarialTraining("pgd", k=0)
-    with pytest.raises(ValueError, match="k: not an option of 'fgm' \\(its options: eps, emb_name\\)"):
+    with pytest.raises(ValueError, match="FGM makes one attack per step, got k=3"):
         AdversarialTraining("fgm", k=3)
+    with pytest.raises(ValueError, match="k: not an option of 'smart' \\(its options: alpha, steps"):
+        AdversarialTraining("smart", k=3)
+    with pytest.raises(ValueError, match="update must be one of 'mtdnn', 'paper'"):
+        AdversarialTraining("smart", adv_options={"update": "mt-dnn"})
+    with pytest.raises(ValueError, match="eps given both"):
+        AdversarialTraining("fgm", eps=1.0, adv_options={"eps": 2.0})
     with pytest.raises(ValueError, match="eps, emb_name: not options of 'awp'"):
         AdversarialTraining("awp", eps=1.0, emb_name="word_embeddings")
     with pytest.raises(ValueError, match="start_epoch"):
@@ -379,7 +385,7 @@ def test_errors_leave_the_weights_untouched(kind, options, module, error, match)
 def test_missing_lightning_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # makes `import lightning.pytorch` fail
     monkeypatch.delitem(sys.modules, "fastadv.integrations.lightning")
-    with pytest.raises(ImportError, match=r"pip install fastadv\[lightning\]"):
+    with pytest.raises(ImportError, match=r"pip install -e \".\[lightning\]\""):
         importlib.import_module("fastadv.integrations.lightning")
 
 

@@ -303,26 +303,33 @@ def test_weights_restored_when_a_pass_raises(tmp_path, method, failing_pass):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="'fgm', 'pgd', 'awp'"):
         AdversarialTrainer(adversarial="fgsm")
-    with pytest.raises(ValueError, match="adv_eps"):
-        AdversarialTrainer(adversarial="pgd", adv_eps=-1.0)
     with pytest.raises(ValueError, match="adv_k"):
         AdversarialTrainer(adversarial="pgd", adv_k=0)
     with pytest.raises(ValueError, match="adv_k"):
         AdversarialTrainer(adversarial="fgm", adv_k=3)
+    with pytest.raises(ValueError, match="adv_k: not an option of 'freelb'"):
+        AdversarialTrainer(adversarial="freelb", adv_k=3)
     with pytest.raises(ValueError, match="awp_start_epoch"):
         AdversarialTrainer(adversarial="awp", awp_start_epoch=-1)
+    with pytest.raises(ValueError, match="adv_start_epoch"):
+        AdversarialTrainer(adversarial="fgm", adv_start_epoch=math.nan)
+    with pytest.raises(ValueError, match="adv_eps must be a finite number > 0"):
+        AdversarialTrainer(adversarial="pgd", adv_eps=-1.0)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        AdversarialTrainer(adversarial="smart", adv_options={"steps": 0})
     model = tiny_bert()
     with pytest.raises(ValueError, match="emb_name='wte'.*word_embeddings"):
         AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="fgm", emb_name="wte")
     with pytest.raises(ValueError, match="adv_param='nope'"):
         AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="awp", adv_param="nope")
-    assert AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="AWP").adv_eps == 0.01
+    trainer = AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="AWP")
+    assert trainer.adversarial == "awp" and trainer.attacker.adv_eps == 0.01
 
 
 def test_missing_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     monkeypatch.delitem(sys.modules, "fastadv.integrations.transformers")
-    with pytest.raises(ImportError, match=r"pip install fastadv\[transformers\]"):
+    with pytest.raises(ImportError, match=r"pip install -e \".\[transformers\]\""):
         importlib.import_module("fastadv.integrations.transformers")
 
 
@@ -412,9 +419,18 @@ def test_input_space_methods_match_their_reference_loop(tmp_path, method, ga):
 
 
 def test_input_space_options_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="adv_options="):
-        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1)
-    with pytest.raises(ValueError, match="adv_options configures"):
+    """The shorthand arguments set the method's option of that name (``adv_X``: ``X``, else ``adv_X``); one the method
+    lacks, and any adv_options key it lacks, is refused at construction."""
+    smart = AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1)
+    assert smart.attacker.adv_eps == 0.1
+    assert AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="r3f",
+                              adv_eps=0.1).attacker.eps == 0.1
+    with pytest.raises(ValueError, match="adv_param does not apply to 'smart'.*adv_options="):
+        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_param="x")
+    with pytest.raises(ValueError, match="a: not an option of 'fgm'"):
         AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="fgm", adv_options={"a": 1})
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="alpha: not an option of 'r3f'"):
         AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="r3f", adv_options={"alpha": 1})
+    with pytest.raises(ValueError, match="adv_eps given both"):
+        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1,
+                           adv_options={"adv_eps": 0.2})

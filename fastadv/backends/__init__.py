@@ -77,6 +77,14 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if any(_usable(name, device) for device in devices)]
 
 
+def _requested(name: str) -> tuple[str, str]:
+    """The backend name ``"auto"`` stands for (``FASTADV_BACKEND`` when set), and how the user asked for it (for
+    errors: the environment variable or the argument)."""
+    if name == "auto" and os.environ.get("FASTADV_BACKEND"):
+        return os.environ["FASTADV_BACKEND"], f"FASTADV_BACKEND={os.environ['FASTADV_BACKEND']!r}"
+    return name, f"backend={name!r}"
+
+
 def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None:
     """The backend module for ``name`` (``"auto"`` or one of :data:`BACKENDS`) on ``device``.
 
@@ -84,15 +92,20 @@ def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None
     device type that runs there. With ``device=None`` it only checks that the name is valid and loads (returns None
     for ``"auto"``).
     """
-    if name == "auto":
-        name = os.environ.get("FASTADV_BACKEND") or "auto"
+    name, asked = _requested(name)
     if name == "auto":
         if device is None:
             return None
         return _load(next(n for n in _AUTO.get(device.type, ("torch",)) if _usable(n, device)))
-    backend = _load(name)
+    try:
+        backend = _load(name)
+    except (ValueError, RuntimeError) as err:
+        raise type(err)(f"{asked}: {err}") from err
     if device is not None and not backend.supports(device):
-        raise RuntimeError(f"backend {name!r} does not run on {device} tensors; use backend='auto' or 'torch'")
+        hint = (" (Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing"
+                " triton, for tests)" if name == "triton" and device.type == "cpu" else "")
+        where = "unset FASTADV_BACKEND" if asked.startswith("FASTADV_BACKEND") else "use backend='auto' or 'torch'"
+        raise RuntimeError(f"{asked}: the {name!r} backend does not run on {device} tensors{hint}; {where}")
     return backend
 
 
@@ -125,8 +138,7 @@ def backend_for(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch
 
     device = params[0].device
     pairs = {(p.dtype, g.dtype) for p, g in zip(params, grads)}
-    if name == "auto":
-        name = os.environ.get("FASTADV_BACKEND") or "auto"
+    name = _requested(name)[0]
     if name == "auto":
         usable = [n for n in _AUTO.get(device.type, ("torch",)) if _usable(n, device)]
         return _load(next(n for n in usable if _supports(n, device, pairs) and _checked(n, device, pairs)))

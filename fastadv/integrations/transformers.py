@@ -1,13 +1,15 @@
-"""``AdversarialTrainer``: a ``transformers.Trainer`` that trains with FGM, PGD, AWP, FreeLB, SMART or R3F from
-:mod:`fastadv`.
+"""``AdversarialTrainer``: a ``transformers.Trainer`` that trains with any method of :mod:`fastadv.methods` (FGM, PGD,
+AWP, FreeLB, SMART, R3F); ``AdversarialTrainingMixin`` adds the same to another ``Trainer`` subclass.
 
-Every forward/backward pass (the clean one and each adversarial one) goes through ``Trainer.training_step``, so the
+Every forward pass of a method's step goes through the Trainer's ``compute_loss`` (its own copy of the batch: a label
+smoother or ``compute_loss_func`` pops the labels) and every backward through ``Trainer.training_step``, so the
 Trainer's autocast (``bf16``/``fp16``), its loss scaling (``accelerator.backward``, the fp16 ``GradScaler``), the
-division of the loss for gradient accumulation and ``num_items_in_batch`` apply to each pass unchanged. The attacks
-normalise the gradient (``G / ||G||``), so a loss scale does not change them; an overflowed (inf) gradient skips the
-attack (counted in ``trainer.attacker.nonfinite_skips``) and the scaler then skips the optimizer step as usual.
+division of the loss for gradient accumulation and ``num_items_in_batch`` apply to each pass unchanged. The
+weight-space attacks normalise the gradient (``G / ||G||``), so a loss scale does not change them; an overflowed (inf)
+gradient skips the attack (counted in ``trainer.attacker.nonfinite_skips``) and the scaler then skips the optimizer
+step as usual.
 
-Requires ``transformers`` and ``accelerate``: ``pip install fastadv[transformers]``.
+Requires ``transformers`` and ``accelerate``: ``pip install -e ".[transformers]"`` in a fastadv checkout.
 """
 
 from __future__ import annotations
@@ -17,124 +19,87 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 try:
     from transformers import Trainer
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "fastadv.integrations.transformers needs transformers and accelerate: pip install fastadv[transformers]"
+        'fastadv.integrations.transformers needs transformers and accelerate: pip install -e ".[transformers]" in'
+        " a fastadv checkout (or pip install transformers accelerate)"
     ) from exc
 
 from fastadv._deepspeed import is_engine
-from fastadv._util import check_positive, check_steps, matching_parameters, unwrap
-from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
-from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
+from fastadv._util import unwrap
+from fastadv.methods import METHODS as _REGISTRY
+from fastadv.methods import Attacker, Method, method
 
-__all__ = ["AdversarialTrainer", "METHODS"]
+__all__ = ["AdversarialTrainer", "AdversarialTrainingMixin", "METHODS"]
 
-#: The input-space methods, configured by ``adv_options`` (their classes' keyword arguments).
-INPUT_METHODS = {"freelb": FusedFreeLB, "smart": FusedSMART, "r3f": FusedR3F}
-METHODS = ("fgm", "pgd", "awp", *INPUT_METHODS)
-_DEFAULT_EPS = {"fgm": 1.0, "pgd": 1.0, "awp": 0.01}
-_DEFAULT_K = {"fgm": 1, "pgd": 3, "awp": 1}
-
-Attacker = FusedFGM | FusedPGD | FusedAWP | FusedFreeLB | FusedSMART | FusedR3F
+#: The names ``adversarial=`` takes.
+METHODS = tuple(_REGISTRY)
+#: The Trainer's shorthand arguments; ``adv_X`` sets the method's option ``X`` where it has one, else ``adv_X``.
+_SHORTHANDS = ("adv_eps", "adv_alpha", "adv_lr", "emb_name", "adv_param")
 
 
-class AdversarialTrainer(Trainer):
-    """A ``transformers.Trainer`` whose training step adds adversarial passes with FGM, PGD or AWP.
+def _options(m: Method, given: dict[str, Any], adv_options: dict[str, Any]) -> dict[str, Any]:
+    """The constructor options of ``m`` from the shorthand arguments and ``adv_options``, checked."""
+    options, names = {}, {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        option = name.removeprefix("adv_") if name.removeprefix("adv_") in m.options else name
+        if option not in m.options:
+            raise ValueError(f"{name} does not apply to {m.name!r} (its options: {', '.join(m.options)}); pass"
+                             f" the method's own arguments in adv_options= (see fastadv.{m.cls.__name__})")
+        options[option], names[option] = value, name
+    clash = sorted(set(options) & set(adv_options))
+    if clash:
+        raise ValueError(f"{', '.join(clash)} given both as an argument and in adv_options")
+    options.update(adv_options)
+    m.check(options, names)
+    return options
 
-    Args:
-        *args, **trainer_kwargs: passed to ``transformers.Trainer`` unchanged.
-        adversarial: ``"fgm"``, ``"pgd"``, ``"awp"``, ``"freelb"``, ``"smart"``, ``"r3f"``, or ``None`` for the
-            plain Trainer step.
-        adv_eps: FGM's perturbation size / PGD's ball radius (default 1.0), or AWP's box half-width relative to
-            ``|W|`` (default 0.01).
-        adv_alpha: PGD's step size.
-        adv_k: PGD's number of attack steps (default 3), or AWP's (default 1).
-        emb_name: FGM/PGD: substring of the names of the embedding weights to perturb.
-        adv_param: AWP: substring of the names of the weights to perturb.
-        adv_lr: AWP: step size relative to the weights' norm.
-        awp_start_epoch: AWP: plain steps while ``state.epoch`` (fractional) is below this, adversarial from then on.
-        adv_backend: the fastadv backend (``"auto"`` or a name from :func:`fastadv.available_backends`).
-        adv_options: FreeLB/SMART/R3F: keyword arguments of :class:`fastadv.FusedFreeLB`, :class:`fastadv.FusedSMART`
-            or :class:`fastadv.FusedR3F` (e.g. ``{"adv_lr": 0.1, "adv_steps": 3}``); ``emb_name`` names the
-            embedding module whose output they perturb.
 
-    One call of ``training_step`` (one micro-batch) does:
-
-    - FGM: clean pass, ``attack()``, adversarial pass, ``restore()``: ``.grad`` gets both gradients, as in the seed.
-    - PGD: clean pass, ``backup_grad()``, ``k`` times ``attack()`` with ``zero_grad()`` between and
-      ``restore_grad()`` before the last adversarial pass, ``restore()``: clean + last adversarial gradient.
-    - AWP: gradients of earlier micro-batches set aside, clean pass, ``k`` times (``attack()``, ``zero_grad()``,
-      adversarial pass, the earlier gradients put back before the last), ``restore()``: the last adversarial gradient
-      replaces the clean one, as in :meth:`fastadv.FusedAWP.step`.
-    - FreeLB: its passes, each through ``training_step``'s backward (``loss / adv_steps``), the perturbation of the
-      embedding output masked by the batch's ``attention_mask``; SMART, R3F: their forward passes through
-      ``compute_loss`` (the model's ``logits``), then one backward of the task loss plus the regulariser through
-      ``training_step``'s backward. The step returns the loss it backpropagated; ``adv_loss`` logs the adversarial
-      part (FreeLB: the last pass's loss; SMART, R3F: the divergence).
-
-    With gradient accumulation FGM's and PGD's first attack uses ``.grad`` as it stands, earlier micro-batches
-    included, exactly as the seed's code in an accumulation loop. Weights (and PGD's clean gradients) are restored
-    even when a pass raises. The step returns (and the Trainer logs as ``loss``) the clean loss; the loss of the last
-    adversarial pass is logged beside it as ``adv_loss``, averaged over the same optimizer steps. Under DeepSpeed
-    (ZeRO 1-3, ``gradient_accumulation_steps=1``), where ``accelerator.backward`` also steps the engine, the passes
-    run without that step inside one ``engine.coalesce_grad_reduction()`` block and the engine steps once after them
-    (see :class:`fastadv.FusedFGM` on engines). The LOMO optimizers are refused.
-
-    Example::
-
-        from fastadv.integrations.transformers import AdversarialTrainer
-
-        trainer = AdversarialTrainer(
-            model=model, args=TrainingArguments("out", bf16=True), train_dataset=train_set,
-            adversarial="pgd", adv_eps=1.0, adv_alpha=0.3, adv_k=3, emb_name="word_embeddings",
-        )
-        trainer.train()   # log_history entries carry "loss" (clean) and "adv_loss"
-    """
+class AdversarialTrainingMixin:
+    """Adds a fastadv method to the training step of a ``transformers.Trainer`` subclass (put it first:
+    ``class MyTrainer(AdversarialTrainingMixin, Trainer)``); see :class:`AdversarialTrainer` for the arguments."""
 
     def __init__(
         self,
         *args: Any,
         adversarial: str | None = "fgm",
         adv_eps: float | None = None,
-        adv_alpha: float = 0.3,
+        adv_alpha: float | None = None,
         adv_k: int | None = None,
-        emb_name: str = "word_embeddings",
-        adv_param: str = "weight",
-        adv_lr: float = 1.0,
-        awp_start_epoch: float = 0.0,
+        emb_name: str | None = None,
+        adv_param: str | None = None,
+        adv_lr: float | None = None,
+        adv_start_epoch: float = 0.0,
+        awp_start_epoch: float | None = None,
         adv_backend: str = "auto",
         adv_options: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
-        method = adversarial.lower() if isinstance(adversarial, str) else adversarial
-        if method is not None and method not in METHODS:
-            raise ValueError(f"adversarial must be one of {', '.join(map(repr, METHODS))} or None, got {adversarial!r}")
-        self.adversarial: str | None = method
-        self.adv_options = dict(adv_options or {})
-        if method in INPUT_METHODS:
-            if adv_eps is not None or adv_k is not None:
-                raise ValueError(f"adv_eps and adv_k configure FGM, PGD and AWP; for {method!r} pass its own arguments"
-                                 f" in adv_options= (see fastadv.{INPUT_METHODS[method].__name__})")
-            method = None  # FGM/PGD/AWP's settings below take their defaults
-        elif self.adv_options:
-            raise ValueError(f"adv_options configures 'freelb', 'smart' and 'r3f', not {adversarial!r}")
-        self.adv_eps = check_positive("adv_eps", _DEFAULT_EPS.get(method or "fgm") if adv_eps is None else adv_eps)
-        self.adv_alpha = check_positive("adv_alpha", adv_alpha)
-        self.adv_lr = check_positive("adv_lr", adv_lr)
-        k = check_steps("adv_k", _DEFAULT_K.get(method or "fgm") if adv_k is None else adv_k)
-        if method == "fgm" and k != 1:
-            raise ValueError(f"adv_k applies to 'pgd' and 'awp'; FGM makes one attack, got adv_k={adv_k!r}")
-        self.adv_k = k
-        if not (isinstance(awp_start_epoch, int | float) and math.isfinite(awp_start_epoch) and awp_start_epoch >= 0):
-            raise ValueError(f"awp_start_epoch must be a finite number >= 0, got {awp_start_epoch!r}")
-        self.awp_start_epoch = float(awp_start_epoch)
-        self.emb_name = emb_name
-        self.adv_param = adv_param
+        self._method: Method | None = None if adversarial is None else method(adversarial)
+        self.adversarial: str | None = None if self._method is None else self._method.name
+        start_name = "adv_start_epoch" if awp_start_epoch is None else "awp_start_epoch"  # its 0.3 name
+        adv_start_epoch = adv_start_epoch if awp_start_epoch is None else awp_start_epoch
+        if not (isinstance(adv_start_epoch, int | float) and math.isfinite(adv_start_epoch) and adv_start_epoch >= 0):
+            raise ValueError(f"{start_name} must be a finite number >= 0, got {adv_start_epoch!r}")
+        self.adv_start_epoch = float(adv_start_epoch)
         self.adv_backend = adv_backend
+        self.adv_k: int | None = None
+        self.adv_options: dict[str, Any] = {}
+        if self._method is not None:
+            given = dict(zip(_SHORTHANDS, (adv_eps, adv_alpha, adv_lr, emb_name, adv_param)))
+            self.adv_options = _options(self._method, given, dict(adv_options or {}))
+            if adv_k is not None:
+                self._method.check({"k": adv_k}, {"k": "adv_k"})
+                self.adv_k = adv_k
+        elif adv_options:
+            raise ValueError("adv_options configures a method: pass adversarial= too")
         self._attacker: Attacker | None = None
         self._adv_loss_sum: Tensor | None = None
         self._adv_steps = 0
@@ -143,11 +108,11 @@ class AdversarialTrainer(Trainer):
 
         super().__init__(*args, **trainer_kwargs)
 
-        if self.adversarial is not None:
-            if getattr(self, "is_deepspeed_enabled", False) and self.adversarial in INPUT_METHODS:
+        if self._method is not None:
+            if getattr(self, "is_deepspeed_enabled", False) and self._method.input_space:
                 raise NotImplementedError(
-                    f"AdversarialTrainer does not support {self.adversarial!r} under DeepSpeed (untested; FreeLB's"
-                    " several backward passes would each step the engine): use 'fgm', 'pgd' or 'awp' there"
+                    f"AdversarialTrainer does not support {self.adversarial!r} under DeepSpeed (untested): use"
+                    " 'fgm', 'pgd' or 'awp' there"
                 )
             if getattr(self, "is_deepspeed_enabled", False) and self.args.gradient_accumulation_steps != 1:
                 raise NotImplementedError(
@@ -157,7 +122,7 @@ class AdversarialTrainer(Trainer):
             optim = str(getattr(self.args.optim, "value", self.args.optim))
             if optim in ("lomo", "adalomo"):
                 raise NotImplementedError(f"AdversarialTrainer does not support optim={optim!r}: its backward updates")
-            if self.model is not None:  # fail now on a bad emb_name/adv_param/backend, not at the first step
+            if self.model is not None:  # fail now on a bad option, name or backend, not at the first step
                 attacker = self._build_attacker(unwrap(self.model))
                 # under DeepSpeed the attack object is built on the engine, which train() creates
                 self._attacker = None if getattr(self, "is_deepspeed_enabled", False) else attacker
@@ -168,22 +133,10 @@ class AdversarialTrainer(Trainer):
         return self._attacker
 
     def _build_attacker(self, model: nn.Module) -> Attacker:
-        if self.adversarial in INPUT_METHODS:
-            options = {"emb_name": self.emb_name, "backend": self.adv_backend, **self.adv_options}
-            return INPUT_METHODS[self.adversarial](model, **options)
-        if self.adversarial == "awp":  # fail now on a name that matches nothing, not at the first step
-            matching_parameters(model, self.adv_param, "adv_param")
-        else:
-            matching_parameters(model, self.emb_name, "emb_name")
-        if self.adversarial == "fgm":
-            return FusedFGM(model, eps=self.adv_eps, emb_name=self.emb_name, backend=self.adv_backend)
-        if self.adversarial == "pgd":
-            return FusedPGD(
-                model, eps=self.adv_eps, alpha=self.adv_alpha, emb_name=self.emb_name, backend=self.adv_backend
-            )
-        return FusedAWP(
-            model, adv_param=self.adv_param, adv_lr=self.adv_lr, adv_eps=self.adv_eps, backend=self.adv_backend
-        )
+        try:
+            return self._method.build(model, backend=self.adv_backend, **self.adv_options)
+        except ValueError as err:
+            raise ValueError(f"adversarial={self.adversarial!r}: {err}") from err
 
     def _attacker_for(self, model: nn.Module) -> Attacker:
         target = unwrap(model)
@@ -192,59 +145,87 @@ class AdversarialTrainer(Trainer):
             self._attacker = self._build_attacker(model if is_engine(model) else target)
         return self._attacker
 
-    def _pass(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> Tensor:
-        """One forward/backward pass through the Trainer's own step (autocast, loss scaling, GA division)."""
-        if num_items_in_batch is None:  # transformers < 4.46 has no such argument
-            return super().training_step(model, inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
+    def adversarial_now(self) -> bool:
+        """Whether the current step attacks (a method is set and ``state.epoch >= adv_start_epoch``)."""
+        return self._method is not None and (self.state.epoch or 0.0) >= self.adv_start_epoch
 
-    def awp_active(self) -> bool:
-        """Whether AWP attacks at the current step (``state.epoch >= awp_start_epoch``)."""
-        return self.adversarial == "awp" and (self.state.epoch or 0.0) >= self.awp_start_epoch
+    def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Whether ``training_step`` leaves the loss undivided by the accumulation steps (it is normalised by
+        ``num_items_in_batch`` over the accumulated batch), decided as transformers decides it."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        accepts = getattr(self, "model_accepts_loss_kwargs", False)
+        return (accepts and num_items_in_batch is not None) or getattr(self, "compute_loss_func", None) is not None
+
+    def _divisor(self, num_items_in_batch: Any) -> int:
+        """What ``training_step`` divides a loss by before its backward."""
+        if self._loss_scaled_for_ga(num_items_in_batch):
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+
+    def _logit_counts(self, inputs: dict[str, Any], num_items_in_batch: Any) -> dict[str, Any]:
+        """SMART/R3F, where the loss is normalised by ``num_items_in_batch``: the divergence counts the positions the
+        loss counts (labels not -100; shifted for a causal LM) and is divided by the same count, so that the update
+        does not change with how a batch is split into micro-batches. Elsewhere the divergence is the micro-batch's
+        mean, divided for accumulation by ``training_step`` as the loss is."""
+        labels = inputs.get("shift_labels", inputs.get("labels"))
+        if not (self._method.needs_logits and self._loss_scaled_for_ga(num_items_in_batch)) or labels is None:
+            return {}
+        if "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False):
+            labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
+        scale = 1
+        if self.args.average_tokens_across_devices:  # compute_loss multiplies its loss by this
+            scale = self.accelerator.num_processes // getattr(self, "get_tp_size", lambda: 1)()
+        return {"logit_rows": labels != -100, "logit_total": num_items_in_batch / scale}
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
     ) -> Tensor:
-        """The clean pass plus the adversarial passes of the chosen method; returns the clean loss."""
-        if self.adversarial is None or (self.adversarial == "awp" and not self.awp_active()):
-            return self._pass(model, inputs, num_items_in_batch)
+        """The method's step on this micro-batch (the plain step before ``adv_start_epoch``); returns the clean loss
+        as ``Trainer.training_step`` returns a loss (divided for accumulation where it divides)."""
+        if not self.adversarial_now():
+            return super().training_step(model, inputs, num_items_in_batch)
         attacker = self._attacker_for(model)
-        if isinstance(attacker, FusedFreeLB | FusedSMART | FusedR3F):
-            return self._input_step(attacker, model, inputs, num_items_in_batch)
-        with self._engine_step(attacker):
-            loss, adv_loss = attacker.run(lambda: self._pass(model, inputs, num_items_in_batch), self.adv_k)
-        self._record_adv_loss(adv_loss)
-        return loss
-
-    def _input_step(self, attacker: FusedFreeLB | FusedSMART | FusedR3F, model: nn.Module, inputs: dict[str, Any],
-                    num_items_in_batch: Any) -> Tensor:
-        """FreeLB/SMART/R3F: forward passes through ``compute_loss``, each backward through ``training_step`` (which
-        then computes no loss of its own: :meth:`compute_loss` hands it the one to backpropagate)."""
+        m = self._method
+        # what training_step does before its forward pass, in its order (schedule-free optimizers switch to their
+        # training weights in train())
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        returned: list[Tensor] = []
 
         def forward() -> Any:
             with self.compute_loss_context_manager():
-                loss, outputs = super(AdversarialTrainer, self).compute_loss(model, inputs, return_outputs=True,
-                                                                             **kwargs)
-            return loss if isinstance(attacker, FusedFreeLB) else (loss, outputs["logits"])
+                batch = dict(inputs)  # compute_loss may pop the labels (label smoothing, compute_loss_func)
+                if not m.needs_logits:
+                    return self.compute_loss(model, batch, **kwargs)
+                loss, outputs = self.compute_loss(model, batch, return_outputs=True, **kwargs)
+            return loss, outputs["logits"]
 
         def backward(loss: Tensor) -> None:
             self._loss_to_backpropagate = loss
-            returned.append(self._pass(model, inputs, num_items_in_batch))
+            step = super(AdversarialTrainingMixin, self).training_step
+            try:  # transformers < 4.46 takes no num_items_in_batch
+                step(model, inputs) if num_items_in_batch is None else step(model, inputs, num_items_in_batch)
+            finally:
+                self._loss_to_backpropagate = None
 
-        _, adversarial = attacker.run(forward, backward, inputs.get("attention_mask"))
-        self._record_adv_loss(adversarial / self.args.gradient_accumulation_steps)
-        return sum(returned[1:], returned[0])
+        with self._engine_step(attacker):
+            loss, adversarial = m.step(attacker, forward, backward, attention_mask=inputs.get("attention_mask"),
+                                       k=self.adv_k, **self._logit_counts(inputs, num_items_in_batch))
+        divisor = self._divisor(num_items_in_batch)
+        self._record_adv_loss(adversarial.mean() / divisor)
+        return loss.mean().detach() / divisor
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      **kwargs: Any) -> Any:
-        """The Trainer's, except inside :meth:`_input_step`'s backward: the loss given to backpropagate."""
-        loss, self._loss_to_backpropagate = self._loss_to_backpropagate, None
+        """The Trainer's, except inside a method's backward: the loss given to backpropagate."""
+        loss = self._loss_to_backpropagate
         if loss is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        self._loss_to_backpropagate = None
         return (loss, None) if return_outputs else loss
 
     @contextlib.contextmanager
@@ -275,7 +256,7 @@ class AdversarialTrainer(Trainer):
             self._adv_steps += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds ``adv_loss`` (mean loss of the last adversarial pass per optimizer step) to the training logs."""
+        """Adds ``adv_loss`` (the adversarial part of the step, per optimizer step) to the training logs."""
         if "loss" in logs and self._adv_loss_sum is not None:
             total = self._adv_loss_sum
             gather = getattr(self, "_nested_gather", None)  # transformers < 5
@@ -288,3 +269,46 @@ class AdversarialTrainer(Trainer):
             logs["adv_loss"] = total.float().mean().item() / self._adv_steps
             self._adv_loss_sum, self._adv_steps, self._adv_last_step = None, 0, -1
         super().log(logs, *args, **kwargs)
+
+
+class AdversarialTrainer(AdversarialTrainingMixin, Trainer):
+    """A ``transformers.Trainer`` whose training step is a fastadv method's (:mod:`fastadv.methods`).
+
+    Args:
+        *args, **trainer_kwargs: passed to ``transformers.Trainer`` unchanged.
+        adversarial: ``"fgm"``, ``"pgd"``, ``"awp"``, ``"freelb"``, ``"smart"``, ``"r3f"``, or ``None`` for the
+            plain Trainer step.
+        adv_eps, adv_alpha, adv_lr, emb_name, adv_param: shorthands for the method's options: ``adv_X`` sets its
+            option ``X`` where it has one (``adv_eps``: FGM's/PGD's ``eps``, R3F's ``eps``), else ``adv_X`` (AWP's
+            ``adv_eps`` and ``adv_lr``, FreeLB's ``adv_lr``, SMART's ``adv_eps``); one it has neither of is an error.
+            Left ``None``: the class's default.
+        adv_k: FGM/PGD/AWP: the number of attack steps (PGD 3, the others 1 by default).
+        adv_start_epoch: plain steps while ``state.epoch`` (fractional) is below this (``awp_start_epoch``, its 0.3
+            name, is the same).
+        adv_backend: the fastadv backend (``"auto"`` or a name from :func:`fastadv.available_backends`).
+        adv_options: any keyword arguments of the method's class (:class:`fastadv.FusedSMART`'s ``steps``, ...).
+
+    One call of ``training_step`` (one micro-batch) runs the method's step (:meth:`fastadv.methods.Method.step`):
+    FGM and PGD as in the seed (``.grad`` gets the clean and the last adversarial gradient; with accumulation the
+    first attack uses ``.grad`` as it stands, earlier micro-batches included, exactly as the seed's code in an
+    accumulation loop); AWP on this micro-batch's clean gradient, the last adversarial gradient replacing it (earlier
+    micro-batches' kept); FreeLB, SMART and R3F with the perturbation of the embedding output masked by the batch's
+    ``attention_mask``. SMART and R3F take the logits from ``compute_loss``; where the loss is normalised by
+    ``num_items_in_batch`` (causal LMs), their divergence counts the loss's positions and is normalised alike, so the
+    update is the same however the batch is split into micro-batches. Weights (and PGD's clean gradients) are
+    restored even when a pass raises. The step returns (and the Trainer logs as ``loss``) the clean loss; the
+    adversarial part (the method's, see :meth:`~fastadv.methods.Method.step`) is logged as ``adv_loss``, averaged
+    over the same optimizer steps. Under DeepSpeed (ZeRO 1-3, ``gradient_accumulation_steps=1``), where
+    ``accelerator.backward`` also steps the engine, the passes run without that step inside one
+    ``engine.coalesce_grad_reduction()`` block and the engine steps once after them. The LOMO optimizers are refused.
+
+    Example::
+
+        from fastadv.integrations.transformers import AdversarialTrainer
+
+        trainer = AdversarialTrainer(
+            model=model, args=TrainingArguments("out", bf16=True), train_dataset=train_set,
+            adversarial="pgd", adv_eps=1.0, adv_alpha=0.3, adv_k=3, emb_name="word_embeddings",
+        )
+        trainer.train()   # log_history entries carry "loss" (clean) and "adv_loss"
+    """
