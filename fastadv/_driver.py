@@ -135,6 +135,11 @@ class RowPerturbation:
             return None
         return self.batch_rows
 
+    def remove_hooks(self) -> None:
+        """Take the row-hint hooks off the model; attacks scan from then on."""
+        if self.batch_rows is not None:
+            self._stop_hints()
+
     def _stop_hints(self) -> None:
         self.batch_rows.remove()
         self.batch_rows, self.rows = None, "scan"

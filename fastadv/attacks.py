@@ -54,6 +54,11 @@ class _Attack(Hyperparameters, abc.ABC):
         if self._rows.active_name is not None:
             self.restore()
 
+    def remove_hooks(self) -> None:
+        """Take this object's hooks off the model (the row hints' lookup recorders; they also go when the object
+        is garbage-collected): nothing of fastadv is left on it. Attacks scan the gradient from then on."""
+        self._rows.remove_hooks()
+
     @contextlib.contextmanager
     def _passes(self, closure: Callable[[], Tensor]) -> Iterator[Pass]:
         """The pass of ``step(closure)``: ``closure().backward()``, or under a DeepSpeed engine its ``backward`` inside

@@ -166,8 +166,15 @@ class _EmbeddingOutput:
         self._passes.append((_sequence_mark(), None, False))
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
-        if module is not self.module:
+        # a global hook sees every module's call: this test is all the others cost (and compiled code traces it away)
+        if module is not self.module or self._handle is None:
             return None
+        return self._perturbed(module, args, output)
+
+    @torch.compiler.disable
+    def _perturbed(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        """The hook proper, always eager: inside a compiled model a graph break, so that every pass reads the
+        perturbation of its step, not one traced into the graph."""
         if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpointed forward recomputed
             return self._added(output, *self._recomputed())
         self.calls += 1
@@ -265,6 +272,9 @@ class _InputAttack(Hyperparameters, abc.ABC):
         weight = next(self._embedding.module.parameters(), None)
         resolve_backend(backend, None if weight is None else weight.device)  # a clear error now, not at a step
         self.backend = backend
+
+    def remove_hooks(self) -> None:
+        """Nothing to remove: the hook of a step exists only while it runs."""
 
     def _perturbation(self, attention_mask: Tensor | None, **options: Any
                       ) -> contextlib.AbstractContextManager[_EmbeddingOutput]:
@@ -446,11 +456,12 @@ class FusedSMART(_ComparingAttack):
     """SMART's smoothness-inducing adversarial regulariser (Jiang et al., ACL 2020, Algorithm 1), on any model.
 
     Noise ``N(0, 1) * noise_var`` on the word-embedding output (masked by ``attention_mask``) is trained by ``steps``
-    ascent steps on ``KL(softmax(adv) || softmax(clean))`` (fp32, batchmean; ``divergence="mse"`` for regression
-    heads: the summed squared error), each projected onto the ``adv_eps`` inf-ball when ``adv_eps`` is given. Then one
-    backward of ``loss + alpha * (KL(adv || clean) + KL(clean || adv))``, each KL's target side detached (``"mse"``:
-    the mean squared error of the two). A non-finite gradient drops the adversarial term for the batch, without a host
-    sync. Token-level logits (``[B, T, V]``, a causal LM's) count the tokens of ``attention_mask`` only.
+    ascent steps on ``KL(softmax(adv) || softmax(clean))`` (fp32, summed over the rows as mt-dnn does;
+    ``divergence="mse"`` for regression heads: the summed squared error), each projected onto the ``adv_eps`` inf-ball
+    when ``adv_eps`` is given. Then one backward of ``loss + alpha * (KL(adv || clean) + KL(clean || adv))`` (each the
+    mean over the rows), each KL's target side detached (``"mse"``: the mean squared error of the two). A non-finite
+    gradient drops the adversarial term for the batch, without a host sync. Token-level logits (``[B, T, V]``, a
+    causal LM's) count the tokens of ``attention_mask`` only.
 
     The ascent step, per token (``per_token=False``: per example), with ``g`` the gradient and ``N(x)`` the
     normalisation ``x / (max|x| + epsilon)`` (``norm="inf"``), ``x / (||x||_2 + epsilon)`` (``"l2"``) or ``sign(x)``
@@ -528,10 +539,12 @@ class FusedSMART(_ComparingAttack):
             for _ in range(self.steps):
                 hook.perturb(noise.requires_grad_())
                 _, adv_logits = _loss_and_logits(self._forward(forward, hook))
+                # summed over the rows, as mt-dnn's stable_kl(reduce=False): a token's gradient does not depend on how
+                # many share its batch (only epsilon would see that)
                 if self.divergence == "mse":
                     divergence = _squared_error(adv_logits, logits.detach(), rows, mean=False)
                 else:
-                    divergence = _kl(adv_logits, logits.detach(), rows)
+                    divergence = _kl(adv_logits, logits.detach(), rows, total=1)
                 (grad,) = torch.autograd.grad(divergence, noise)
                 norms = self._step_noise(noise, grad, hook.mask)
                 finite = finite & norms.isfinite().all()

@@ -290,12 +290,14 @@ def _logit_rows(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return attention_mask.bool().reshape(-1)
 
 
-def _kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(softmax(logits) || softmax(target)) in fp32, averaged over the rows (batchmean), or over the counted ones."""
+def _kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None,
+        reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(logits) || softmax(target)) in fp32 over the rows (the counted ones), averaged (batchmean) or
+    summed."""
     logits, target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1, target.size(-1)).float()
     if rows is not None:
         logits, target = logits[rows], target[rows]
-    return F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(logits, dim=-1), reduction="batchmean",
+    return F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(logits, dim=-1), reduction=reduction,
                     log_target=True)
 
 
@@ -321,7 +323,8 @@ def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask:
     regression), per token (``per_token=False``: per example), with ``N`` the normalisation by the inf-norm
     (``norm="inf"``), the l2 norm (``"l2"``) or the sign (``"sign"``): ``update="mtdnn"`` as mt-dnn's
     ``SmartPerturbation`` does it, ``noise = N(noise + step_size * g)``; ``update="paper"`` as Algorithm 1,
-    ``noise = noise + step_size * N(g)``; each projected onto the ``adv_eps`` inf-ball when ``adv_eps`` is given; then
+    ``noise = noise + step_size * N(g)``; each projected onto the ``adv_eps`` inf-ball when ``adv_eps`` is given (the
+    ascent's divergence summed over the rows, as mt-dnn's ``stable_kl(reduce=False)``); then
     ``loss + alpha * (KL(adv.detach() || clean) + KL(clean.detach() || adv))`` (MSE between the two for regression). A
     non-finite gradient norm drops the adversarial term, as mt-dnn does. As fastadv specifies, where mt-dnn differs:
     plain KL (not ``stable_kl``), norms in fp32, the gradient masked by ``attention_mask``, and token-level logits
@@ -350,7 +353,7 @@ def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask:
             if divergence == "mse":
                 adv_loss = _mse(adv_logits, logits.detach(), rows, reduction="sum")
             else:
-                adv_loss = _kl(adv_logits, logits.detach(), rows)
+                adv_loss = _kl(adv_logits, logits.detach(), rows, reduction="sum")
             (delta_grad,) = torch.autograd.grad(adv_loss, noise, only_inputs=True, retain_graph=False)
             delta_grad = _masked(delta_grad.float(), attention_mask)
             if not torch.isfinite(delta_grad.norm()):

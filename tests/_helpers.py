@@ -19,7 +19,8 @@ import torch
 from conftest import DEVICE, TinyEncoder, assert_matches, batch
 from torch import nn
 
-from fastadv import FusedAWP, FusedFGM, FusedFreeLB, FusedPGD, FusedR3F, FusedSMART, reference
+from fastadv import FusedFreeLB, FusedR3F, FusedSMART, reference
+from fastadv.methods import method
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
 HALF = [torch.bfloat16, torch.float16]
@@ -80,7 +81,7 @@ def make_attacker(kind: str, model: nn.Module, backend: str | None = None, *, em
     if backend is not None:
         if kind != "awp":
             options["emb_name"] = emb_name
-        return {"fgm": FusedFGM, "pgd": FusedPGD, "awp": FusedAWP}[kind](model, backend=backend, **options)
+        return method(kind).build(model, backend=backend, **options)
     attacker = {"fgm": FGM, "pgd": PGD, "awp": AWP}[kind](model, **options)
     if kind != "awp" and emb_name != "word_embeddings":
         attacker.attack = functools.partial(attacker.attack, emb_name)

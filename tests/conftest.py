@@ -72,14 +72,6 @@ class TinyEncoder(nn.Module):
         return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
 
-class Wrapped(nn.Module):
-    """What DDP / DataParallel look like to the seed: the model under ``.module``."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-
 def batch(vocab: int = 64, size: tuple[int, int] = (4, 6), low: int = 0) -> torch.Tensor:
     return torch.randint(low, vocab, size, device=DEVICE)
 

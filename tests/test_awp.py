@@ -9,7 +9,8 @@ import _helpers
 import pytest
 import torch
 from _helpers import HALF, assert_same_params, assert_step_matches_the_seed, make_attacker, train, twins, widened
-from conftest import TinyEncoder, Wrapped, assert_matches, batch
+from conftest import TinyEncoder, assert_matches, batch
+from torch import nn
 
 from fastadv import FusedAWP
 from fastadv.reference import AWP, awp_step
@@ -84,7 +85,7 @@ def test_step_keeps_gradients_of_earlier_micro_batches(backend, seed):
 
 def training_loop(model, backend: str | None) -> list[float]:
     """The AWP class's usage code (awp_step) with fastadv's class on ``backend`` or (None) the AWP class."""
-    awp = make_attacker("awp", Wrapped(model), backend, adv_lr=0.5, adv_eps=0.01)
+    awp = make_attacker("awp", nn.DataParallel(model), backend, adv_lr=0.5, adv_eps=0.01)
     return train(model, awp, "awp", momentum=0.9, seed=99)
 
 

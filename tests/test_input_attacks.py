@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import os
 import pickle
 import sys
+import warnings
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from _helpers import INPUT_CASES, TinyClassifier, input_batches, input_forward, 
 from conftest import BACKENDS, DEVICE
 from torch import nn
 
+from fastadv import reference
 from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
 
 
@@ -262,3 +265,310 @@ def test_two_ddp_processes_match_the_reference_in_them(tmp_path):
                                            msg=functools.partial("{}/{}/{}: {}".format, kind, backend, name))
         for name, value in params.items():
             assert torch.equal(value, ranks[1][kind, backend][name]), (kind, backend, name)
+
+
+# ---- the hook lives only while a step runs, and nothing of fastadv is ever on the model ----
+
+
+def _fastadv_hooks() -> list[object]:
+    """The global forward hooks fastadv installs for a step (none outside one)."""
+    return list(nn.modules.module._global_forward_hooks.values())
+
+
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+def test_a_copy_or_save_inside_a_step_carries_nothing_away(kind, seed):
+    """A ``copy.deepcopy`` (an EMA or teacher copy) or ``torch.save`` of the model taken inside a step: the copy has
+    no hook and computes the unperturbed outputs; during the step the model itself has no hook either."""
+    model = TinyClassifier(dropout=0.0, device="cpu")
+    b = input_batches(1, seed, device=torch.device("cpu"))[0]
+    forward, copies = input_forward(model, kind, b), []
+
+    def copying():
+        assert not model.embeddings.word_embeddings._forward_hooks and _fastadv_hooks()
+        saved = io.BytesIO()
+        torch.save(model, saved)
+        saved.seek(0)
+        copies.extend([copy.deepcopy(model), torch.load(saved, weights_only=False)])
+        return forward()
+
+    cls, _, options = INPUT_CASES[kind]
+    cls(model, **options).step(copying, b["attention_mask"])
+    assert not _fastadv_hooks()
+    plain = model(b["ids"], b["attention_mask"], b["labels"])[1]
+    for twin in copies:
+        assert not twin.embeddings.word_embeddings._forward_hooks
+        torch.testing.assert_close(twin(b["ids"], b["attention_mask"], b["labels"])[1], plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_the_hook_goes_on_every_way_out_of_a_step(kind, failure, seed):
+    """An exception or a KeyboardInterrupt in any pass: the global hook is removed, and the next step (and a plain
+    forward pass) runs unperturbed by it."""
+    model = TinyClassifier(dropout=0.0, device="cpu")
+    b = input_batches(1, seed, device=torch.device("cpu"))[0]
+    forward = input_forward(model, kind, b)
+    cls, _, options = INPUT_CASES[kind]
+    attacker = cls(model, **options)
+    for fail_at in (1, 2):
+        calls = []
+
+        def failing(fail_at=fail_at, calls=calls):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise failure("boom")
+            return forward()
+
+        with pytest.raises(failure, match="boom"):
+            attacker.step(failing, b["attention_mask"])
+        assert not _fastadv_hooks()
+        model.zero_grad()
+    attacker.step(forward, b["attention_mask"])
+    assert not _fastadv_hooks()
+
+
+class _CheckpointedClassifier(TinyClassifier):
+    """:class:`TinyClassifier` whose whole forward, the embedding lookup included, is one non-reentrant checkpoint:
+    the backward recomputes the embedding's output."""
+
+    def forward(self, ids, mask, labels):
+        return torch.utils.checkpoint.checkpoint(super().forward, ids, mask, labels, use_reentrant=False)
+
+
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "smart-paper", "r3f"])
+def test_activation_checkpointing_recomputes_each_pass_with_its_own_perturbation(kind, backend, seed):
+    """With the embedding inside a checkpoint, the recomputation in the backward is no pass and gets the perturbation
+    of the pass it recomputes: the gradients are those of the same step without the checkpoint. (The reference steps
+    add the current perturbation to every recomputation, right for FreeLB only: SMART's and R3F's final backward
+    recomputes their clean pass with the noise added.)"""
+    torch.manual_seed(seed)
+    plain = TinyClassifier(dropout=0.0)
+    checkpointed = _CheckpointedClassifier(dropout=0.0)
+    checkpointed.load_state_dict(plain.state_dict())
+    b = one_batch(seed)
+    cls, ref_step, options = INPUT_CASES[kind]
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(seed)
+        cls(model, backend=backend, **options).step(input_forward(model, kind, b), b["attention_mask"])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    if kind.startswith("freelb"):
+        ref = _CheckpointedClassifier(dropout=0.0)
+        ref.load_state_dict(plain.state_dict())
+        torch.manual_seed(seed)
+        ref_step(ref.embeddings.word_embeddings, input_forward(ref, kind, b), b["attention_mask"], **options)
+        torch.testing.assert_close(torch.cat([p.grad.flatten() for p in ref.parameters()]), grads[0], rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+def test_a_model_compiled_in_its_first_step_trains_as_the_eager_one(kind, seed):
+    """torch.compile traces the model at its first call, inside the first step, global hook and all: the hook's work
+    runs eagerly at a graph break, so every step reads its own perturbation (traced into the graph, FreeLB's stayed
+    the first step's), and evaluation after training sees no perturbation."""
+    torch._dynamo.reset()  # traced afresh: dynamo reuses code traced for other instances of the class
+    torch.manual_seed(seed)
+    start = TinyClassifier(dropout=0.0, device="cpu")
+    batches = input_batches(3, seed, device=torch.device("cpu"))
+    cls, _, options = INPUT_CASES[kind]
+    trained = []
+    for compiled in (False, True):
+        model = copy.deepcopy(start)
+        run = torch.compile(model) if compiled else model
+        attacker, opt = cls(model, **options), torch.optim.SGD(model.parameters(), lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on global hooks and compiled modules
+            for i, b in enumerate(batches):
+                torch.manual_seed(i)
+                attacker.step(input_forward(run, kind, b), b["attention_mask"])
+                opt.step()
+                opt.zero_grad()
+            b = batches[0]
+            trained.append((flat(model), run(b["ids"], b["attention_mask"], b["labels"])[1]))
+    torch.testing.assert_close(trained[1][0], trained[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained[1][1], trained[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_compiled_before_the_step_is_named_in_the_error(seed):
+    """Traced without the hook (outside a step), the embedding's call is in the graph and never sees it: a clear
+    error, not a silently unperturbed step."""
+    torch._dynamo.reset()
+    model = TinyClassifier(device="cpu")
+    compiled = torch.compile(model)
+    b = input_batches(1, seed, device=torch.device("cpu"))[0]
+    compiled(b["ids"], b["attention_mask"], b["labels"])  # compiled without fastadv's hook
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on global hooks and compiled modules
+        error = step_error(FusedFreeLB(compiled), input_forward(compiled, "freelb", b), b["attention_mask"])
+    assert "did not run in the forward pass" in str(error) and "torch.compile" in str(error)
+
+
+def neftune_post_forward_hook(module, args, output):
+    """transformers' NEFTune hook (``transformers.integrations.neftune``), as ``Trainer(neftune_noise_alpha=...)``
+    installs it: fresh uniform noise on the embedding output at every call in training mode."""
+    if module.training:
+        dims = torch.tensor(output.size(1) * output.size(2))
+        mag_norm = module.neftune_noise_alpha / torch.sqrt(dims)
+        output = output + torch.zeros_like(output).uniform_(-mag_norm, mag_norm)
+    return output
+
+
+@pytest.mark.parametrize(("cls", "options"), [(FusedSMART, {"update": "paper"}), (FusedR3F, {})],
+                         ids=["smart-paper", "r3f"])
+def test_neftune_noise_is_shared_by_the_passes_that_are_compared(cls, options, seed):
+    """SMART and R3F measure how the logits move under their perturbation; NEFTune's hook draws new noise at every
+    pass, which would make the divergence measure NEFTune (hundreds of times these small-perturbation terms). Within
+    a step the noise is drawn once and added to every pass, so the term is about that of the model without NEFTune;
+    NEFTune's hook is back in place after the step, in its order."""
+    b = input_batches(1, seed, device=torch.device("cpu"))[0]
+    kind = "smart" if cls is FusedSMART else "r3f"
+    terms = {}
+    for neftune in (False, True):
+        torch.manual_seed(seed)
+        model = TinyClassifier(dropout=0.0, device="cpu")
+        embedding = model.embeddings.word_embeddings
+        if neftune:
+            embedding.neftune_noise_alpha = 5.0
+            first = embedding.register_forward_hook(neftune_post_forward_hook)
+            last = embedding.register_forward_hook(lambda module, args, output: None)
+        terms[neftune] = cls(model, **options).run(input_forward(model, kind, b), torch.Tensor.backward,
+                                                   b["attention_mask"])[1]
+    assert list(embedding._forward_hooks) == [first.id, last.id]
+    # what sharing prevents: the divergence of two independent NEFTune draws
+    noised = [model(b["ids"], b["attention_mask"], b["labels"])[1] for _ in range(2)]
+    independent = 2 * torch.nn.functional.kl_div(noised[1].log_softmax(-1), noised[0].log_softmax(-1),
+                                                 log_target=True, reduction="batchmean")
+    assert independent > 100 * terms[False], (independent, terms)
+    assert terms[True] < 10 * terms[False], terms
+
+
+class _TokenLM(nn.Module):
+    """A causal-LM-shaped toy: token-level logits ``[B, T, V]`` and a loss over the unpadded tokens."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids, mask, labels):
+        logits = self.head(torch.tanh(self.hidden(self.embeddings.word_embeddings(ids))))
+        labels = labels.masked_fill(mask == 0, -100)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100), logits
+
+
+@pytest.mark.parametrize("kind", ["smart-inf", "smart-mse", "r3f"])
+def test_token_level_logits_count_the_attention_mask(kind, backend, seed):
+    """Padding positions are no predictions: the divergence of token-level logits averages over the tokens of the
+    attention mask, as the loss does (the public code counts them all). Parity with the reference (which masks them
+    too), and the term does not change when the padded positions' logits do."""
+    torch.manual_seed(seed)
+    model = _TokenLM().to(DEVICE)
+    ids = torch.randint(0, 20, (3, 6), device=DEVICE)
+    mask = (torch.arange(6, device=DEVICE) < torch.tensor([[6], [4], [2]], device=DEVICE)).long()
+    labels = torch.randint(0, 20, (3, 6), device=DEVICE)
+    cls, ref_step, options = INPUT_CASES[kind]
+    if kind == "smart-mse":
+        options = {**options, "divergence": "mse"}
+
+    def forward_of(net, pad_shift=0.0):
+        def forward():
+            loss, logits = net(ids, mask, labels)
+            return loss, logits + pad_shift * (1 - mask).unsqueeze(-1) * torch.arange(20, device=DEVICE)
+
+        return forward
+
+    results = []
+    for shift in (0.0, 7.0):
+        net = copy.deepcopy(model)
+        torch.manual_seed(seed)
+        results.append(cls(net, backend=backend, **options).run(forward_of(net, shift), torch.Tensor.backward,
+                                                                mask)[1])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    fused = copy.deepcopy(model)
+    cls(fused, backend=backend, **options).step(forward_of(fused), mask)
+    torch.manual_seed(seed)
+    ref_step(ref.embeddings.word_embeddings, forward_of(ref), mask, **options)
+    assert_close_params_grads(fused, ref)
+
+
+def assert_close_params_grads(fused: nn.Module, ref: nn.Module) -> None:
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_smart_at_its_defaults_changes_training(seed):
+    """mt-dnn's update (the default) moves the noise to about 1 per token, for which its defaults were chosen: over
+    four steps SMART changes the weights' update measurably. The paper's update at the same defaults moves it by
+    step_size (1e-3) and changes training ten thousand times less."""
+    start = TinyClassifier(dropout=0.0)
+    batches = input_batches(4, seed)
+    plain = copy.deepcopy(start)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for b in batches:
+        plain(b["ids"], b["attention_mask"], b["labels"])[0].backward()
+        opt.step()
+        opt.zero_grad()
+    plain_change = (flat(plain) - flat(start)).norm()
+    change = {}
+    for update in ("mtdnn", "paper"):
+        model = copy.deepcopy(start)
+        attacker = FusedSMART(model, update=update)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for b in batches:
+            attacker.step(input_forward(model, "smart", b), b["attention_mask"])
+            opt.step()
+            opt.zero_grad()
+        change[update] = (flat(model) - flat(plain)).norm() / plain_change
+    assert change["mtdnn"] > 1e-3, change  # measured about 1e-2
+    assert change["paper"] < 1e-5, change  # measured about 1e-6
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class _EncoderDecoder(nn.Module):
+    """An encoder-decoder whose encoder and decoder have embedding modules of their own sharing one weight (BART's,
+    T5's layout): the last name part ``embed_tokens`` names two modules."""
+
+    def __init__(self, vocab: int = 30, dim: int = 8):
+        super().__init__()
+        shared = nn.Embedding(vocab, dim)
+        self.encoder, self.decoder = nn.Module(), nn.Module()
+        self.encoder.embed_tokens, self.decoder.embed_tokens = nn.Embedding(vocab, dim), nn.Embedding(vocab, dim)
+        self.encoder.embed_tokens.weight = self.decoder.embed_tokens.weight = shared.weight
+        self.encoder.layer, self.head = nn.Linear(dim, dim), nn.Linear(dim, vocab)
+
+    def forward(self, ids, mask, labels):
+        memory = torch.tanh(self.encoder.layer(self.encoder.embed_tokens(ids))).mean(1, keepdim=True)
+        logits = self.head(self.decoder.embed_tokens(labels) + memory)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), logits.mean(1)
+
+
+def test_a_dotted_suffix_selects_one_of_an_encoder_decoders_embeddings(seed):
+    model = _EncoderDecoder().to(DEVICE)
+    with pytest.raises(ValueError, match="2 modules .encoder.embed_tokens, decoder.embed_tokens.*dotted suffix"):
+        FusedFreeLB(model, emb_name="embed_tokens")
+    ids, mask = torch.randint(0, 30, (2, 5), device=DEVICE), torch.ones(2, 5, dtype=torch.long, device=DEVICE)
+    labels = torch.randint(0, 30, (2, 4), device=DEVICE)
+    ref = copy.deepcopy(model)
+    options = INPUT_CASES["freelb-l2"][2]
+    torch.manual_seed(seed)
+    FusedFreeLB(model, emb_name="encoder.embed_tokens", **options).step(lambda: model(ids, mask, labels)[0], mask)
+    torch.manual_seed(seed)
+    reference.freelb_step(ref.encoder.embed_tokens, lambda: ref(ids, mask, labels)[0], mask, **options)
+    assert_close_params_grads(model, ref)
+
+
+def test_a_submodule_called_module_is_part_of_the_model(seed):
+    """Wrappers are recognised by type (DDP, DataParallel, FSDP, DeepSpeed engines), not by a ``.module``
+    attribute."""
+    model = TinyClassifier()
+    model.module = nn.Linear(2, 2)
+    assert FusedR3F(model).model is model
+    assert FusedR3F(nn.DataParallel(model)).model is model

@@ -399,3 +399,120 @@ def test_example_script_runs(capsys):
         assert all(math.isfinite(r[key]) for key in ("loss", "acc", "test_loss", "attacked_loss"))
         assert math.isnan(r["adv_loss"]) == (method == "none")
     assert "FGM-attacked loss" in capsys.readouterr().out
+
+
+# ---- the user's whole lifecycle: a fit that raises, skipped batches, validation between steps, save and resume ----
+
+
+def _fastadv_left_on(module: pl.LightningModule, trainer: pl.Trainer) -> list[str]:
+    """What of fastadv is on the module (or the trainer's strategy) now: should be nothing."""
+    left = [f"module.{name}" for name in ("training_step", "log") if name in module.__dict__]
+    left += ["strategy.training_step"] if "training_step" in trainer.strategy.__dict__ else []
+    left += [f"{name} hooks" for name, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    left += ["global hooks"] if torch.nn.modules.module._global_forward_hooks else []
+    return left
+
+
+class _FailsAt(ClassifierModule):
+    """``training_step`` raises at its ``n``-th call."""
+
+    def __init__(self, model, n: int):
+        super().__init__(model)
+        self.n, self.calls = n, 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("kind", ["fgm", "freelb-l2", "smart-inf", "r3f"])
+def test_after_a_fit_that_raises_nothing_of_fastadv_is_left_and_a_plain_fit_is_plain(kind):
+    """0.3 left SMART's and R3F's wrapped training_step on the module after a failed fit, so a later plain fit
+    trained with SMART."""
+    batches = input_batches(STEPS, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    start = TinyClassifier(device="cpu")
+    callback = input_callback(kind) if "-" in kind or kind == "r3f" else AdversarialTraining(kind)
+    model = copy.deepcopy(start)
+    module = _FailsAt(model, 5)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    assert not _fastadv_left_on(module, trainer)
+    failed = copy.deepcopy(model)
+    module.n = -1  # fails no more
+    plain_trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+    plain_trainer.fit(module, DataLoader(batches, batch_size=None))
+    want = copy.deepcopy(failed)
+    fit(want, batches, module_cls=ClassifierModule)
+    assert torch.equal(flat_params(model), flat_params(want))
+
+
+class _SkipsAndValidates(ClassifierModule):
+    """Skips its second batch (``training_step`` returns None, Lightning's way) and validates after every step; keeps
+    the validation logits."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.validation_logits = []
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.validation_logits.append(self.model(batch["ids"], batch["attention_mask"], batch["labels"])[1])
+
+
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+def test_a_skipped_batch_and_validation_between_steps(kind):
+    """0.3 left FreeLB's hook on after a skipped batch, into the validation that followed (noised logits). The
+    validation outputs are the plain model's, and the training matches the hand loop over the batches not skipped."""
+    batches = input_batches(STEPS + 1, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    start = TinyClassifier(device="cpu")
+    model = copy.deepcopy(start)
+    module = _SkipsAndValidates(model)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[input_callback(kind)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         val_check_interval=1, num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(module, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
+    assert not _fastadv_left_on(module, trainer)
+    assert len(module.validation_logits) == STEPS + 1
+    want = copy.deepcopy(start)
+    for i, b in enumerate(batches):
+        if i != 1:  # seeded as ClassifierModule seeds batch i
+            input_train(want, kind, None, [b], seed=INPUT_SEED + i)
+    final = want.eval()(batches[0]["ids"], batches[0]["attention_mask"], batches[0]["labels"])[1]
+    torch.testing.assert_close(module.validation_logits[-1], final, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["pgd", "smart-inf"])
+def test_save_and_resume(tmp_path, kind):
+    """Two epochs in one fit, or one, a checkpoint, and a new Trainer resuming from it: the same weights."""
+    batches = input_batches(STEPS, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    start = TinyClassifier(device="cpu")
+
+    def callback():
+        return AdversarialTraining(kind, **OPTIONS[kind]) if kind in OPTIONS else input_callback(kind)
+
+    def trainer(epochs, **options):
+        return pl.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback()], logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, **options)
+
+    whole = copy.deepcopy(start)
+    trainer(2, enable_checkpointing=False).fit(ClassifierModule(whole), DataLoader(batches, batch_size=None))
+    first = copy.deepcopy(start)
+    halfway = trainer(1, default_root_dir=str(tmp_path))
+    halfway.fit(ClassifierModule(first), DataLoader(batches, batch_size=None))
+    checkpoint = halfway.checkpoint_callback.best_model_path
+    resumed_model = copy.deepcopy(start)
+    resumed = ClassifierModule(resumed_model)
+    resuming = trainer(2, default_root_dir=str(tmp_path))
+    resuming.fit(resumed, DataLoader(batches, batch_size=None), ckpt_path=checkpoint)
+    assert not _fastadv_left_on(resumed, resuming)
+    torch.testing.assert_close(flat_params(resumed_model), flat_params(whole), rtol=1e-6, atol=1e-7)

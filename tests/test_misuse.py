@@ -477,3 +477,99 @@ def test_non_contiguous_parameter_is_refused_before_anything_is_written(seed):
         FusedFGM(model, emb_name="embeddings").attack()
     assert_bit_exact(model, before)
 
+
+
+# ---- 12. wrappers, recognised by type ----
+
+
+class WithBlock(TinyEncoder):
+    """:class:`TinyEncoder` with one more layer, the submodule :attr:`BLOCK`."""
+
+    BLOCK = "block"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        setattr(self, self.BLOCK, nn.Linear(16, 16, device=self.hidden.weight.device))
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
+        h = torch.tanh(getattr(self, self.BLOCK)(torch.tanh(self.hidden(self.embeddings.LayerNorm(h)))))
+        return nn.functional.cross_entropy(self.lm_head(h).flatten(0, 1), ids.flatten())
+
+
+class WithModule(WithBlock):
+    """A model whose own submodule is called ``module`` (a layer of the network, not a wrapper)."""
+
+    BLOCK = "module"
+
+
+@pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
+def test_a_submodule_called_module_is_part_of_the_model(backend, seed, kind):
+    """The seed's classes (and fastadv 0.3) took ``model.module`` for a wrapper's model and attacked that layer
+    alone; fastadv unwraps DDP, DataParallel, FSDP and DeepSpeed engines by type. The step matches the seed's on the
+    same network with the layer under another name."""
+    fused = WithModule()
+    renamed = WithBlock()
+    renamed.load_state_dict({k.replace("module.", "block."): v for k, v in fused.state_dict().items()})
+    attacker = make(kind, fused, backend)
+    assert attacker.model is fused
+    ids = batch()
+    run_step(kind, attacker, lambda: fused(ids))
+    adversarial_step(kind, make(kind, renamed, None), renamed, lambda: renamed(ids), k=3 if kind == "pgd" else 2)
+    for a, b in zip(fused.parameters(), renamed.parameters()):
+        assert_matches(a.grad, b.grad)
+
+
+def test_a_compiled_model_is_unwrapped(seed):
+    model = TinyEncoder()
+    assert FusedFGM(torch.compile(model)).model is model
+    assert FusedPGD(nn.DataParallel(model)).model is model
+
+
+# ---- 13. errors where they can be raised, naming their cause ----
+
+
+def test_errors_known_before_the_clean_pass_are_raised_at_construction(seed, monkeypatch):
+    model = TinyEncoder()
+    with pytest.raises(ValueError, match="emb_name='wte'"):
+        FusedPGD(model, emb_name="wte")
+    with pytest.raises(ValueError, match="adv_param='nope'"):
+        FusedAWP(model, adv_param="nope")
+    monkeypatch.setenv("FASTADV_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="FASTADV_BACKEND='cuda-magic': unknown backend"):
+        FusedFGM(model)
+    monkeypatch.delenv("FASTADV_BACKEND")
+    triton_ops = pytest.importorskip("fastadv.backends.triton_ops")
+    monkeypatch.setattr(triton_ops, "supports", lambda device, *args: torch.device(device).type == "cuda")
+    with pytest.raises(RuntimeError, match="backend='triton'.*cpu tensors.*TRITON_INTERPRET=1"):
+        FusedFGM(TinyEncoder(device="cpu"), backend="triton")
+    monkeypatch.setenv("FASTADV_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FASTADV_BACKEND='triton'.*unset FASTADV_BACKEND"):
+        FusedFGM(TinyEncoder(device="cpu"))
+
+
+class _LoRAEmbedding(nn.Module):
+    """What PEFT makes of an embedding: the frozen weight under ``base_layer`` and trainable ``lora_embedding_A/B``
+    (with LoRA on other layers only, the embedding is just frozen)."""
+
+    def __init__(self, base: nn.Embedding, rank: int = 2, adapted: bool = True):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        if adapted:
+            self.lora_embedding_A = nn.ParameterDict({"default": nn.Parameter(torch.randn(rank, base.num_embeddings))})
+            self.lora_embedding_B = nn.ParameterDict({"default": nn.Parameter(torch.zeros(base.embedding_dim, rank))})
+
+
+@pytest.mark.parametrize("adapted", [True, False], ids=["lora-on-the-embedding", "frozen-embedding"])
+def test_a_frozen_or_lora_embedding_is_refused_with_what_to_take(adapted):
+    """FGM/PGD on ``embed_tokens`` of a LoRA model: with LoRA on the embedding only its adapter matches, and
+    perturbing it moves the embedding output far more than ``eps`` says; without, the embedding is frozen. Both
+    refused at construction, pointing at the input-space methods and ``modules_to_save``."""
+    model = TinyEncoder()
+    model.embed_tokens = _LoRAEmbedding(model.embeddings.word_embeddings, adapted=adapted)
+    del model.embeddings.word_embeddings
+    match = "adapter weights .*lora_embedding" if adapted else "frozen .*requires_grad=False"
+    for cls in (FusedFGM, FusedPGD):
+        with pytest.raises(ValueError, match=f"{match}.*FusedFreeLB, FusedSMART or FusedR3F.*modules_to_save"):
+            cls(model, emb_name="embed_tokens")

@@ -20,7 +20,8 @@ from _helpers import (
     twins_with_grads,
     widened,
 )
-from conftest import TinyEncoder, Wrapped, assert_matches, batch
+from conftest import TinyEncoder, assert_matches, batch
+from torch import nn
 
 from fastadv import FusedFGM, FusedPGD
 from fastadv.reference import FGM, PGD
@@ -136,7 +137,7 @@ def test_pgd_step_and_restore_grad_with_unused_parameter(backend, seed):
 def training_loop(model, kind: str, backend: str | None, use_step: bool = False) -> list[float]:
     """The seed's usage code (fastadv.reference.fgm_step / pgd_step), or fastadv's ``step`` with ``use_step``, with
     fastadv's classes on ``backend`` or (None) the seed's; both unwrap ``.module``."""
-    attacker = make_attacker(kind, Wrapped(model), backend)
+    attacker = make_attacker(kind, nn.DataParallel(model), backend)
     return train(model, attacker, kind, momentum=0.9, use_step=use_step)
 
 

@@ -434,3 +434,187 @@ def test_input_space_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="adv_eps given both"):
         AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1,
                            adv_options={"adv_eps": 0.2})
+
+
+# ---- a causal LM: the Trainer's defaults (loss kwargs, num_items_in_batch) ----
+
+LM_VOCAB, LM_SEQ = 48, 8
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=LM_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def lm_data(n: int = 8, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Right-padded sequences of different lengths; padding has label -100, as a collator sets it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, LM_VOCAB, (n, LM_SEQ), generator=g)
+    lengths = torch.randint(3, LM_SEQ + 1, (n,), generator=g)
+    mask = (torch.arange(LM_SEQ) < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
+
+
+def run_lm(tmp_path, method, batch: int, ga: int, **kwargs) -> torch.nn.Module:
+    model = tiny_llama()
+    args = make_args(tmp_path, ga=ga)
+    args.per_device_train_batch_size = batch
+    trainer = CheckedTrainer(model=model, args=args, train_dataset=lm_data(),
+                             optimizers=(make_optimizer(model, "sgd"), None), adversarial=method,
+                             emb_name="embed_tokens", **kwargs)
+    assert trainer.model_accepts_loss_kwargs  # the default for a causal LM: num_items_in_batch, no GA division
+    trainer.train()
+    return model
+
+
+@pytest.mark.parametrize("method, options", [
+    ("smart", {"alpha": 5.0}),
+    ("r3f", {"r3f_lambda": 200.0, "eps": 0.05}),
+    ("freelb", {"adv_init_mag": 0.1}),  # per-example steps (FGM's and PGD's whole-gradient norm do depend on it)
+])
+def test_a_causal_lm_update_does_not_depend_on_how_the_batch_is_split(tmp_path, method, options):
+    """With a loss normalised by num_items_in_batch the Trainer does not divide by the accumulation steps; SMART's and
+    R3F's regulariser (a per-micro-batch mean in 0.3) was then counted once per micro-batch: exactly 2x at GA=2. Now
+    it counts the loss's positions and is normalised like the loss, so (batch 4, GA 1) and (batch 2, GA 2) give the
+    same update, as they do for the plain Trainer. (The noise is the same too: the CPU generator's draws for a batch
+    of 4 are those for two batches of 2.)"""
+    adv_options = {"adv_options": options} if options else {}
+    one = run_lm(tmp_path, method, 4, 1, **adv_options)
+    split = run_lm(tmp_path, method, 2, 2, **adv_options)
+    plain = run_lm(tmp_path, None, 4, 1)
+    assert_same_weights(split, one, rtol=1e-4, atol=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(one.parameters(), plain.parameters())) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["fgm", "freelb", "smart", "r3f"])
+@pytest.mark.parametrize("loss", ["label_smoothing", "compute_loss_func"])
+def test_each_pass_gets_its_own_copy_of_the_batch(tmp_path, method, loss):
+    """A label smoother or a compute_loss_func makes compute_loss pop the labels from the batch: every pass of a step
+    must still have them (0.3 gave the second pass none). The step matches the hand loop with the same loss."""
+    model = tiny_bert()
+    model.accepts_loss_kwargs = False
+    twin = copy.deepcopy(model)
+    smoothing = 0.1
+
+    def smoothed(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs["logits"], labels, label_smoothing=smoothing)
+
+    extra = {"label_smoothing_factor": smoothing} if loss == "label_smoothing" else {}
+    args = make_args(tmp_path, **extra)
+    trainer_kwargs = {"compute_loss_func": smoothed} if loss == "compute_loss_func" else {}
+    options = {"adv_options": INPUT_PARAMS[method]} if method in INPUT_PARAMS else PARAMS[method]
+    trainer = SeededTrainer(model=model, args=args, train_dataset=masked_data(),
+                            optimizers=(make_optimizer(model, "sgd"), None), adversarial=method, **options,
+                            **trainer_kwargs)
+    trainer.train()
+    optimizer = make_optimizer(twin, "sgd")
+    data = masked_data()
+    for i, start in enumerate(range(0, len(data), BATCH)):
+        batch = default_collate(data[start : start + BATCH])
+        torch.manual_seed(1000 + i)
+
+        def forward(batch=batch):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = twin(**inputs).logits
+            loss = smoothed({"logits": logits}, batch["labels"])
+            return loss if method in ("fgm", "freelb") else (loss, logits)
+
+        if method == "fgm":
+            reference.fgm_step(reference.FGM(twin, eps=PARAMS["fgm"]["adv_eps"]), forward)
+        else:
+            REFERENCE_STEPS[method](twin.bert.embeddings.word_embeddings, forward, batch["attention_mask"],
+                                    **INPUT_PARAMS[method])
+        optimizer.step()
+        twin.zero_grad()
+    assert_same_weights(model, twin, rtol=1e-5, atol=1e-6)
+
+
+class _ScheduleFreeLike(torch.optim.SGD):
+    """What schedule-free optimizers do around evaluation: ``eval()`` moves the weights to their evaluation point,
+    ``train()`` back (here: scaled by 2 and back); the Trainer calls ``eval()`` in evaluate(), ``train()`` at the
+    start of its training_step."""
+
+    training = True
+
+    def eval(self):
+        if self.training:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.mul_(2.0)
+            self.training = False
+
+    def train(self):
+        if not self.training:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.div_(2.0)
+            self.training = True
+
+
+class _Unchecked(AdversarialTrainer):
+    """:class:`SeededTrainer` without the weights check (the optimizer's train() moves them inside the step)."""
+
+    _get_train_sampler = CheckedTrainer._get_train_sampler
+    micro_batches = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        torch.manual_seed(1000 + self.micro_batches)
+        self.micro_batches += 1
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("method", ["fgm", "smart"])
+def test_an_evaluation_between_steps_with_a_schedule_free_optimizer(tmp_path, method):
+    """The step calls what Trainer.training_step calls before its forward pass, in its order: model.train(), then the
+    optimizer's train() (0.3's input-space step ran its first forward at the evaluation weights). Evaluating after
+    every step changes nothing against training without evaluation."""
+    results = []
+    for evaluate in (False, True):
+        model = tiny_bert()
+        model.accepts_loss_kwargs = False
+        extra = {"eval_strategy": "steps", "eval_steps": 1} if evaluate else {}
+        options = {"adv_options": INPUT_PARAMS[method]} if method in INPUT_PARAMS else PARAMS[method]
+        trainer = _Unchecked(model=model, args=make_args(tmp_path, **extra), train_dataset=masked_data(),
+                             eval_dataset=masked_data()[:4] if evaluate else None,
+                             optimizers=(_ScheduleFreeLike(model.parameters(), lr=0.5), None),
+                             adversarial=method, **options)
+        trainer.train()
+        trainer.optimizer.train()
+        results.append(model)
+    assert_same_weights(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["smart", "r3f"])
+def test_neftune_noise_is_shared_within_a_step(tmp_path, method):
+    """Trainer(neftune_noise_alpha=...) adds fresh noise to the embedding output at every pass; SMART and R3F compare
+    passes, so within a step the noise is drawn once: the logged divergence stays the method's (small here), not
+    NEFTune's."""
+    options = {"smart": {"update": "paper"}, "r3f": {}}[method]
+    logs = {}
+    for alpha in (None, 5.0):
+        model = tiny_bert()
+        trainer = CheckedTrainer(model=model, args=make_args(tmp_path, neftune_noise_alpha=alpha),
+                                 train_dataset=masked_data(), optimizers=(make_optimizer(model, "sgd"), None),
+                                 adversarial=method, adv_options=options)
+        trainer.train()
+        logs[alpha] = max(train_logs(trainer, "adv_loss"))
+    assert logs[5.0] < 10 * logs[None], logs
+
+
+def test_lora_on_the_embedding_is_refused_for_weight_attacks(tmp_path):
+    """PEFT LoRA targeting the embedding: FGM/PGD would attack lora_embedding_A/B; refused with what to take."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ValueError, match="adapter weights.*FusedFreeLB, FusedSMART or FusedR3F"):
+        AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="pgd", emb_name="embed_tokens")
+    frozen = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="frozen.*modules_to_save"):
+        AdversarialTrainer(model=frozen, args=make_args(tmp_path), adversarial="fgm", emb_name="embed_tokens")

@@ -169,10 +169,12 @@ class AdversarialTraining(pl.Callback):
 
     def on_exception(self, *args: Any, **kwargs: Any) -> None:
         self._aside = None
-        self._uninstall()
+        self.teardown()
 
     def teardown(self, *args: Any, **kwargs: Any) -> None:
         self._uninstall()
+        if self._attacker is not None:  # nothing of fastadv stays on the module: its hooks go, a fit builds anew
+            self._attacker.remove_hooks()
 
     def _attention_mask(self, batch: Any) -> Tensor | None:
         if self._mask_of is None or not self._method.input_space:

@@ -101,6 +101,7 @@ class AdversarialTrainingMixin:
         elif adv_options:
             raise ValueError("adv_options configures a method: pass adversarial= too")
         self._attacker: Attacker | None = None
+        self._attacker_done = False  # its train() ended: its hooks are off the model
         self._adv_loss_sum: Tensor | None = None
         self._adv_steps = 0
         self._adv_last_step = -1
@@ -138,9 +139,21 @@ class AdversarialTrainingMixin:
         except ValueError as err:
             raise ValueError(f"adversarial={self.adversarial!r}: {err}") from err
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; afterwards (also when it raises) nothing of fastadv is left on the model: the attack
+        object's hooks are removed, and the next ``train()`` builds a new one."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._attacker is not None:
+                self._attacker.remove_hooks()
+                self._attacker_done = True
+
     def _attacker_for(self, model: nn.Module) -> Attacker:
         target = unwrap(model)
-        if self._attacker is None or self._attacker.model is not target:  # e.g. a new model from model_init
+        # a new model from model_init, or a new train()
+        if self._attacker is None or self._attacker.model is not target or self._attacker_done:
+            self._attacker_done = False
             # a DeepSpeed engine itself (the attack needs it), other wrappers unwrapped
             self._attacker = self._build_attacker(model if is_engine(model) else target)
         return self._attacker
