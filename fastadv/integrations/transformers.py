@@ -208,20 +208,21 @@ class AdversarialTrainingMixin:
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        passes = 0
 
         def forward() -> Any:
-            with self.compute_loss_context_manager():
-                batch = dict(inputs)  # compute_loss may pop the labels (label smoothing, compute_loss_func)
-                if not m.needs_logits:
-                    return self.compute_loss(model, batch, **kwargs)
-                loss, outputs = self.compute_loss(model, batch, return_outputs=True, **kwargs)
-            return loss, outputs["logits"]
+            nonlocal passes
+            passes += 1
+            batch = dict(inputs)  # compute_loss may pop the labels (label smoothing, compute_loss_func)
+            with self.compute_loss_context_manager(), self._pass_counted(passes == 1):
+                if m.needs_logits:
+                    return self._loss_and_logits(model, batch, kwargs, counted=passes == 1)
+                return self.compute_loss(model, batch, **kwargs)
 
         def backward(loss: Tensor) -> None:
             self._loss_to_backpropagate = loss
-            step = super(AdversarialTrainingMixin, self).training_step
-            try:  # transformers < 4.46 takes no num_items_in_batch
-                step(model, inputs) if num_items_in_batch is None else step(model, inputs, num_items_in_batch)
+            try:
+                self._backward_step(model, inputs, num_items_in_batch)
             finally:
                 self._loss_to_backpropagate = None
 
@@ -231,6 +232,23 @@ class AdversarialTrainingMixin:
         divisor = self._divisor(num_items_in_batch)
         self._record_adv_loss(adversarial.mean() / divisor)
         return loss.mean().detach() / divisor
+
+    def _backward_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> None:
+        """The backward of one pass: the parent's ``training_step``, which takes the loss from :meth:`compute_loss`."""
+        step = super().training_step
+        step(model, inputs) if num_items_in_batch is None else step(model, inputs, num_items_in_batch)  # < 4.46: none
+
+    def _loss_and_logits(self, model: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any], counted: bool
+                         ) -> tuple[Tensor, Tensor]:
+        """A forward pass of a method that compares logits: the loss, and the logits with their graph (``counted``:
+        the step's first pass, see :meth:`_pass_counted`)."""
+        loss, outputs = self.compute_loss(model, inputs, return_outputs=True, **kwargs)
+        return loss, outputs["logits"]
+
+    def _pass_counted(self, first: bool) -> contextlib.AbstractContextManager[None]:
+        """Where a Trainer subclass accounts for what a forward pass saw (TRL's token counts and metrics): the first
+        pass of a step counts, the method's other passes of the same batch do not."""
+        return contextlib.nullcontext()
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      **kwargs: Any) -> Any:
