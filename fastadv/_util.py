@@ -53,6 +53,31 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+#: What ``emb_name`` is when the model has no ``get_input_embeddings()``: the seed's default.
+DEFAULT_EMB_NAME = "word_embeddings"
+
+
+def input_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The name and module of ``model.get_input_embeddings()`` (Hugging Face models, PEFT wrappers), or ``None``."""
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        module = get()
+    except (NotImplementedError, AttributeError):  # a PreTrainedModel that does not say
+        return None
+    return next(((name, m) for name, m in model.named_modules() if m is module and name), None)
+
+
+def embedding_weights_name(model: nn.Module, emb_name: str | None) -> str:
+    """``emb_name`` for the weight attacks: as given, or for ``None`` the input embedding's parameters (its module's
+    name with a trailing dot, a substring of theirs alone), else the seed's ``"word_embeddings"``."""
+    if emb_name is not None:
+        return emb_name
+    found = input_embedding(model)
+    return DEFAULT_EMB_NAME if found is None else found[0] + "."
+
+
 def check_positive(name: str, value: float) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):

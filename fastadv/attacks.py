@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from fastadv._deepspeed import EngineSupport, is_engine
 from fastadv._driver import RowPerturbation
 from fastadv._sharding import Placement
-from fastadv._util import Hyperparameters, check_positive, check_steps, matching_parameters, unwrap
+from fastadv._util import (
+    Hyperparameters,
+    check_positive,
+    check_steps,
+    embedding_weights_name,
+    matching_parameters,
+    unwrap,
+)
 from fastadv.backends import resolve_backend
 from fastadv.loops import Pass, awp_loop, backward_pass, fgm_loop, pgd_loop
 from fastadv.rules import awp_rule, fgm_rule, pgd_rule
@@ -131,7 +138,9 @@ class FusedFGM(_Attack):
     Args:
         model: the model (DDP, FSDP, DataParallel and DeepSpeed engines are unwrapped).
         eps: perturbation size, > 0.
-        emb_name: substring of the names of the parameters to attack; ``attack``/``restore`` may override it.
+        emb_name: substring of the names of the parameters to attack; ``None`` (default): the parameters of the
+            model's input embedding (``model.get_input_embeddings()``: Hugging Face models, PEFT wrappers), else
+            ``"word_embeddings"`` as in the seed. ``attack``/``restore`` may override it.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
         rows: how the rows the batch touched are found. ``"auto"`` (default): from the token ids of the
             ``nn.Embedding`` lookups since the last attack (row hints, forward pre-hooks) wherever they are exact: an
@@ -155,10 +164,11 @@ class FusedFGM(_Attack):
         self,
         model: nn.Module,
         eps: float = 1.0,
-        emb_name: str = "word_embeddings",
+        emb_name: str | None = None,
         backend: str = "auto",
         rows: str = "auto",
     ) -> None:
+        emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({"eps": eps, "emb_name": emb_name}))
         super().__init__(model, backend, rows, emb_name, "emb_name")
 
@@ -193,7 +203,9 @@ class FusedPGD(_Attack):
         model: the model (DDP, FSDP, DataParallel and DeepSpeed engines are unwrapped).
         eps: radius of the perturbation ball, > 0.
         alpha: step size, > 0.
-        emb_name: substring of the names of the parameters to attack; ``attack``/``restore`` may override it.
+        emb_name: substring of the names of the parameters to attack; ``None`` (default): the parameters of the
+            model's input embedding (``model.get_input_embeddings()``: Hugging Face models, PEFT wrappers), else
+            ``"word_embeddings"`` as in the seed. ``attack``/``restore`` may override it.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
         copy_grads: ``backup_grad`` copies the gradients as the seed does, instead of keeping references; needed only
             if gradients are zeroed in place (``zero_grad(set_to_none=False)``) between the adversarial passes.
@@ -216,11 +228,12 @@ class FusedPGD(_Attack):
         model: nn.Module,
         eps: float = 1.0,
         alpha: float = 0.3,
-        emb_name: str = "word_embeddings",
+        emb_name: str | None = None,
         backend: str = "auto",
         copy_grads: bool = False,
         rows: str = "auto",
     ) -> None:
+        emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({"eps": eps, "alpha": alpha, "emb_name": emb_name}))
         super().__init__(model, backend, rows, emb_name, "emb_name")
         self._grads = _GradStash(copy_grads)

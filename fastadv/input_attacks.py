@@ -30,12 +30,14 @@ from torch import Tensor, nn
 
 from fastadv._deepspeed import EngineSupport, is_engine
 from fastadv._util import (
+    DEFAULT_EMB_NAME,
     Hyperparameters,
     as_bool,
     check_choice,
     check_nonnegative,
     check_positive,
     check_steps,
+    input_embedding,
     optional,
     unwrap,
 )
@@ -64,10 +66,17 @@ def _loss_and_logits(out: Any) -> tuple[Tensor, Tensor]:
     )
 
 
-def embedding_module(model: nn.Module, emb_name: str) -> tuple[str, nn.Module]:
-    """The module whose output the input-space methods perturb: the one whose name ends with ``emb_name`` as a dotted
-    suffix (``"encoder.embed_tokens"`` picks one of an encoder-decoder's two), or, for a name without a dot, whose last
-    name part contains it (``"word_embeddings"``). A clear error unless exactly one matches."""
+def embedding_module(model: nn.Module, emb_name: str | None) -> tuple[str, nn.Module]:
+    """The module whose output the input-space methods perturb: for ``emb_name=None`` the model's input embedding
+    (``model.get_input_embeddings()``: Hugging Face models, PEFT wrappers; else the module named like
+    ``"word_embeddings"``); else the one whose name ends with ``emb_name`` as a dotted suffix
+    (``"encoder.embed_tokens"`` picks one of an encoder-decoder's two), or, for a name without a dot, whose last name
+    part contains it. A clear error unless exactly one matches."""
+    if emb_name is None:
+        found = input_embedding(model)
+        if found is not None:
+            return found
+        emb_name = DEFAULT_EMB_NAME
     if "." in emb_name:
         found = [(n, m) for n, m in model.named_modules() if n == emb_name or n.endswith("." + emb_name)]
     else:
@@ -106,7 +115,7 @@ class _EmbeddingOutput:
     forward) is not a pass: it gets the perturbation of the pass whose graph it recomputes.
     """
 
-    def __init__(self, model: nn.Module, emb_name: str) -> None:
+    def __init__(self, model: nn.Module, emb_name: str | None) -> None:
         self.name, self.module = embedding_module(model, emb_name)
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._clear()
@@ -264,7 +273,7 @@ class _InputAttack(Hyperparameters, abc.ABC):
     #: Whether the passes of a step compare each other's logits (noise a model hook adds is then shared in a step).
     compares_passes = False
 
-    def __init__(self, model: nn.Module, emb_name: str, backend: str) -> None:
+    def __init__(self, model: nn.Module, emb_name: str | None, backend: str) -> None:
         self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
         self.emb_name = emb_name
@@ -343,7 +352,9 @@ class FusedFreeLB(_InputAttack):
         adv_init_mag: initial perturbation size, >= 0 (GLUE: 0.08-0.6).
         adv_max_norm: bound of ``delta``, >= 0; 0: none.
         norm: ``"l2"`` or ``"linf"``.
-        emb_name: the embedding module whose output is perturbed: the last part of its name, or a dotted suffix of it.
+        emb_name: the embedding module whose output is perturbed: ``None`` (default) the model's input embedding
+            (``get_input_embeddings()``, else the one named like ``"word_embeddings"``), the last part of its name, or
+            a dotted suffix of it.
         shared_dropout: every pass of a step draws the dropout masks of the first, as FreeLB's paper results did
             (with a patched model); done by putting the random state back at the embedding, no model change.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
@@ -365,7 +376,7 @@ class FusedFreeLB(_InputAttack):
     shared_dropout: bool
 
     def __init__(self, model: nn.Module, adv_lr: float = 0.1, adv_steps: int = 3, adv_init_mag: float = 0.0,
-                 adv_max_norm: float = 0.0, norm: str = "l2", emb_name: str = "word_embeddings",
+                 adv_max_norm: float = 0.0, norm: str = "l2", emb_name: str | None = None,
                  shared_dropout: bool = False, backend: str = "auto") -> None:
         vars(self).update(self.checked({"adv_lr": adv_lr, "adv_steps": adv_steps, "adv_init_mag": adv_init_mag,
                                         "adv_max_norm": adv_max_norm, "norm": norm, "shared_dropout": shared_dropout}))
@@ -500,7 +511,7 @@ class FusedSMART(_ComparingAttack):
     def __init__(self, model: nn.Module, alpha: float = 1.0, steps: int = 1, step_size: float = 1e-3,
                  noise_var: float = 1e-5, epsilon: float = 1e-6, adv_eps: float | None = None, norm: str = "inf",
                  per_token: bool = True, divergence: str = "kl", update: str = "mtdnn",
-                 emb_name: str = "word_embeddings", backend: str = "auto") -> None:
+                 emb_name: str | None = None, backend: str = "auto") -> None:
         vars(self).update(self.checked({
             "alpha": alpha, "steps": steps, "step_size": step_size, "noise_var": noise_var, "epsilon": epsilon,
             "adv_eps": adv_eps, "norm": norm, "per_token": per_token, "divergence": divergence, "update": update}))
@@ -584,7 +595,7 @@ class FusedR3F(_ComparingAttack):
     divergence: str
 
     def __init__(self, model: nn.Module, r3f_lambda: float = 1.0, eps: float = 1e-5, noise_type: str = "uniform",
-                 divergence: str = "kl", emb_name: str = "word_embeddings", backend: str = "auto") -> None:
+                 divergence: str = "kl", emb_name: str | None = None, backend: str = "auto") -> None:
         vars(self).update(self.checked({"r3f_lambda": r3f_lambda, "eps": eps, "noise_type": noise_type,
                                         "divergence": divergence}))
         super().__init__(model, emb_name, backend)
