@@ -4,7 +4,7 @@ The task: is token 7 in the sequence? (half of them contain it). For each method
 adversarial training loss of the last epoch, then test accuracy and loss, clean and under an FGM attack on the
 embeddings. Runs in one process, or in several with ``accelerate launch``.
 
-    pip install fastadv[transformers]                       # accelerate comes with it
+    pip install -e ".[transformers]"                       # accelerate comes with it
     python examples/accelerate_adversarial.py              # CPU, about 5 seconds
     accelerate launch --cpu --num_processes 2 examples/accelerate_adversarial.py --accumulate 2 --precision bf16
 """
@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from _toy import Classifier, evaluate, make_data, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,40 +24,16 @@ try:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 except ImportError as exc:  # pragma: no cover
-    raise SystemExit(f"{exc}\nthis example needs accelerate: pip install 'fastadv[transformers]'") from None
+    raise SystemExit(f'{exc}\nthis example needs accelerate: pip install -e ".[transformers]"') from None
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD
 
-VOCAB, TARGET = 100, 7
 SETTINGS = {  # method -> (attack class and arguments, k); eps scaled to this model (embedding rows of norm ~0.6)
     "none": None,
     "fgm": (FusedFGM, {"eps": 0.5}, 1),
     "pgd": (FusedPGD, {"eps": 0.5, "alpha": 0.2}, 3),
     "awp": (FusedAWP, {"adv_lr": 0.5, "adv_eps": 0.01}, 1),
 }
-
-
-def make_data(n: int, seq_len: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB - 1, (n, seq_len), generator=g)
-    ids[ids >= TARGET] += 1  # tokens 1..VOCAB-1 without TARGET
-    labels = torch.randint(0, 2, (n,), generator=g)
-    rows = labels.nonzero().view(-1)
-    ids[rows, torch.randint(0, seq_len, (len(rows),), generator=g)] = TARGET
-    return TensorDataset(ids, labels)
-
-
-class Classifier(nn.Module):
-    def __init__(self, dim: int = 32):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(VOCAB, dim)
-        nn.init.normal_(self.word_embeddings.weight, std=0.1)
-        self.encoder = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
-        self.head = nn.Linear(dim, 2)
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.encoder(self.word_embeddings(ids)).max(dim=1).values)
-        return nn.functional.cross_entropy(logits.float(), labels)
 
 
 def train_one(method: str, args: argparse.Namespace, train: TensorDataset) -> tuple[nn.Module, float, float]:
@@ -79,7 +56,7 @@ def train_one(method: str, args: argparse.Namespace, train: TensorDataset) -> tu
             with accelerator.accumulate(model):
 
                 def run_pass(ids=ids, labels=labels):
-                    loss = model(ids, labels)
+                    loss = nn.functional.cross_entropy(model(ids).float(), labels)
                     accelerator.backward(loss)  # divides by gradient_accumulation_steps; scales fp16 losses
                     return loss
 
@@ -90,24 +67,6 @@ def train_one(method: str, args: argparse.Namespace, train: TensorDataset) -> tu
                 optimizer.zero_grad()
             totals += torch.stack([loss.detach().float().cpu(), adv_loss.detach().float().cpu(), torch.tensor(1.0)])
     return accelerator.unwrap_model(model), (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-
-
-def evaluate(model: Classifier, data: TensorDataset, eps: float) -> dict[str, float]:
-    """Accuracy and loss, clean and with the word embeddings moved by FGM along the gradient of the test loss."""
-    ids, labels = data.tensors
-    model.zero_grad()
-    model(ids, labels).backward()
-    fgm = FusedFGM(model, eps=eps)
-    with torch.no_grad():
-        logits = model.head(model.encoder(model.word_embeddings(ids)).max(dim=1).values)
-        result = {"acc": (logits.argmax(-1) == labels).float().mean().item(), "test_loss": model(ids, labels).item()}
-        fgm.attack()
-        try:
-            result["attacked_loss"] = model(ids, labels).item()
-        finally:
-            fgm.restore()
-    model.zero_grad()
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -131,10 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         model, loss, adv_loss = train_one(method, args, train)
         results[method] = {"loss": loss, "adv_loss": adv_loss, **evaluate(model.float().cpu(), test, args.eval_eps)}
     if AcceleratorState().is_main_process:
-        print(f"{'method':<6} {'loss':>7} {'adv loss':>8} {'test acc':>8} {'test loss':>9} {'FGM-attacked loss':>17}")
-        for method, r in results.items():
-            print(f"{method:<6} {r['loss']:>7.4f} {r['adv_loss']:>8.4f} {r['acc']:>8.3f} {r['test_loss']:>9.4f}"
-                  f" {r['attacked_loss']:>17.4f}")
+        print_table(results)
     return results
 
 

@@ -4,7 +4,7 @@ The task: is token 7 in the sequence? (half of them contain it). For each method
 loss (clean) and ``adv_loss`` (the last adversarial pass), then test accuracy and loss, clean and under an FGM attack
 on the embeddings (adversarial training should lower the attacked loss).
 
-    pip install fastadv[lightning]
+    pip install -e ".[lightning]"
     python examples/lightning_adversarial.py                     # CPU, about 10 seconds
     python examples/lightning_adversarial.py --methods pgd --precision bf16-mixed --accumulate 2
 """
@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from _toy import Classifier, evaluate, make_data, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,11 +27,9 @@ try:
 
     from fastadv.integrations.lightning import AdversarialTraining
 except ImportError as exc:  # pragma: no cover
-    raise SystemExit(f"{exc}\nthis example needs lightning: pip install 'fastadv[lightning]'") from None
+    raise SystemExit(f'{exc}\nthis example needs lightning: pip install -e ".[lightning]"') from None
 
-from fastadv import FusedFGM
 
-VOCAB, TARGET = 100, 7
 SETTINGS = {  # method -> AdversarialTraining arguments, eps scaled to this model (embedding rows of norm ~0.6)
     "none": None,
     "fgm": {"method": "fgm", "eps": 0.5},
@@ -39,31 +38,17 @@ SETTINGS = {  # method -> AdversarialTraining arguments, eps scaled to this mode
 }
 
 
-def make_data(n: int, seq_len: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB - 1, (n, seq_len), generator=g)
-    ids[ids >= TARGET] += 1  # tokens 1..VOCAB-1 without TARGET
-    labels = torch.randint(0, 2, (n,), generator=g)
-    rows = labels.nonzero().view(-1)
-    ids[rows, torch.randint(0, seq_len, (len(rows),), generator=g)] = TARGET
-    return TensorDataset(ids, labels)
+class Module(pl.LightningModule):
+    """The toy classifier under Lightning."""
 
-
-class Classifier(pl.LightningModule):
-    def __init__(self, dim: int = 32, lr: float = 3e-3):
+    def __init__(self, lr: float = 3e-3):
         super().__init__()
-        self.word_embeddings = nn.Embedding(VOCAB, dim)
-        nn.init.normal_(self.word_embeddings.weight, std=0.1)
-        self.encoder = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
-        self.head = nn.Linear(dim, 2)
+        self.net = Classifier()
         self.lr = lr
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.word_embeddings(ids)).max(dim=1).values)
 
     def training_step(self, batch, batch_idx):
         ids, labels = batch
-        loss = nn.functional.cross_entropy(self(ids), labels)
+        loss = nn.functional.cross_entropy(self.net(ids), labels)
         self.log("loss", loss)  # the callback keeps the clean pass's logs only
         return loss
 
@@ -71,28 +56,9 @@ class Classifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def evaluate(model: Classifier, data: TensorDataset, eps: float) -> dict[str, float]:
-    """Accuracy and loss, clean and with the word embeddings moved by FGM along the gradient of the test loss."""
-    ids, labels = data.tensors
-    model.zero_grad()
-    with torch.enable_grad():
-        nn.functional.cross_entropy(model(ids), labels).backward()
-    fgm = FusedFGM(model, eps=eps)
-    with torch.no_grad():
-        result = {"acc": (model(ids).argmax(-1) == labels).float().mean().item(),
-                  "test_loss": nn.functional.cross_entropy(model(ids), labels).item()}
-        fgm.attack()
-        try:
-            result["attacked_loss"] = nn.functional.cross_entropy(model(ids), labels).item()
-        finally:
-            fgm.restore()
-    model.zero_grad()
-    return result
-
-
 def train_one(method: str, args: argparse.Namespace, train: TensorDataset, test: TensorDataset) -> dict[str, float]:
     torch.manual_seed(args.seed)
-    model = Classifier()
+    model = Module()
     callbacks = []
     if SETTINGS[method] is not None:
         start = {"start_epoch": min(1, args.epochs - 1)} if method == "awp" else {}
@@ -105,7 +71,7 @@ def train_one(method: str, args: argparse.Namespace, train: TensorDataset, test:
     trainer.fit(model, DataLoader(train, batch_size=args.batch_size, shuffle=True))
     metrics = trainer.callback_metrics
     result = {"loss": metrics["loss"].item(), "adv_loss": metrics.get("adv_loss", torch.tensor(math.nan)).item()}
-    return {**result, **evaluate(model.eval(), test, args.eval_eps)}
+    return {**result, **evaluate(model.net.eval(), test, args.eval_eps)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -126,12 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)  # fastest for so small a model
     train = make_data(args.train_size, args.seq_len, seed=args.seed + 1)
     test = make_data(512, args.seq_len, seed=args.seed + 2)
-    print(f"{'method':<6} {'loss':>7} {'adv loss':>8} {'test acc':>8} {'test loss':>9} {'FGM-attacked loss':>17}")
-    results = {}
-    for method in args.methods:
-        r = results[method] = train_one(method, args, train, test)
-        print(f"{method:<6} {r['loss']:>7.4f} {r['adv_loss']:>8.4f} {r['acc']:>8.3f} {r['test_loss']:>9.4f}"
-              f" {r['attacked_loss']:>17.4f}")
+    results = {method: train_one(method, args, train, test) for method in args.methods}
+    print_table(results)
     return results
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import math
 import os
 import socket
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,6 +282,32 @@ def seed_loop(model: nn.Module, kind: str | None, batches: Sequence[torch.Tensor
                     _seed_awp_step(attacker, inner, closure, FRAMEWORK_K[kind])
             if last:
                 optimizer_step(model, opt, scaler, clip)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> object:
+    """``examples/<name>.py``'s ``main(argv)``, run as ``python examples/<name>.py`` runs it (``examples/`` first on
+    the path: the examples share ``_toy.py``)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.main(argv)
+
+
+def assert_toy_example_runs(example: str, methods: set[str], monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture, argv: Sequence[str] = ()) -> None:
+    """An example on ``examples/_toy.py``'s task, shortened: every method's results are finite, the adversarial
+    loss exists where there is a method, and the table prints "-" where there is none."""
+    results = run_example(example, ["--epochs", "1", "--train-size", "64", *argv], monkeypatch)
+    assert set(results) == methods
+    for name, r in results.items():
+        assert all(math.isfinite(r[key]) for key in ("loss", "acc", "test_loss", "attacked_loss"))
+        assert math.isnan(r["adv_loss"]) == (name == "none")
+    out = capsys.readouterr().out
+    assert "FGM-attacked loss" in out and "nan" not in out
 
 
 def free_port() -> int:

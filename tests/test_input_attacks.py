@@ -15,7 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import INPUT_CASES, TinyClassifier, input_batches, input_forward, input_train
+from _helpers import (
+    INPUT_CASES,
+    TinyClassifier,
+    assert_toy_example_runs,
+    input_batches,
+    input_forward,
+    input_train,
+)
 from conftest import BACKENDS, DEVICE
 from torch import nn
 
@@ -572,3 +579,7 @@ def test_a_submodule_called_module_is_part_of_the_model(seed):
     model.module = nn.Linear(2, 2)
     assert FusedR3F(model).model is model
     assert FusedR3F(nn.DataParallel(model)).model is model
+
+
+def test_example_script_runs(capsys, monkeypatch):
+    assert_toy_example_runs("input_space", {"none", "freelb", "smart", "r3f"}, monkeypatch, capsys)

@@ -8,9 +8,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
-import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from _helpers import (  # noqa: E402
     KINDS,
     TinyClassifier,
     assert_matches_and_attacked,
+    assert_toy_example_runs,
     flat_params,
     framework_batches,
     free_port,
@@ -42,7 +41,6 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from fastadv.integrations.lightning import AdversarialTraining  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_adversarial.py"
 STEPS = 4  # optimizer steps
 WORLD = 2
 #: The callback's options for each kind: the hyperparameters of the seed's classes in :func:`seed_loop`.
@@ -389,16 +387,9 @@ def test_missing_lightning_says_what_to_install(monkeypatch):
         importlib.import_module("fastadv.integrations.lightning")
 
 
-def test_example_script_runs(capsys):
-    spec = importlib.util.spec_from_file_location("example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    results = example.main(["--epochs", "1", "--train-size", "64", "--accumulate", "2"])
-    assert set(results) == {"none", "fgm", "pgd", "awp"}
-    for method, r in results.items():
-        assert all(math.isfinite(r[key]) for key in ("loss", "acc", "test_loss", "attacked_loss"))
-        assert math.isnan(r["adv_loss"]) == (method == "none")
-    assert "FGM-attacked loss" in capsys.readouterr().out
+def test_example_script_runs(capsys, monkeypatch):
+    assert_toy_example_runs("lightning_adversarial", {"none", "fgm", "pgd", "awp"}, monkeypatch, capsys,
+                            ["--accumulate", "2"])
 
 
 # ---- the user's whole lifecycle: a fit that raises, skipped batches, validation between steps, save and resume ----

@@ -8,6 +8,7 @@ With ``modules_to_save=["embed_tokens"]`` the embedding has a trainable copy, wh
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from _helpers import INPUT_CASES  # noqa: E402
+from _helpers import INPUT_CASES, run_example  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD, reference  # noqa: E402
@@ -129,3 +130,11 @@ def test_awp_on_fresh_lora_adapters_does_nothing_at_first():
     for a, c in zip(model.parameters(), plain.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_llm_example_runs(capsys, monkeypatch):
+    """examples/llm_lora.py, shortened: a LoRA Llama with FreeLB and without; losses finite, "-" without a method."""
+    results = run_example("llm_lora", ["--steps", "4", "--methods", "none", "freelb"], monkeypatch)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["eval_loss"]) for r in results.values())
+    assert math.isnan(results["none"]["adv_loss"]) and math.isfinite(results["freelb"]["adv_loss"])
+    assert "nan" not in capsys.readouterr().out

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from _helpers import run_example  # noqa: E402
 from torch.utils.data import SequentialSampler, default_collate  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -22,7 +23,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from fastadv import reference  # noqa: E402
 from fastadv.integrations.transformers import AdversarialTrainer  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "adversarial_bert.py"
 VOCAB, SEQ, BATCH, N = 100, 8, 4, 16  # 16 rows: 4 batches of 4
 LR = 1e-2
 PARAMS = {
@@ -333,12 +333,9 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
         importlib.import_module("fastadv.integrations.transformers")
 
 
-def test_example_script_runs(capsys):
-    spec = importlib.util.spec_from_file_location("adversarial_bert_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+def test_example_script_runs(capsys, monkeypatch):
     argv = ["--steps", "4", "--train-size", "32", "--test-size", "16", "--batch-size", "8", "--hidden", "16"]
-    results = example.main([*argv, "--layers", "1"])
+    results = run_example("adversarial_bert", [*argv, "--layers", "1"], monkeypatch)
     assert set(results) == {"none", "fgm", "pgd", "awp"}
     for method, r in results.items():
         assert math.isfinite(r["train_loss"]) and 0 <= r["acc"] <= 1
