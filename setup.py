@@ -1,6 +1,6 @@
 """Packaging lives in pyproject.toml; this file adds the optional ahead-of-time build of the C++/CUDA extension.
 
-    FASTADV_BUILD_EXT=1 pip install --no-build-isolation .    # torch must be importable while building
+    FASTADV_BUILD_EXT=1 pip install --no-build-isolation .    # torch and setuptools>=77 installed first
 
 builds ``fastadv._C`` (op schemas and CPU kernels) and, when a GPU is visible or FASTADV_BUILD_CUDA=1, also
 ``fastadv._C_cuda`` (CUDA kernels; needs nvcc, not a GPU). The flags, sources and CUDA settings are those of the

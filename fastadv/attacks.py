@@ -39,7 +39,7 @@ class _Attack(Hyperparameters, abc.ABC):
     engines, see :func:`fastadv._util.unwrap`), the perturbed rows and their originals, ``nonfinite_skips``,
     ``restore``, ``cleanup`` and the passes of ``step``."""
 
-    def __init__(self, model: nn.Module, backend: str, rows: str, target: str, arg: str) -> None:
+    def __init__(self, model: nn.Module, *, backend: str, rows: str, target: str, arg: str) -> None:
         self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
         named = matching_parameters(self.model, target, arg)  # what can fail before the first pass fails here
@@ -85,6 +85,14 @@ class _Attack(Hyperparameters, abc.ABC):
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
         """This method's training step with ``run_pass`` (one forward+backward pass returning the loss) as its
         passes; returns the clean loss and that of the last adversarial pass. See :mod:`fastadv.loops`."""
+
+    def step(self, closure: Callable[[], Tensor], k: int | None = None) -> Tensor:
+        """The method's training step (:meth:`run`, ``k`` attack steps: its default without one) with
+        ``closure().backward()`` as the pass, ``closure()`` running the forward pass and returning the loss (under a
+        DeepSpeed engine, ``engine.backward`` inside one ``coalesce_grad_reduction`` block); returns the clean loss.
+        Afterwards ``.grad`` holds what the method leaves for ``optimizer.step()`` (see :meth:`run`)."""
+        with self._passes(closure) as run_pass:
+            return (self.run(run_pass) if k is None else self.run(run_pass, k))[0].detach()
 
 
 class _GradStash:
@@ -170,7 +178,7 @@ class FusedFGM(_Attack):
     ) -> None:
         emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({"eps": eps, "emb_name": emb_name}))
-        super().__init__(model, backend, rows, emb_name, "emb_name")
+        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
@@ -183,17 +191,10 @@ class FusedFGM(_Attack):
         return 1
 
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
+        """Clean pass, attack, adversarial pass, restore (:func:`fastadv.loops.fgm_loop`): gradients accumulate into
+        ``.grad`` as in the seed's loop."""
         self.check_k(k)
         return fgm_loop(self, run_pass)
-
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """Clean forward/backward, attack, adversarial forward/backward, restore; returns the clean loss.
-
-        ``closure()`` runs the forward pass and returns the loss; gradients accumulate into ``.grad`` as in the seed's
-        loop, ready for ``optimizer.step()``.
-        """
-        with self._passes(closure) as run_pass:
-            return fgm_loop(self, run_pass)[0].detach()
 
 
 class FusedPGD(_Attack):
@@ -235,7 +236,7 @@ class FusedPGD(_Attack):
     ) -> None:
         emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({"eps": eps, "alpha": alpha, "emb_name": emb_name}))
-        super().__init__(model, backend, rows, emb_name, "emb_name")
+        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
         self._grads = _GradStash(copy_grads)
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
@@ -257,16 +258,9 @@ class FusedPGD(_Attack):
             self.restore_grad()
 
     def run(self, run_pass: Pass, k: int = 3) -> tuple[Tensor, Tensor]:
+        """The seed's PGD loop (:func:`fastadv.loops.pgd_loop`): afterwards ``.grad`` holds the clean gradient plus
+        that of the last adversarial pass."""
         return pgd_loop(self, run_pass, k)
-
-    def step(self, closure: Callable[[], Tensor], k: int = 3) -> Tensor:
-        """The seed's PGD loop in one call; returns the clean loss.
-
-        ``closure()`` runs the forward pass and returns the loss. Afterwards ``.grad`` holds the clean gradient plus
-        that of the last adversarial pass, ready for ``optimizer.step()``.
-        """
-        with self._passes(closure) as run_pass:
-            return pgd_loop(self, run_pass, k)[0].detach()
 
 
 class FusedAWP(_Attack):
@@ -305,7 +299,7 @@ class FusedAWP(_Attack):
         backend: str = "auto",
     ) -> None:
         vars(self).update(self.checked({"adv_param": adv_param, "adv_lr": adv_lr, "adv_eps": adv_eps}))
-        super().__init__(model, backend, "scan", adv_param, "adv_param")  # dense weights: every row may change
+        super().__init__(model, backend=backend, rows="scan", target=adv_param, arg="adv_param")  # dense: every row
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
@@ -316,16 +310,12 @@ class FusedAWP(_Attack):
         self._rows.restore(None, "adv_param")
 
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
-        return awp_loop(self, run_pass, k)
-
-    def step(self, closure: Callable[[], Tensor], k: int = 1) -> Tensor:
-        """Clean forward/backward, then ``k`` times: attack, ``zero_grad``, adversarial forward/backward; restore.
-        Returns the clean loss.
+        """Clean pass, then ``k`` times: attack, ``zero_grad``, adversarial pass; restore
+        (:func:`fastadv.loops.awp_loop`).
 
         As in the AWP class, the adversarial passes replace the clean gradient: afterwards ``.grad`` holds the last
         adversarial pass's gradient. Gradients already in ``.grad`` before the call (earlier micro-batches of
         gradient accumulation) are kept: set aside for the attack, they are put back before the last adversarial
         backward, which adds to them (and under DDP all-reduces them).
         """
-        with self._passes(closure) as run_pass:
-            return awp_loop(self, run_pass, k)[0].detach()
+        return awp_loop(self, run_pass, k)
