@@ -18,6 +18,7 @@ torch/Python/CUDA versions: a cached build loads without running the compiler, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -25,8 +26,10 @@ import platform
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -193,6 +196,28 @@ def _check_toolchain(cuda: bool) -> None:
             raise ExtensionUnavailable("no CUDA toolkit (nvcc and headers) found: set CUDA_HOME, e.g. /usr/local/cuda")
 
 
+@contextlib.contextmanager
+def _progress(directory: Path, sources: int, every: float = 20.0) -> Iterator[None]:
+    """While the block compiles into ``directory``: a line on stderr every ``every`` seconds with the time so far and
+    how many of the ``sources`` object files ninja has written."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def report() -> None:
+        while not done.wait(every):
+            built = sum(1 for _ in directory.glob("*.o"))
+            print(f"fastadv: still compiling ({time.monotonic() - start:.0f} s, {built} of {sources} sources"
+                  " compiled)", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _jit(kind: str, verbose: bool) -> str:
     """Compile (once) and load the ``kind`` library; returns its path."""
     cuda = kind == "cuda"
@@ -206,8 +231,8 @@ def _jit(kind: str, verbose: bool) -> str:
         torch.ops.load_library(str(library))
         return str(library)
     _check_toolchain(cuda)
-    what = "CUDA extension (once, 2-5 min)" if cuda else "C++ extension (once, ~1 min)"
-    print(f"fastadv: building the {what}...", file=sys.stderr, flush=True)
+    what = "CUDA extension (once: 2-5 min)" if cuda else "C++ extension (once: about 2 min on 2 cores)"
+    print(f"fastadv: building the {what} into {directory}...", file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     from torch.utils import cpp_extension
 
@@ -218,18 +243,19 @@ def _jit(kind: str, verbose: bool) -> str:
         cpp_extension.CUDA_HOME = str(cuda_home())
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(source) for source in sources],
-            extra_cflags=None if cuda else flags,
-            extra_cuda_cflags=CUDA_FLAGS if cuda else None,
-            extra_ldflags=None if cuda else ["-fopenmp"],
-            extra_include_paths=[str(source_dir()), *(cuda_include_dirs() if cuda else [])],
-            build_directory=str(directory),
-            with_cuda=cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
+        with _progress(directory, len(sources)):
+            cpp_extension.load(
+                name=name,
+                sources=[str(source) for source in sources],
+                extra_cflags=None if cuda else flags,
+                extra_cuda_cflags=CUDA_FLAGS if cuda else None,
+                extra_ldflags=None if cuda else ["-fopenmp"],
+                extra_include_paths=[str(source_dir()), *(cuda_include_dirs() if cuda else [])],
+                build_directory=str(directory),
+                with_cuda=cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
         complete.touch()
         return str(library)
     except (RuntimeError, OSError, ImportError) as err:  # compiler and linker errors surface as RuntimeError

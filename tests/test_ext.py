@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -567,3 +568,15 @@ def test_cuda_grids_are_sized_by_the_occupancy_api(cuda_library):
     if nm is None:
         pytest.skip("no nm")
     assert "cudaOccupancyMaxActiveBlocksPerMultiprocessor" in run_tool(nm, "-D", "--undefined-only", cuda_library)
+
+
+def test_a_build_reports_its_progress(tmp_path, capsys):
+    """The first build takes minutes: while it runs, a line with the time so far and the sources compiled."""
+    from fastadv import ext
+
+    with ext._progress(tmp_path, 3, every=0.01):
+        (tmp_path / "ops.o").touch()
+        time.sleep(0.2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("fastadv: still compiling (") for line in lines)
+    assert lines[-1].endswith("1 of 3 sources compiled)")
