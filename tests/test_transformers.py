@@ -458,9 +458,9 @@ def lm_data(n: int = 8, seed: int = 3) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
 
 
-def run_lm(tmp_path, method, batch: int, ga: int, **kwargs) -> torch.nn.Module:
+def run_lm(tmp_path, method, batch: int, ga: int, gradient_checkpointing: bool = False, **kwargs) -> torch.nn.Module:
     model = tiny_llama()
-    args = make_args(tmp_path, ga=ga)
+    args = make_args(tmp_path, ga=ga, gradient_checkpointing=gradient_checkpointing)
     args.per_device_train_batch_size = batch
     trainer = CheckedTrainer(model=model, args=args, train_dataset=lm_data(),
                              optimizers=(make_optimizer(model, "sgd"), None), adversarial=method,
@@ -615,3 +615,13 @@ def test_lora_on_the_embedding_is_refused_for_weight_attacks(tmp_path):
     frozen = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="frozen.*modules_to_save"):
         AdversarialTrainer(model=frozen, args=make_args(tmp_path), adversarial="fgm", emb_name="embed_tokens")
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd", "freelb", "smart", "r3f"])
+def test_gradient_checkpointing_changes_nothing(tmp_path, method):
+    """transformers' gradient checkpointing (non-reentrant, its default) recomputes the layers in the backward:
+    the same weights as without it, for every method."""
+    options = {"fgm": {}, "pgd": {"adv_k": 2}}.get(method, {"adv_options": {}})
+    runs = [run_lm(tmp_path, method, 4, 1, gradient_checkpointing=checkpointing, **options)
+            for checkpointing in (False, True)]
+    assert_same_weights(runs[1], runs[0], rtol=1e-5, atol=1e-6)
