@@ -55,7 +55,7 @@ def test_lookups_without_autograd_are_not_recorded(backend, seed):
 
 def test_hooks_go_with_the_attack_object():
     model = TinyEncoder()
-    hooks = model.embeddings.word_embeddings._forward_pre_hooks
+    hooks = model.embeddings.word_embeddings._forward_hooks
     fgm = FusedFGM(model, rows="batch")
     assert len(hooks) == 1
     del fgm
