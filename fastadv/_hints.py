@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fastadv._rows import RowState
 
@@ -67,24 +67,22 @@ def _not_real(weight: Tensor) -> bool:
         or torch._C._get_dispatch_mode(modes.FAKE) is not None
         or torch._C._get_dispatch_mode(modes.PROXY) is not None
         or torch.jit.is_tracing()
-        or is_fake(weight)
+        or isinstance(weight, FakeTensor)
     )
 
 
-def _lookup_node(output: object, weight: Tensor) -> tuple[object, int] | None:
+def _lookup_node(node: object, weight: Tensor) -> tuple[object, int] | None:
     """The autograd node that passes a lookup's gradient to ``weight``, and that gradient's index among the node's
-    outputs: ``output``'s own node, or one a few single-input steps up (a scaled embedding, a hook adding noise)."""
-    node = output.grad_fn if isinstance(output, Tensor) else None
+    outputs, from ``node``, the lookup's output's: that one, or one a few single-input steps up (a scaled embedding, a
+    hook adding noise)."""
     for _ in range(_LOOKUP_DEPTH):
-        if node is None:
-            return None
         edges = [(index, edge) for index, (edge, _) in enumerate(node.next_functions) if edge is not None]
         if len(edges) != 1:
             return None
-        index, next_node = edges[0]
-        if getattr(next_node, "variable", None) is weight:
+        index, edge = edges[0]
+        if getattr(edge, "variable", None) is weight:
             return node, index
-        node = next_node
+        node = edge
     return None
 
 
@@ -133,7 +131,10 @@ class _LookupRecorder:
         lookups.seen.add(self.name)
 
     def _track(self, lookups: _Lookups, weight: Tensor, output: object) -> None:
-        found = _lookup_node(output, weight) if self._weight is not None and self._weight() is weight else None
+        node = output.grad_fn if isinstance(output, Tensor) else None
+        if node is None:  # no autograd graph: no gradient will come from this lookup
+            return
+        found = _lookup_node(node, weight) if self._weight is not None and self._weight() is weight else None
         if found is None:  # not pairable (or the weight was rebound since the check was put on it): check it once
             lookups.foreign.add(self.name)
             return

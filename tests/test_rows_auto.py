@@ -31,29 +31,38 @@ class SecondUse(TinyEncoder):
         return super().forward(ids) + 1e-2 * self.embeddings.word_embeddings.weight[64:].square().sum()
 
 
+class Scaled(nn.Embedding):
+    """An embedding scaling its lookup, as BART's and M2M100's do: its output's autograd node is not the lookup's."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
 class LateUses(TinyEncoder):
     """Its word embeddings' weight used outside their lookup once a test switches a use on: ``decode``, an MLM loss
     decoding the hidden states through ``weight.T`` (every row gets gradient); ``penalty``, an auxiliary loss on rows
     1000 and up, which no batch looks up (ids below 64, see :func:`train`) and which the sweep (from row 0,
     ``_SWEEP_MIN_ROWS`` rows an attack) does not reach in these tests. ``views=2`` looks every batch up twice (two
-    views of it, as contrastive training does)."""
+    views of it, as contrastive training does); ``scaled`` makes the word embeddings :class:`Scaled`."""
 
-    def __init__(self, views: int = 1, **kwargs) -> None:
+    def __init__(self, views: int = 1, scaled: bool = False, **kwargs) -> None:
         super().__init__(vocab=1100, **kwargs)
+        if scaled:
+            self.embeddings.word_embeddings = Scaled(1100, 16, device=DEVICE, dtype=kwargs.get("dtype"))
         self.views = views
         self.decode = self.penalty = False
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.embeddings.word_embeddings
         pos = self.embeddings.position_embeddings(torch.arange(ids.shape[1], device=ids.device))
-        loss = 0
+        # the penalty before the lookup, the decode after it: the engine gets their gradients before and after the
+        # lookup's, and must not sum either into the lookup's in place
+        loss = 1e-2 * emb.weight[1000:].float().square().sum() if self.penalty else 0
         for view in (ids, ids.flip(1))[: self.views]:
             h = torch.tanh(self.hidden(self.embeddings.LayerNorm(emb(view) + pos)))
             loss = loss + nn.functional.cross_entropy(self.lm_head(h).float().flatten(0, 1), view.flatten())
             if self.decode:
                 loss = loss + nn.functional.cross_entropy((h @ emb.weight.T).float().flatten(0, 1), view.flatten())
-        if self.penalty:
-            loss = loss + 1e-2 * emb.weight[1000:].float().square().sum()
         return loss
 
 
@@ -189,12 +198,27 @@ def switch_on(use: str, *models: LateUses) -> None:
         setattr(model, use, True)
 
 
-@pytest.mark.parametrize("use", ["decode", "penalty"])
-@pytest.mark.parametrize("kind", ["fgm", "pgd"])
-def test_a_use_switched_on_later_warns_at_once_and_matches_the_seed(backend, seed, kind, use):
+@pytest.fixture
+def checks(monkeypatch) -> list[bool]:
+    """What :meth:`BatchRows.needs_check` answered at each attack: ``True`` is a scan of the whole gradient."""
+    answers = []
+    needs_check = BatchRows.needs_check
+
+    def spy(self, names: list[str]) -> bool:
+        answers.append(needs_check(self, names))
+        return answers[-1]
+
+    monkeypatch.setattr(BatchRows, "needs_check", spy)
+    return answers
+
+
+@pytest.mark.parametrize(("kind", "use", "scaled"), [("fgm", "decode", False), ("fgm", "penalty", False),
+                                                     ("pgd", "decode", False), ("pgd", "penalty", False),
+                                                     ("fgm", "penalty", True)])
+def test_a_use_switched_on_later_warns_at_once_and_matches_the_seed(backend, seed, kind, use, scaled):
     """The decode is dense and the penalty sparse, out of the sweep's reach here: each is found at the first attack
-    after the backward pass that used it (provenance), and that attack is already a scan."""
-    model = LateUses()
+    after the backward pass that used it (provenance, through a scaled lookup too), and that attack is a scan."""
+    model = LateUses(scaled=scaled)
     attacker, oracle, ref = pair(kind, model, backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -280,7 +304,7 @@ def test_the_sweep_finds_a_sparse_gradient_written_outside_autograd_within_its_p
     assert attacker._rows.rows == "scan" and attacks > 1  # not by chance at the first: by the sweep's slice
 
 
-def test_two_lookups_per_backward_pass_keep_the_hints_and_the_sweep(backend, seed):
+def test_two_lookups_per_backward_pass_keep_the_hints_and_the_sweep(backend, seed, checks):
     """Provenance cannot pair two lookups' gradients: the first attack's scan proves the hints anyway and provenance
     goes off, quietly, without a scan at every attack; a dense use switched on later is then found by the sweep."""
     model = LateUses(views=2)
@@ -292,6 +316,7 @@ def test_two_lookups_per_backward_pass_keep_the_hints_and_the_sweep(backend, see
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     hints = attacker._rows.batch_rows
     assert hints.verified and not hints.lookups.tracking and attacker._rows.rows == "auto"
+    assert checks == [True] + [False] * 8
     switch_on("decode", model, ref)
     with pytest.warns(RuntimeWarning, match=FALLBACK):
         train(model, attacker, "pgd", steps=1, seed=5)
@@ -317,13 +342,9 @@ class Padded(TinyEncoder):
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
-def test_a_long_normal_run_keeps_the_hints_quietly_and_scans_only_once(backend, seed, kind, monkeypatch):
+def test_a_long_normal_run_keeps_the_hints_quietly_and_scans_only_once(backend, seed, kind, checks):
     """Zero-gradient rows in the batch, repeated ids, micro-batches, evaluation passes between the steps, the sweep
     wrapping around the vocabulary many times: no warning, provenance stays on, no scan after the first attack."""
-    checks = []
-    needs_check = BatchRows.needs_check
-    monkeypatch.setattr(BatchRows, "needs_check", lambda self, names: checks.append(needs_check(self, names))
-                        or checks[-1])
     model = Padded()
     attacker, oracle, ref = pair(kind, model, backend)
     got, want = [], []
@@ -339,5 +360,5 @@ def test_a_long_normal_run_keeps_the_hints_quietly_and_scans_only_once(backend, 
                 m.train()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
-    assert checks[0] and not any(checks[1:]) and len(checks) == 8 * 2 * (3 if kind == "pgd" else 1)
+    assert checks == [True] + [False] * (8 * 2 * (3 if kind == "pgd" else 1) - 1)
     assert attacker._rows.rows == "auto" and attacker._rows.batch_rows.lookups.tracking
