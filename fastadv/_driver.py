@@ -40,8 +40,8 @@ ROWS = ("auto", "scan", "batch")
 
 class RowPerturbation:
     """Attack/restore bookkeeping shared by every attack class: which parameters, which rows, their backups, how the
-    rows are found (``rows``: ``"scan"``, ``"batch"`` hints, or ``"auto"``: hints where they are exact, checked
-    against a scan at the first attack, falling back to scans with one warning when they are not)."""
+    rows are found (``rows``: ``"scan"``, ``"batch"`` hints, or ``"auto"``: hints where they are exact, kept checked
+    at every attack (:mod:`fastadv._hints`), falling back to scans with one warning when they are not)."""
 
     def __init__(
         self, model: nn.Module, backend: str, rows: str = "scan", emb_name: str | None = None,

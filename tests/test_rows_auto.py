@@ -5,6 +5,8 @@ and scans from then on; in a normal run, no warning and no scan after the first 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import warnings
 
 import pytest
@@ -231,6 +233,23 @@ def test_a_use_switched_on_later_warns_at_once_and_matches_the_seed(backend, see
         got += train(model, attacker, kind, steps=2, seed=6)
     assert len([w for w in caught if "rows='auto'" in str(w.message)]) == 1
     want += train(ref, oracle, kind, steps=1, seed=5) + train(ref, oracle, kind, steps=2, seed=6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, ref)
+
+
+def test_a_use_switched_on_between_two_pgd_attacks_is_found_by_the_second(backend, seed):
+    """The penalty starts with the first adversarial pass of the fourth step: the attack after it continues a
+    hinted first attack, and is a scan."""
+    model = LateUses()
+    attacker, oracle, ref = pair("pgd", model, backend)
+
+    def forward(m: LateUses, calls: itertools.count, ids: torch.Tensor) -> torch.Tensor:
+        m.penalty = m.penalty or next(calls) == 3 * 4 + 1  # four passes a step: clean, then one per attack
+        return m(ids)
+
+    with pytest.warns(RuntimeWarning, match=FALLBACK):
+        got = train(model, attacker, "pgd", steps=5, forward=functools.partial(forward, model, itertools.count()))
+    want = train(ref, oracle, "pgd", steps=5, forward=functools.partial(forward, ref, itertools.count()))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
 
