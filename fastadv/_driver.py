@@ -40,8 +40,8 @@ ROWS = ("auto", "scan", "batch")
 
 class RowPerturbation:
     """Attack/restore bookkeeping shared by every attack class: which parameters, which rows, their backups, how the
-    rows are found (``rows``: ``"scan"``, ``"batch"`` hints, or ``"auto"``: hints where they are exact, checked
-    against a scan at the first attack, falling back to scans with one warning when they are not)."""
+    rows are found (``rows``: ``"scan"``, ``"batch"`` hints, or ``"auto"``: hints where they are exact, kept checked
+    at every attack (:mod:`fastadv._hints`), falling back to scans with one warning when they are not)."""
 
     def __init__(
         self, model: nn.Module, backend: str, rows: str = "scan", emb_name: str | None = None,
@@ -237,42 +237,48 @@ class RowPerturbation:
         self, backend: ModuleType, names: list[str], grads: list[Tensor], states: list[RowState], hints: BatchRows
     ) -> Tensor | None:
         """The recorded rows instead of a scan, and the gradient norms over those rows only (the skip decisions stay
-        on the device; their count is read at the next sync, see ``nonfinite_skips``). ``None`` when ``rows="auto"``
-        found the hints inexact: the caller scans, as every later attack will."""
+        on the device; their count is read at the next sync, see ``nonfinite_skips``). Proved at the same sync by a
+        scan where :meth:`BatchRows.needs_check` asks for one, else by the sweep of a slice of the gradient. ``None``
+        when ``rows="auto"`` found the hints inexact: the caller scans, as every later attack will."""
         check = hints.needs_check(names)
+        unpaired = hints.unpaired(names)
         looked_up = set(hints.lookups.seen)
         for name, state in zip(names, states):
             hints.take(name, state)
-        counts = [s.fresh.sum() for s in states]
-        if check:  # prove that the recorded rows cover every non-zero gradient row
+        counts = torch.stack([s.fresh.sum() for s in states]).double()
+        if check:  # every non-zero gradient row must be recorded (or perturbed already)
             scanned = [torch.empty_like(s.fresh) for s in states]
             backend.scan(grads, [s.touched for s in states], scanned)
-            counts += [(found & ~s.fresh).sum() for found, s in zip(scanned, states)]
+            unexplained = torch.stack([(found & ~s.fresh).sum() for found, s in zip(scanned, states)]).double()
+        else:  # the same, on this attack's slice of each gradient
+            unexplained = hints.sweep(backend, names, grads, states)
         pending = [flags for _, flags in self._pending]
-        host = torch.cat([torch.stack(counts).to(torch.float64)] + [p.double() for p in pending]).tolist()  # the sync
+        host = torch.cat([counts, unexplained] + [p.double() for p in pending]).tolist()  # the one host sync
         n = len(states)
         if pending:
-            self._count_pending(host[2 * n if check else n :])
-        if check:
-            missed = [name for name, extra in zip(names, host[n : 2 * n]) if extra]
-            if missed:
-                reason = hints.unexplained(missed, looked_up)
-                if self.rows == "batch":
-                    raise RuntimeError(f"rows='batch': {reason}; use rows='scan'")
-                if not (hints.lookups.masks or self._built_late):
-                    # no lookup since the hooks were added: likely built after this batch's forward pass; scan this
-                    # attack and check the hints again at the next (a compiled model stays silent: warned then)
-                    self._built_late = True
-                    return None
-                self._stop_hints()
-                warnings.warn(
-                    f"rows='auto': {reason}. Row hints are not exact for this model, so this attack object scans"
-                    " the gradient from now on (pass rows='scan' to skip the hints and this warning)",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
+            self._count_pending(host[2 * n :])
+        missed = [name for name, extra in zip(names, host[n : 2 * n]) if extra]
+        if missed:
+            reason = hints.unexplained(missed, looked_up)
+            if self.rows == "batch":
+                raise RuntimeError(f"rows='batch': {reason}; use rows='scan'")
+            if not (hints.lookups.masks or self._built_late):
+                # no lookup since the hooks were added: likely built after this batch's forward pass; scan this
+                # attack and check the hints again at the next (a compiled model stays silent: warned then)
+                self._built_late = True
                 return None
+            self._stop_hints()
+            warnings.warn(
+                f"rows='auto': {reason}. Row hints are not exact for this model, so this attack object scans"
+                " the gradient from now on (pass rows='scan' to skip the hints and this warning)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return None
+        if check:
             hints.verified = True
+            if unpaired:  # exact although provenance could not pair the gradients: it would only cost scans
+                hints.stop_tracking()
         for state, count in zip(states, host[:n]):
             state.add_fresh(int(count))
         grad_sumsq = backend.row_sumsq(grads, [s.rows for s in states])

@@ -1,41 +1,171 @@
 """Row hints (``rows="batch"``, and ``rows="auto"`` where they are exact): the rows of each target embedding looked
-up since the last attack, recorded by forward pre-hooks, so an attack reads only those rows instead of scanning the
-whole gradient."""
+up since the last attack, recorded by forward hooks, so an attack reads only those rows instead of scanning the
+whole gradient.
+
+Hints are exact while every non-zero row of the gradient was looked up. Three checks keep that proved, each read at
+the attack's one host sync (:meth:`fastadv._driver.RowPerturbation._hinted_rows`):
+
+- a *scan* (the whole gradient) at the first attack, and at any attack before which a lookup went unrecorded or a
+  backward pass gave the weight gradient that its lookup does not explain (the next two);
+- *provenance*, per backward pass and free of reads: the autograd engine hands a leaf's gradient hook the one
+  gradient it received as is, and a new tensor (the sum) when it received several. So the weight's gradient hook must
+  see the very tensor that the autograd node of its one recorded lookup produced; another use of the weight in that
+  backward (a decoder reading ``emb.weight``, an auxiliary loss) breaks that, and so do a second lookup, a user's hook
+  that replaces the gradient, or a compiled model. Where a scan then finds the hints exact anyway, provenance is
+  switched off for good (a model with two lookups per backward would otherwise scan every attack);
+- a *sweep*: each attack also reads a slice of ``1/_SWEEP_ATTACKS`` of the gradient's rows (at least
+  ``_SWEEP_MIN_ROWS``) and requires its non-zero rows to be looked up or already perturbed; the slice moves on, so
+  every row is read once every ``_SWEEP_ATTACKS`` attacks. It sees what provenance cannot: gradients written outside
+  autograd, rows left from lookups an earlier attack consumed, other uses after provenance was switched off. A dense
+  other use (a tied decode) shows in the first slice; a sparse one that persists, within ``_SWEEP_ATTACKS`` attacks;
+  a sparse one that comes and goes may be missed (see the README).
+"""
 
 from __future__ import annotations
 
+import functools
+import weakref
+from types import ModuleType
+
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fastadv._rows import RowState
 
+#: Every row of a hinted gradient is read once every this many attacks (the sweep).
+_SWEEP_ATTACKS = 256
+#: The sweep reads at least this many rows per attack (a small vocabulary is swept in a few attacks).
+_SWEEP_MIN_ROWS = 32
+#: Autograd nodes searched from an embedding's output back to its lookup (a scaled embedding, an added noise).
+_LOOKUP_DEPTH = 4
+
 
 class _Lookups:
-    """What the hooks of ``rows="batch"`` recorded since the last attack: a row mask per target weight, and the names
-    of the targets looked up at all."""
+    """What the hooks recorded since the last attack, by target weight name: the looked-up rows, which targets were
+    looked up at all, which were looked up where nothing can be recorded, which got gradient that their recorded
+    lookup does not explain; and each lookup gradient on its way to the weight's hook (``arrivals``: the backward
+    pass it belongs to, and the tensor, or ``None`` for several)."""
 
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self.seen: set[str] = set()
+        self.unrecorded: set[str] = set()
+        self.foreign: set[str] = set()
+        self.arrivals: dict[str, tuple[int, Tensor | None]] = {}
+        self.tracking = True  # provenance on
+
+
+def _not_real(weight: Tensor) -> bool:
+    """Whether a lookup runs where recording it would record garbage or be written into a trace: inside a functorch
+    transform (``vmap``, ``grad``: the ids or the weight are wrapped), under fake tensors (a ``FakeTensorMode``, a
+    fake weight) or a tracer (``make_fx``, ``torch.jit.trace``). ``torch.compile`` and ``torch.export`` are told apart
+    before (see :class:`_LookupRecorder`); other dispatch modes (a FLOP counter) run on real tensors and record."""
+    modes = torch._C._TorchDispatchModeKey
+    return (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._get_dispatch_mode(modes.FAKE) is not None
+        or torch._C._get_dispatch_mode(modes.PROXY) is not None
+        or torch.jit.is_tracing()
+        or isinstance(weight, FakeTensor)
+    )
+
+
+def _lookup_node(node: object, weight: Tensor) -> tuple[object, int] | None:
+    """The autograd node that passes a lookup's gradient to ``weight``, and that gradient's index among the node's
+    outputs, from ``node``, the lookup's output's: that one, or one a few single-input steps up (a scaled embedding, a
+    hook adding noise)."""
+    for _ in range(_LOOKUP_DEPTH):
+        edges = [(index, edge) for index, (edge, _) in enumerate(node.next_functions) if edge is not None]
+        if len(edges) != 1:
+            return None
+        index, edge = edges[0]
+        if getattr(edge, "variable", None) is weight:
+            return node, index
+        node = edge
+    return None
 
 
 class _LookupRecorder:
-    """Forward pre-hook of one target ``nn.Embedding``: flags the looked-up ids while autograd records (evaluation
-    passes add nothing). A plain class rather than a closure, so that a model carrying it still pickles."""
+    """Forward hook of one target ``nn.Embedding``: flags the looked-up ids while autograd records (evaluation passes
+    add nothing), and with provenance on, asks the lookup's autograd node for its gradient (:func:`_arrived`).
+    Under ``torch.compile`` the recording is traced into the compiled graph; under ``torch.export`` nothing is.
+
+    A copy (``copy.deepcopy`` or pickling of the model, ``torch.save``) is inert: it records nothing and refers to
+    nothing of the original; an attack object copied with its model installs recorders of its own."""
+
+    def __init__(self, name: str, lookups: _Lookups | None, weight: nn.Parameter | None) -> None:
+        self.name = name
+        self.lookups = lookups
+        self._weight = None if weight is None else weakref.ref(weight)  # the one that carries the gradient check
+
+    def __reduce__(self) -> tuple:
+        return _LookupRecorder, (self.name, None, None)
+
+    def __deepcopy__(self, memo: dict) -> _LookupRecorder:
+        return _LookupRecorder(self.name, None, None)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        lookups = self.lookups
+        ids = args[0] if args else kwargs.get("input")
+        if lookups is None or ids is None or not torch.is_grad_enabled():
+            return
+        weight = module.weight
+        if torch.compiler.is_compiling():
+            if not torch.compiler.is_exporting():
+                self._record(lookups, weight, ids)
+            return
+        if _not_real(weight):
+            if not lookups.tracking:  # with provenance on, the gradient check sees whether this lookup gave gradient
+                lookups.unrecorded.add(self.name)
+            return
+        self._record(lookups, weight, ids)
+        if lookups.tracking:
+            self._track(lookups, weight, output)
+
+    def _record(self, lookups: _Lookups, weight: Tensor, ids: Tensor) -> None:
+        mask = lookups.masks.get(self.name)
+        if mask is None or mask.device != weight.device or len(mask) != weight.shape[0]:
+            mask = lookups.masks[self.name] = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        mask.index_fill_(0, ids.reshape(-1).to(device=weight.device, dtype=torch.long), True)
+        lookups.seen.add(self.name)
+
+    def _track(self, lookups: _Lookups, weight: Tensor, output: object) -> None:
+        node = output.grad_fn if isinstance(output, Tensor) else None
+        if node is None:  # no autograd graph: no gradient will come from this lookup
+            return
+        found = _lookup_node(node, weight) if self._weight is not None and self._weight() is weight else None
+        if found is None:  # not pairable (or the weight was rebound since the check was put on it): check it once
+            lookups.foreign.add(self.name)
+            return
+        node, index = found
+        node.register_hook(functools.partial(_arrived, lookups, self.name, index))
+
+
+def _arrived(lookups: _Lookups, name: str, index: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
+    """Post-hook of a recorded lookup's autograd node: its gradient, for the weight's :class:`_GradientCheck` of the
+    same backward pass (two lookups in one pass leave ``None``: not pairable). Holding the gradient also keeps the
+    engine from summing another contribution into it in place, which would keep its identity; the check lets go of
+    it before the weight's gradient is accumulated, which can then take it over without a copy."""
+    grad = grad_inputs[index]
+    if grad is None or not lookups.tracking:
+        return
+    task = torch._C._current_graph_task_id()
+    earlier = lookups.arrivals.get(name)
+    lookups.arrivals[name] = (task, None if earlier is not None and earlier[0] == task else grad)
+
+
+class _GradientCheck:
+    """Gradient hook of a target weight: the gradient of this backward pass must be its one recorded lookup's."""
 
     def __init__(self, name: str, lookups: _Lookups) -> None:
         self.name = name
         self.lookups = lookups
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if not (torch.is_grad_enabled() and args):
-            return
-        weight = module.weight
-        mask = self.lookups.masks.get(self.name)
-        if mask is None or mask.device != weight.device or len(mask) != weight.shape[0]:
-            mask = self.lookups.masks[self.name] = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-        mask.index_fill_(0, args[0].reshape(-1).to(device=weight.device, dtype=torch.long), True)
-        self.lookups.seen.add(self.name)
+    def __call__(self, grad: Tensor) -> None:
+        arrival = self.lookups.arrivals.pop(self.name, None)
+        if arrival is None or arrival[1] is not grad:  # a stale arrival's tensor is never this one
+            self.lookups.foreign.add(self.name)
 
 
 def _hinted_modules(model: nn.Module, emb_name: str) -> tuple[list[tuple[str, nn.Embedding]], str | None]:
@@ -80,36 +210,88 @@ def batch_rows(model: nn.Module, emb_name: str, required: bool) -> BatchRows | N
 
 
 class BatchRows:
-    """The rows of each target embedding looked up since the last attack, recorded by forward pre-hooks on its
-    ``nn.Embedding`` (only where autograd records, so evaluation passes add nothing).
-
-    Exact only if the weight gets gradient from that lookup alone (see :func:`batch_rows`, which refuses a weight
-    shared with another module), so the recorded rows are checked against a dense scan at the first attack and
-    whenever a target was not looked up at all since the last attack (e.g. a compiled model that runs without the
-    hooks).
-    """
+    """The rows of each target embedding looked up since the last attack, recorded by forward hooks on its
+    ``nn.Embedding`` (only where autograd records, so evaluation passes add nothing), and the checks that keep them
+    exact (see the module's docstring): :meth:`needs_check` says when an attack must scan, :meth:`sweep` is the
+    slice every other attack reads."""
 
     def __init__(self, emb_name: str, hinted: list[tuple[str, nn.Embedding]]) -> None:
         self.emb_name = emb_name
         self.lookups = _Lookups()
         self.verified = False
-        self._handles = [module.register_forward_pre_hook(_LookupRecorder(name, self.lookups))
-                         for name, module in hinted]
+        self._modules = hinted
+        self._sweep_at: dict[str, int] = {}
+        self._install()
+
+    def _install(self) -> None:
+        self._handles = [module.register_forward_hook(_LookupRecorder(name, self.lookups, module.weight),
+                                                      with_kwargs=True) for name, module in self._modules]
+        self._checks = [module.weight.register_hook(_GradientCheck(name, self.lookups))
+                        for name, module in self._modules] if self.lookups.tracking else []
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_checks"]  # handles into the weights' hook dicts, which may hold the user's unpicklable hooks
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (``copy.deepcopy``, pickling) of the attack object with its model: the copied model carries inert
+        recorders (see :class:`_LookupRecorder`); replace them by live ones."""
+        self.__dict__.update(state)
+        self.lookups.arrivals.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._install()
 
     def needs_check(self, names: list[str]) -> bool:
-        """Whether this attack must prove the recorded rows against a scan: the first one, and any in which a target
-        was not looked up at all (a forward pass that ran without the hooks would otherwise perturb nothing)."""
-        return not self.verified or any(name not in self.lookups.seen for name in names)
+        """Whether this attack must prove the recorded rows against a scan: the first one; any in which a target was
+        not looked up at all (a forward pass that ran without the hooks would otherwise perturb nothing), or looked
+        up where nothing is recorded; any after a backward pass whose gradient provenance did not explain."""
+        lookups = self.lookups
+        return not self.verified or any(
+            name not in lookups.seen or name in lookups.unrecorded or name in lookups.foreign for name in names
+        )
+
+    def unpaired(self, names: list[str]) -> bool:
+        """Whether provenance flagged any of ``names`` since the last attack (asked before :meth:`take`)."""
+        return not self.lookups.foreign.isdisjoint(names)
 
     def take(self, name: str, state: RowState) -> None:
         """Flag in ``state.fresh`` the rows looked up since the last call and not yet perturbed; forget them."""
-        mask = self.lookups.masks.get(name)
-        self.lookups.seen.discard(name)
+        lookups = self.lookups
+        for flags in (lookups.seen, lookups.unrecorded, lookups.foreign):
+            flags.discard(name)
+        lookups.arrivals.pop(name, None)  # one whose gradient hook never ran (a backward that skipped the weight)
+        mask = lookups.masks.get(name)
         if mask is None or mask.shape != state.touched.shape:
             state.fresh.zero_()
             return
         torch.logical_and(mask, state.touched.logical_not(), out=state.fresh)
         mask.zero_()
+
+    def sweep(self, backend: ModuleType, names: list[str], grads: list[Tensor], states: list[RowState]) -> Tensor:
+        """float64 ``[n]``: the rows of this attack's slice of each gradient that are non-zero but neither looked up
+        (``state.fresh``, after :meth:`take`) nor perturbed (``state.touched``); the next attack reads the next
+        slice. One scan of the slices: about ``1/_SWEEP_ATTACKS`` of a full scan's reads."""
+        slices, explained, found = [], [], []
+        for name, grad, state in zip(names, grads, states):
+            n_rows = len(state.touched)
+            start = self._sweep_at.get(name, 0) % n_rows
+            stop = min(start + max(_SWEEP_MIN_ROWS, -(-n_rows // _SWEEP_ATTACKS)), n_rows)
+            self._sweep_at[name] = stop % n_rows
+            slices.append(grad[start:stop])
+            explained.append(state.fresh[start:stop] | state.touched[start:stop])
+            found.append(torch.empty(stop - start, dtype=torch.bool, device=grad.device))
+        return backend.scan(slices, explained, found)[:, 1]
+
+    def stop_tracking(self) -> None:
+        """Provenance off: a model it cannot pair (two lookups per backward, a hook that replaces the gradient, a
+        compiled model) keeps the sweep, and a scan after any lookup that goes unrecorded."""
+        self.lookups.tracking = False
+        self.lookups.arrivals.clear()
+        for handle in self._checks:
+            handle.remove()
+        self._checks = []
 
     @staticmethod
     def unexplained(missed: list[str], looked_up: set[str]) -> str:
@@ -124,9 +306,11 @@ class BatchRows:
             )
         return (
             f"the gradient of {', '.join(missed)} has non-zero rows that no recorded lookup explains (the weight is"
-            " used elsewhere too, or the ranks' gradients were all-reduced by DDP)"
+            " used elsewhere too: a decoder reading its .weight, an auxiliary loss; or a lookup ran where it cannot"
+            " be recorded, inside a torch.func transform; or the ranks' gradients were all-reduced by DDP)"
         )
 
     def remove(self) -> None:
+        self.stop_tracking()
         for handle in self._handles:
             handle.remove()

@@ -151,10 +151,11 @@ class FusedFGM(_Attack):
             ``"word_embeddings"`` as in the seed. ``attack``/``restore`` may override it.
         backend: ``"auto"`` or a name from :func:`fastadv.available_backends`.
         rows: how the rows the batch touched are found. ``"auto"`` (default): from the token ids of the
-            ``nn.Embedding`` lookups since the last attack (row hints, forward pre-hooks) wherever they are exact: an
+            ``nn.Embedding`` lookups since the last attack (row hints, forward hooks) wherever they are exact: an
             embedding weight used by its lookup alone, in a single process; checked against a scan of the gradient
-            at the first attack, and on a mismatch (another use of the weight, a compiled model that skipped the
-            hooks) one warning and scans from then on. ``"scan"``: the gradient's non-zero rows (one read of it).
+            at the first attack and kept checked after it (see the README), and on a mismatch (another use of the
+            weight, switched on at any step; a compiled model that skipped the hooks) one warning and scans from
+            then on. ``"scan"``: the gradient's non-zero rows (one read of it).
             ``"batch"``: row hints always, an error where they are not exact.
 
     Example::

@@ -122,8 +122,8 @@ def _record_lookup(model: nn.Module) -> None:
     """What ``rows="batch"`` adds to a forward pass: its hooks record the looked-up ids (the lookup itself is part of
     the forward pass with or without fastadv, so it is not timed)."""
     embedding = model.word_embeddings
-    for hook in embedding._forward_pre_hooks.values():
-        hook(embedding, (model.ids,))
+    for hook in embedding._forward_hooks.values():
+        hook(embedding, (model.ids,), {}, None)  # no output: nothing for the gradient check to pair
 
 
 #: The peer a user would try first: the seed's classes with their per-tensor math compiled by torch.compile.

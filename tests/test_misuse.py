@@ -1,20 +1,26 @@
 """A hostile user: interrupts at every op boundary and inside the ops, rebinding and converting parameters, odd
-dtypes and shapes, pickling, inference mode, compiled models. After every case the weights are bit-exact (or the
+dtypes and shapes, pickling, inference mode, compiled models, row-hint recorders under torch.func, torch.export,
+tracers and copies of the model. After every case the weights are bit-exact (or the
 result matches the reference) and the attack object still works."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import gc
 import io
 import pickle
 import warnings
+import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
-from _helpers import adversarial_step, make_attacker
+from _helpers import adversarial_step, assert_same_params, make_attacker, train
 from conftest import DEVICE, TinyEncoder, assert_matches, batch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD
 from fastadv.backends import backend_for, torch_ops
@@ -573,3 +579,211 @@ def test_a_frozen_or_lora_embedding_is_refused_with_what_to_take(adapted):
     for cls in (FusedFGM, FusedPGD):
         with pytest.raises(ValueError, match=f"{match}.*FusedFreeLB, FusedSMART or FusedR3F.*modules_to_save"):
             cls(model, emb_name="embed_tokens")
+
+
+# ---- 14. row-hint recorders under torch.func transforms, torch.export and tracers, and in copies of the model ----
+
+
+def recorded(attacker) -> tuple:
+    """Everything the row-hint recorders of ``attacker`` hold, comparable: each mask's rows (and that it is a real
+    tensor, not a fake one), the names looked up, looked up unrecorded, and unexplained by provenance."""
+    lookups = attacker._rows.batch_rows.lookups
+    masks = {name: (type(mask), mask.nonzero().view(-1).tolist()) for name, mask in lookups.masks.items()}
+    return masks, set(lookups.seen), set(lookups.unrecorded), set(lookups.foreign), dict(lookups.arrivals)
+
+
+def _detached(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _functional(model: nn.Module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    return lambda params, ids: torch.func.functional_call(model, params, (ids,))
+
+
+def _fake_weights(model: nn.Module, ids: torch.Tensor) -> str:
+    """Fake parameters, outside their mode (the model's positions are a real tensor)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    params = {n: mode.from_tensor(p) for n, p in model.named_parameters()}
+    torch.func.functional_call(model, params, (mode.from_tensor(ids),))
+    return ""
+
+
+def _fake_mode(model: nn.Module, ids: torch.Tensor) -> str:
+    """The real model under a fake mode (the outputs are fake), as memory estimators run it."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model(ids)
+    return ""
+
+
+#: Each runs ``model`` on ``ids`` under a transform or a tracer and returns the code it traced ("" when none).
+TRANSFORMS = {
+    "vmap-grad": lambda model, ids: torch.func.vmap(torch.func.grad(_functional(model)), in_dims=(None, 0))(
+        _detached(model), ids[:, None]) and "",
+    "grad": lambda model, ids: torch.func.grad(_functional(model))(_detached(model), ids) and "",
+    "export-strict": lambda model, ids: torch.export.export(model, (ids,), strict=True).graph_module.code,
+    "export-non-strict": lambda model, ids: torch.export.export(model, (ids,), strict=False).graph_module.code,
+    "make_fx": lambda model, ids: make_fx(model)(ids).code,
+    "jit-trace": lambda model, ids: torch.jit.trace(model, (ids,), check_trace=False).code,
+    "fake-mode": _fake_mode,
+    "fake-weights": _fake_weights,
+}
+
+
+@pytest.mark.parametrize("how", list(TRANSFORMS))
+def test_recorders_stay_out_of_transforms_and_traces(seed, how):
+    """Before the first attack (no mask made yet) and after it: nothing raises, nothing is recorded (no fake mask
+    either), no trace carries the recording (it would write into the attack object's masks whenever it runs), and the
+    attacks are the seed's. The recorder is the same on every backend: the torch one runs the attacks."""
+    model = TinyEncoder()
+    ref = copy.deepcopy(model)
+    attacker, oracle = make_attacker("fgm", model, "torch", rows="batch"), make_attacker("fgm", ref)
+    for step in range(2):
+        before = recorded(attacker)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracers' own warnings
+            code = TRANSFORMS[how](model, batch())
+        assert "index_fill" not in code
+        assert recorded(attacker) == before
+        train(model, attacker, "fgm", steps=1, seed=step)
+        train(ref, oracle, "fgm", steps=1, seed=step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = train(model, attacker, "fgm", steps=2, seed=3)
+    want = train(ref, oracle, "fgm", steps=2, seed=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, ref)
+
+
+@pytest.mark.parametrize("tracking", [True, False], ids=["provenance", "no-provenance"])
+def test_a_partly_recorded_batch_is_found(backend, seed, tracking):
+    """Two rows of each batch looked up by the model, the others by ``vmap`` of it, which records nothing but gives
+    the weight gradient all the same: the first attack after it scans (provenance sees the gradient it cannot pair;
+    without provenance, the lookup left unrecorded asks for the scan), warns, and is the seed's. The vmapped ids are
+    moved to rows 1000 and up, out of the sweep's reach in two attacks."""
+    model = TinyEncoder(vocab=1100)
+    ref = copy.deepcopy(model)
+    attacker, oracle = make_attacker("fgm", model, backend), make_attacker("fgm", ref)
+    train(model, attacker, "fgm", steps=1)
+    train(ref, oracle, "fgm", steps=1)
+    if not tracking:
+        attacker._rows.batch_rows.stop_tracking()
+
+    def partly_vmapped(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return m(ids[:2]) + torch.func.vmap(m)(ids[2:, None] + 1000).sum()
+
+    with pytest.warns(RuntimeWarning, match="rows='auto'.*no recorded lookup explains"):
+        got = train(model, attacker, "fgm", steps=2, seed=3, forward=functools.partial(partly_vmapped, model))
+    want = train(ref, oracle, "fgm", steps=2, seed=3, forward=functools.partial(partly_vmapped, ref))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, ref)
+
+
+def _saved(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda model: pickle.loads(pickle.dumps(model)), "torch.save": _saved}
+
+
+def copied_mid_step(model: nn.Module, copies: list[nn.Module], how: str, ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s loss, with a copy of it taken after the forward pass (before its backward), as an EMA may."""
+    loss = model(ids)
+    copies.append(COPIES[how](model))
+    return loss
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_copies_of_the_model_carry_inert_recorders(backend, seed, how):
+    """A copy taken in the middle of each training step (after the forward pass, before its backward, as an EMA
+    copy may be): its recorder records nothing the original reads, it has no gradient check, it trains by itself, it
+    does not keep the original alive; the original's training stays the seed's."""
+    model = TinyEncoder()
+    ref = copy.deepcopy(model)
+    attacker, oracle = make_attacker("pgd", model, backend), make_attacker("pgd", ref)
+    copies = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = train(model, attacker, "pgd", steps=2, forward=functools.partial(copied_mid_step, model, copies, how))
+    want = train(ref, oracle, "pgd", steps=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, ref)
+    twin = copies[-1]
+    (recorder,) = twin.embeddings.word_embeddings._forward_hooks.values()
+    assert recorder.lookups is None and not twin.embeddings.word_embeddings.weight._backward_hooks
+    before = recorded(attacker)
+    twin.zero_grad()
+    twin(batch()).backward()
+    assert recorded(attacker) == before
+    lookups = weakref.ref(attacker._rows.batch_rows.lookups)
+    del model, attacker, copies
+    gc.collect()
+    assert lookups() is None  # the copy kept nothing of the original
+
+
+def test_a_copied_attack_object_records_for_its_own_model(backend, seed):
+    model = TinyEncoder()
+    attacker = make_attacker("fgm", model, backend)
+    train(model, attacker, "fgm", steps=1)
+    clone = copy.deepcopy(attacker)
+    before = recorded(attacker)
+    clone.model(batch()).backward()
+    assert recorded(attacker) == before
+    lookups = clone._rows.batch_rows.lookups
+    assert lookups.seen and lookups is not attacker._rows.batch_rows.lookups
+    (recorder,) = clone.model.embeddings.word_embeddings._forward_hooks.values()
+    assert recorder.lookups is lookups
+    assert len(clone.model.embeddings.word_embeddings.weight._backward_hooks) == 1
+
+
+class RaisesOnce:
+    """A gradient hook that raises at the first backward pass after ``armed`` is set: the lookup's autograd node has
+    run, the gradient check (registered after it) has not."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if self.armed:
+            self.armed = False
+            raise Interrupt
+
+
+def test_an_interrupted_backward_pass_leaves_provenance_on(backend, seed):
+    model = TinyEncoder()
+    ref = copy.deepcopy(model)
+    hook = RaisesOnce()
+    model.embeddings.word_embeddings.weight.register_hook(hook)
+    attacker, oracle = make_attacker("fgm", model, backend), make_attacker("fgm", ref)
+    train(model, attacker, "fgm", steps=1)
+    train(ref, oracle, "fgm", steps=1)
+    hook.armed = True
+    with pytest.raises(Interrupt):
+        model(batch()).backward()
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = train(model, attacker, "fgm", steps=2, seed=3)
+    want = train(ref, oracle, "fgm", steps=2, seed=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, ref)
+    assert attacker._rows.batch_rows.lookups.tracking and not attacker._rows.batch_rows.lookups.arrivals
+
+
+def test_row_hints_on_a_model_compiled_after_the_attack_object(seed):
+    """The recorders are traced into the compiled graph; its backward cannot be paired, so provenance goes off at the
+    first attack's scan, quietly; the sweep stays."""
+    model = TinyEncoder()
+    ref = copy.deepcopy(model)
+    attacker, oracle = make_attacker("pgd", model, "torch"), make_attacker("pgd", ref)
+    compiled = torch.compile(model, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = train(model, attacker, "pgd", steps=3, forward=compiled)
+    want = train(ref, oracle, "pgd", steps=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, ref)
+    hints = attacker._rows.batch_rows
+    assert attacker._rows.rows == "auto" and hints.verified and not hints.lookups.tracking

@@ -53,14 +53,25 @@ def test_lookups_without_autograd_are_not_recorded(backend, seed):
     fgm.restore()
 
 
+def test_lookups_by_keyword_are_recorded(backend, seed):
+    model = TinyEncoder()
+    fgm = FusedFGM(model, backend=backend, rows="batch")
+    ids = batch()
+    model.embeddings.word_embeddings(input=ids).sum().backward()
+    fgm.attack()
+    assert next(iter(fgm._rows._states.values())).n_rows == len(ids.unique())
+    fgm.restore()
+
+
 def test_hooks_go_with_the_attack_object():
     model = TinyEncoder()
-    hooks = model.embeddings.word_embeddings._forward_pre_hooks
+    hooks = model.embeddings.word_embeddings._forward_hooks
     fgm = FusedFGM(model, rows="batch")
-    assert len(hooks) == 1
+    checks = model.embeddings.word_embeddings.weight._backward_hooks  # the gradient check (provenance)
+    assert len(hooks) == 1 and len(checks) == 1
     del fgm
     gc.collect()
-    assert len(hooks) == 0
+    assert len(hooks) == 0 and len(checks) == 0
 
 
 def test_tied_weight_is_refused():
@@ -87,6 +98,31 @@ def test_other_use_of_the_weight_is_caught_on_the_first_attack(backend, seed):
     before = copy.deepcopy(model.state_dict())
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="no recorded lookup"):
+        fgm.attack()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and torch.equal(p.grad, grads[n]), n
+    with pytest.raises(RuntimeError, match="without an active attack"):
+        fgm.restore()
+
+
+def test_a_use_switched_on_later_is_an_error_at_the_first_attack_after_it(backend, seed):
+    """A penalty on rows 150 and up (no batch looks them up), from the third attack on: that attack raises, having
+    modified nothing; a scan would have perturbed those rows."""
+    model = TinyEncoder(vocab=200)
+    fgm = FusedFGM(model, backend=backend, rows="batch")
+    penalty = False
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        extra = 1e-2 * model.embeddings.word_embeddings.weight[150:].square().sum() if penalty else 0
+        return model(ids) + extra
+
+    train(model, fgm, "fgm", steps=2, forward=loss)
+    penalty = True
+    model.zero_grad()
+    loss(batch()).backward()
+    before = copy.deepcopy(model.state_dict())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="rows='batch'.*no recorded lookup explains"):
         fgm.attack()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and torch.equal(p.grad, grads[n]), n
