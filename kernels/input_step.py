@@ -48,6 +48,8 @@ BOUNDS = {"l2": _L2.value, "inf": _INF.value, "none": _NONE.value}
 _WHOLE, _NORM, _STEP, _SCALE = (tl.constexpr(k) for k in range(4))
 #: The dtypes of ``delta`` and ``grad``: fp32 math, not float64's.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The largest fp32: ``n <= _FLT_MAX`` is False for inf and NaN.
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 #: Partials a program adds per step when it combines a group's slices (fixed: a new sequence length compiles nothing).
 _BLOCK_S = tl.constexpr(256)
 
@@ -79,7 +81,7 @@ def _stepped(d_ptrs, inside, g, lr, n, denominator, norm):
     else:
         step = tl.div_rn(g * lr, denominator)
     # n broadcast over the tile first: the interpreter can't combine a scalar condition with a tile
-    finite = (n + tl.zeros_like(d)) <= 3.4028234663852886e38  # the largest fp32: False for inf and NaN
+    finite = (n + tl.zeros_like(d)) <= _FLT_MAX
     return tl.where(finite & inside, d + step, d)
 
 
@@ -177,7 +179,8 @@ def _input_step_kernel(delta, grad, mask, norms, partials, sizes, tokens, masked
         if norm != _INF:
             n = tl.sqrt_rn(n)
         tl.store(norms + group, n, mask=first == 0)  # once per group
-        denominator = tl.maximum(n + denom_eps, denom_floor)
+        # a group whose norm is not finite takes no step: 1 spares it inf / inf (which numpy warns about, interpreted)
+        denominator = tl.where(n <= _FLT_MAX, tl.maximum(n + denom_eps, denom_floor), 1.0)
         for k in range(first, last):
             t = k * BLOCK_T + rows
             size = _slice_step(delta, grad, mask, first_token, t, lanes, tokens, masked_tokens, cols, lr, n,
