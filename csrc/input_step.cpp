@@ -58,7 +58,7 @@ struct input_step_kernel {
     return {};
   }
 
-  // The tokens of slice k of a group.
+  // The tokens of slice k of a group. Slices and steps are passed by value: copies the row loops' stores cannot alias.
   struct Slice {
     scalar_t* delta;
     const scalar_t* grad;
@@ -74,7 +74,7 @@ struct input_step_kernel {
   }
 
   // The slice's partial norm: the sum of the squares of the masked gradient (max |g| for "inf").
-  static float partial_norm(const Slice& s, const InputStepArgs& args) {
+  static float partial_norm(Slice s, const InputStepArgs& args) {
     FloatVec acc(0.0f);  // squares, or |g| maxima (NaN propagates)
     for (int64_t token = 0; token < s.tokens; ++token) {
       if (!s.selected(token)) continue;  // not even read: a NaN outside the mask must not count
@@ -91,7 +91,7 @@ struct input_step_kernel {
   // Calls fn(p, now, count) with the new fp32 values `now` of the `count` elements at p, block by block; the same
   // bits on every call.
   template <typename F>
-  FASTADV_INLINE static void for_each_new(const Slice& s, const GroupStep& step, const InputStepArgs& args,
+  FASTADV_INLINE static void for_each_new(Slice s, GroupStep step, const InputStepArgs& args,
                                           const F& fn) {
     for (int64_t token = 0; token < s.tokens; ++token) {
       const bool reading = step.finite && s.selected(token);  // g is 0 outside the mask (not read)
@@ -117,7 +117,7 @@ struct input_step_kernel {
   }
 
   // The new values stored, clamped for the "inf" bound (not the "l2" bound: see stored_scaled).
-  static void stored(const Slice& s, const GroupStep& step, const InputStepArgs& args) {
+  static void stored(Slice s, GroupStep step, const InputStepArgs& args) {
     for_each_new(s, step, args, [&](scalar_t* p, Widened<scalar_t>& now, int64_t count) FASTADV_INLINE {
       if (args.bound == InputBound::kInf) {
         for (int k = 0; k < kWidened<scalar_t>; ++k) now[k] = clamped(now[k], args.radius);
@@ -127,7 +127,7 @@ struct input_step_kernel {
   }
 
   // The sum of the squares of the slice's new values ("l2" bound).
-  static float sizes(const Slice& s, const GroupStep& step, const InputStepArgs& args) {
+  static float sizes(Slice s, GroupStep step, const InputStepArgs& args) {
     FloatVec total(0.0f);
     for_each_new(s, step, args, [&](scalar_t*, Widened<scalar_t>& now, int64_t) FASTADV_INLINE {
       for (int k = 0; k < kWidened<scalar_t>; ++k) total = at::vec::fmadd(now[k], now[k], total);  // lanes past: 0
@@ -135,7 +135,7 @@ struct input_step_kernel {
     return lane_sum(total);
   }
 
-  static void stored_scaled(const Slice& s, const GroupStep& step, const InputStepArgs& args, float factor) {
+  static void stored_scaled(Slice s, GroupStep step, const InputStepArgs& args, float factor) {
     const FloatVec scale(factor);
     for_each_new(s, step, args, [&](scalar_t* p, Widened<scalar_t>& now, int64_t count) FASTADV_INLINE {
       for (int k = 0; k < kWidened<scalar_t>; ++k) now[k] = now[k] * scale;

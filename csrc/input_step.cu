@@ -46,8 +46,9 @@ struct input_step_kernel {
     return {};
   }
 
-  // The tokens of slice k of a group, and the rows of it that this thread's warp takes: every row (a warp's group:
-  // per token) or rows warp, warp + kWarps, ... (a block's: per example).
+  // The tokens of slice k of a group (passed by value, as the steps: copies no store can alias), and the rows of it
+  // that this thread's warp takes: every row (a warp's group: per token) or rows warp, warp + kWarps, ... (a block's:
+  // per example).
   struct Slice {
     scalar_t* __restrict__ delta;
     const scalar_t* __restrict__ grad;
@@ -73,12 +74,12 @@ struct input_step_kernel {
   }
 
   // Whether this thread writes its team's results: the first lane of the warp or of the block.
-  __device__ static bool leader(const Slice& s) { return (s.whole_block ? threadIdx.x : threadIdx.x % kWarpSize) == 0; }
+  __device__ static bool leader(Slice s) { return (s.whole_block ? threadIdx.x : threadIdx.x % kWarpSize) == 0; }
 
   // The slice's partial norm, the sum of the squares of the masked gradient (max |g| for "inf"), in every thread of
   // the team.
   template <int N>
-  __device__ static float partial_norm(const Slice& s, const InputStepArgs& args) {
+  __device__ static float partial_norm(Slice s, const InputStepArgs& args) {
     const bool by_max = args.norm == InputNorm::kInf;
     // squares, or |g| maxima (NaN propagates), one accumulator per pack of a batch, combined in a fixed order
     float acc[kUnroll] = {};
@@ -106,7 +107,7 @@ struct input_step_kernel {
   // Calls fn(p, now) with the new fp32 values `now` of the N elements at p, pack by pack; the same bits on every
   // call.
   template <int N, typename F>
-  __device__ static void for_each_new(const Slice& s, const GroupStep& step, const InputStepArgs& args, const F& fn) {
+  __device__ static void for_each_new(Slice s, GroupStep step, const InputStepArgs& args, const F& fn) {
     for (int64_t row = s.first_row; row < s.tokens; row += s.row_stride) {
       const bool reading = step.finite && s.selected(row);  // g is 0 outside the mask (not read)
       scalar_t* d_row = s.delta + row * s.cols;
@@ -135,7 +136,7 @@ struct input_step_kernel {
 
   // The new values stored, clamped for the "inf" bound (not the "l2" bound: see stored_scaled).
   template <int N>
-  __device__ static void stored(const Slice& s, const GroupStep& step, const InputStepArgs& args) {
+  __device__ static void stored(Slice s, GroupStep step, const InputStepArgs& args) {
     for_each_new<N>(s, step, args, [&](scalar_t* p, float (&now)[N]) {
       if (args.bound == InputBound::kInf) {
 #pragma unroll
@@ -147,7 +148,7 @@ struct input_step_kernel {
 
   // The sum of the squares of the slice's new values ("l2" bound), in every thread of the team.
   template <int N>
-  __device__ static float sizes(const Slice& s, const GroupStep& step, const InputStepArgs& args) {
+  __device__ static float sizes(Slice s, GroupStep step, const InputStepArgs& args) {
     float total = 0.0f;
     for_each_new<N>(s, step, args, [&](scalar_t*, float (&now)[N]) {
 #pragma unroll
@@ -157,7 +158,7 @@ struct input_step_kernel {
   }
 
   template <int N>
-  __device__ static void stored_scaled(const Slice& s, const GroupStep& step, const InputStepArgs& args,
+  __device__ static void stored_scaled(Slice s, GroupStep step, const InputStepArgs& args,
                                        float factor) {
     for_each_new<N>(s, step, args, [&](scalar_t* p, float (&now)[N]) {
 #pragma unroll
