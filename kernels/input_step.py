@@ -169,7 +169,7 @@ def _input_step_kernel(delta, grad, mask, norms, partials, sizes, tokens, masked
             tl.store(partials + group * slices + k, part)
     else:
         factor = 1.0
-        if PHASE == _SCALE:
+        if PHASE == _SCALE:  # before the norm: after it, ptxas spilled a register (fp32, aligned rows)
             factor = _bound_factor(tl.sqrt_rn(_combined(sizes + group * slices, slices, False)), radius)
         if PHASE == _WHOLE:
             n = _slice_norm(grad, mask, first_token, rows, lanes, tokens, masked_tokens, cols, norm, BLOCK_T,
@@ -235,11 +235,11 @@ def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm
         slices = triton.cdiv(group_tokens, block_t)
         flags = (delta if mask is None else mask.contiguous()).view(torch.uint8)  # not read without a mask
         args = (delta, grad, flags, norms)
-        sizes = (group_tokens, 0 if mask is None else group_tokens, cols)
+        dims = (group_tokens, 0 if mask is None else group_tokens, cols)
         modes = (float(lr), float(denom_eps), float(denom_floor), float(radius), NORMS[norm], BOUNDS[bound])
         with device_guard(delta.device):
             if slices <= 1:
-                _input_step_kernel[(groups,)](*args, norms, norms, *sizes, 1, 1, *modes, PHASE=_WHOLE.value,
+                _input_step_kernel[(groups,)](*args, norms, norms, *dims, 1, 1, *modes, PHASE=_WHOLE.value,
                                               BLOCK_T=block_t, BLOCK_D=block_d)
             else:
                 # the partials are per slice, so how many slices a program takes changes no bit
@@ -248,6 +248,6 @@ def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm
                 partials = torch.empty(groups * slices, dtype=torch.float32, device=delta.device)
                 squares = torch.empty_like(partials) if bound == "l2" else partials  # read only for "l2"
                 for phase in (_NORM, _STEP, _SCALE) if bound == "l2" else (_NORM, _STEP):
-                    _input_step_kernel[grid](*args, partials, squares, *sizes, slices, per_program, *modes,
+                    _input_step_kernel[grid](*args, partials, squares, *dims, slices, per_program, *modes,
                                              PHASE=phase.value, BLOCK_T=block_t, BLOCK_D=block_d)
     return norms.view(batch, tokens) if per_token else norms
