@@ -22,12 +22,14 @@ element-wise paths) and at aligned, embedding-sized ones (their vector paths): `
 ``input_step`` in every combination of its norm, bound, per token or per example and mask, on examples spanning
 several slices (split between programs or blocks on a GPU) and on one-slice ones.
 
-Cost: paid once per (backend, device, dtype) and process, by the first attack that uses it: 82 op calls (72 of them
+Cost: paid once per (backend, device, dtype) and process, by the first attack that uses it: 81 op calls (72 of them
 ``input_step``, 1-3 launches each) on tensors of at most 14 K elements, each compared with the torch backend on the
-host. On the already-built extension on a CPU, 20-40 ms per dtype; for the Triton kernels under
-``TRITON_INTERPRET=1``, 6-10 s (the interpreter runs each program in Python). On a GPU, about 150-250 launches of
-tiny kernels plus their host copies, 30-60 ms per dtype once compiled (estimated, not measured: no GPU was at hand);
-the first compilation of the Triton kernels for a dtype takes longer (seconds), a warm cache loads them.
+host, about 5,200 small torch ops in all (1,600 of them views, 340 host reads). On the already-built extension on a
+CPU, 20-40 ms per dtype; for the Triton kernels under ``TRITON_INTERPRET=1``, 6-12 s (the interpreter runs each
+program in Python). On a GPU, an estimated 30-60 ms per dtype (about 2,000 launches at 5-10 us of host time each, and
+the host-side comparisons; not measured: no GPU was at hand), once the kernels are compiled: the first compilation of
+the Triton kernels for a dtype takes seconds (6 input_step kernels, about 20 for the other ops), a warm cache loads
+them.
 ``FASTADV_SELFCHECK=0`` turns the gate off.
 
 Limitations: a check runs eagerly, outside ``torch.compile`` tracing and outside CUDA graph capture (see
