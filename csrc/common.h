@@ -116,12 +116,39 @@ FASTADV_HD inline V lerp(V start, V end, float weight) {
 enum class InputNorm { kL2, kInf, kSign };     // the group norm n (kSign: the l2 norm, the step lr * sign(g))
 enum class InputBound { kNone, kL2, kInf };  // what bounds the new perturbation
 
+// How input_step's passes run. A group is cut into slices of consecutive tokens (a token group is one slice); every
+// sum is taken per slice, then over the group's slices in a fixed order, so the bits depend on the shapes only, never
+// on which block or thread took which slice. kWhole: a team (thread, warp or block) per group runs every pass. A group
+// split between teams, a team per slice, in one launch (CUDA) or parallel region (CPU) per phase: kNorm, each slice's
+// partial norm; kStep, the group's norm from its partials, then the new values stored (with the "l2" bound, each
+// slice's sum of their squares instead); kScale ("l2" bound only), the new values recomputed and stored scaled.
+enum class InputPhase { kWhole, kNorm, kStep, kScale };
+
 // Whether a group steps: its norm is finite (not inf, not NaN).
 FASTADV_HD inline bool finite_norm(float n) { return n <= FLT_MAX; }
 
 // max(n + denom_eps, denom_floor), the divisor of the "l2" and "inf" steps (only a finite n is used).
 FASTADV_HD inline float step_denominator(float n, float denom_eps, float denom_floor) {
   return maximum(n + denom_eps, denom_floor);
+}
+
+// A group's norm n, from the sum of its slices' partial sums of squares ("l2", "sign") or their maximum ("inf"), and
+// the step it gives.
+struct GroupStep {
+  float n;
+  bool finite;
+  float denominator;
+};
+
+FASTADV_HD inline GroupStep group_step(float total, InputNorm norm, float denom_eps, float denom_floor) {
+  const float n = norm == InputNorm::kInf ? total : sqrtf(total);  // correctly rounded (no fast math)
+  return {n, finite_norm(n), step_denominator(n, denom_eps, denom_floor)};
+}
+
+// The running sum (maximum for "inf") of a group's slice partials, one more partial added: slice by slice, in order,
+// from 0.
+FASTADV_HD inline float with_partial(float total, float part, InputNorm norm) {
+  return norm == InputNorm::kInf ? maximum(total, part) : total + part;
 }
 
 // The "l2" and "inf" steps, lr * g / denominator, rounded as the torch backend rounds it: (g * lr) / denominator.

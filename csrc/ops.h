@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -245,23 +246,37 @@ void impl_restore(torch::Library& m) {
 
 // ---- input_step ----
 
-// The one tensor of input_step: a "row" of the apply is a group (an example, or a token with per_token).
+// The one tensor of input_step. A "row" of the apply is a group (an example, or a token with per_token) in
+// InputPhase::kWhole, else a slice of a group (see InputPhase).
 struct InputStepTensor {
   void* delta;
   const void* grad;
   const bool* mask;  // [B, T], or nullptr: every token
   float* norms;      // one per group
+  float* partials;   // split groups: one per slice, its partial norm
+  float* sizes;      // split groups, "l2" bound: one per slice, the sum of squares of its new values
   int64_t groups, group_tokens, cols;
+  int64_t slices, slice_tokens;  // per group; the last slice may have fewer tokens
+
+  // The first token of slice k of a group (a row of the [B * T, D] views), and the slice's token count.
+  FASTADV_HD int64_t slice_start(int64_t group, int64_t k) const { return group * group_tokens + k * slice_tokens; }
+  FASTADV_HD int64_t slice_size(int64_t k) const {
+    const int64_t left = group_tokens - k * slice_tokens;
+    return left < slice_tokens ? left : slice_tokens;
+  }
 };
 
 struct InputStepArgs {
   InputNorm norm;
   InputBound bound;
+  InputPhase phase;
   bool per_token;
   float lr, denom_eps, denom_floor, radius;  // rounded to fp32 once, as the torch backend's fp32 math does
 };
 
-template <typename Device, template <typename> class Rows>
+// Slicing, the device's policy (input_step.cpp, input_step.cu): slice_tokens(cols, element_size), the tokens of an
+// example's slice; split(groups), whether examples of several slices are split between teams.
+template <typename Device, template <typename> class Rows, typename Slicing>
 at::Tensor input_step(const at::Tensor& delta, const at::Tensor& grad, const std::optional<at::Tensor>& mask,
                       double lr, c10::string_view norm, bool per_token, double denom_eps, double denom_floor,
                       c10::string_view bound, double radius) {
@@ -271,30 +286,48 @@ at::Tensor input_step(const at::Tensor& delta, const at::Tensor& grad, const std
   // every element is written by the group's functor
   at::Tensor norms = per_token ? at::empty({batch, tokens}, delta.options().dtype(at::kFloat))
                                : at::empty({batch}, delta.options().dtype(at::kFloat));
-  if (norms.numel() == 0) return norms;
-  const at::Tensor flags = mask ? mask->contiguous() : at::Tensor();  // alive until the kernel is enqueued
+  const int64_t groups = norms.numel();
+  if (groups == 0) return norms;
+  const int64_t slice_tokens = per_token ? 1 : Slicing::slice_tokens(cols, delta.element_size());
+  const int64_t slices = std::max<int64_t>(1, ceil_div(group_tokens, slice_tokens));
+  const bool split = slices > 1 && Slicing::split(groups);
+  // alive until the kernels are enqueued; every element written by its slice's functor
+  const at::Tensor flags = mask ? mask->contiguous() : at::Tensor();
+  const at::Tensor partials = split ? at::empty({groups * slices}, norms.options()) : at::Tensor();
+  const bool sized = split && modes.bound == InputBound::kL2;
+  const at::Tensor sizes = sized ? at::empty({groups * slices}, norms.options()) : at::Tensor();
   const at::Tensor delta_rows = delta.view({batch * tokens, cols}), grad_rows = grad.view({batch * tokens, cols});
+  const int64_t row_tokens = split ? slice_tokens : group_tokens;
   const std::vector<Work<InputStepTensor>> work{
       {{delta.mutable_data_ptr(), grad.const_data_ptr(), mask ? flags.const_data_ptr<bool>() : nullptr,
-        norms.mutable_data_ptr<float>(), norms.numel(), group_tokens, cols},
+        norms.mutable_data_ptr<float>(), split ? partials.mutable_data_ptr<float>() : nullptr,
+        sized ? sizes.mutable_data_ptr<float>() : nullptr, groups, group_tokens, cols, slices, slice_tokens},
        delta.scalar_type(),
-       norms.numel(),
-       2 * group_tokens * cols * delta.element_size(),  // delta and grad
+       split ? groups * slices : groups,
+       2 * row_tokens * cols * delta.element_size(),  // delta and grad
        rows_aligned({&delta_rows, &grad_rows})}};
-  const InputStepArgs args{modes.norm,
-                           modes.bound,
-                           per_token,
-                           static_cast<float>(lr),
-                           static_cast<float>(denom_eps),
-                           static_cast<float>(denom_floor),
-                           static_cast<float>(radius)};
+  InputStepArgs args{modes.norm,
+                     modes.bound,
+                     split ? InputPhase::kNorm : InputPhase::kWhole,
+                     per_token,
+                     static_cast<float>(lr),
+                     static_cast<float>(denom_eps),
+                     static_cast<float>(denom_floor),
+                     static_cast<float>(radius)};
   Device::template apply<Rows>(delta.device(), work, args, 0, at::Tensor());
+  if (!split) return norms;
+  args.phase = InputPhase::kStep;
+  Device::template apply<Rows>(delta.device(), work, args, 0, at::Tensor());
+  if (sized) {
+    args.phase = InputPhase::kScale;
+    Device::template apply<Rows>(delta.device(), work, args, 0, at::Tensor());
+  }
   return norms;
 }
 
-template <typename Device, template <typename> class Rows>
+template <typename Device, template <typename> class Rows, typename Slicing>
 void impl_input_step(torch::Library& m) {
-  m.impl("input_step", &input_step<Device, Rows>);
+  m.impl("input_step", &input_step<Device, Rows, Slicing>);
 }
 
 }  // namespace fastadv

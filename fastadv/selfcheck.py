@@ -16,13 +16,25 @@ From the command line, the first thing to run on a new machine (exit status 1 wh
 
     python -m fastadv.selfcheck
 
-Cost: paid once per (backend, device, dtype) and process, by the first attack that uses it. The case is a few dozen
-elements, so the time is that of the first launch of each kernel: on a GPU with a cold Triton cache, compiling the
-Triton kernels for that dtype (seconds; a warm cache loads them); for the already-built extension on a CPU, 10-60 ms;
-for the Triton kernels under ``TRITON_INTERPRET=1``, about 0.7 s. ``FASTADV_SELFCHECK=0`` turns the gate off.
+What runs: every op of the contract in each of its variants that an attack can reach, at odd widths (the kernels'
+element-wise paths) and at aligned, embedding-sized ones (their vector paths): ``scan`` with and without weights,
+``row_sumsq``, ``backup``, ``perturb`` with and without AWP's box, ``measure`` and ``project``, ``restore``, and
+``input_step`` in every combination of its norm, bound, per token or per example and mask, on examples spanning
+several slices (split between programs or blocks on a GPU) and on one-slice ones.
 
-Limitations: the case has odd widths, so compiled code specialised for aligned/vectorised rows (wide embeddings) is
-not what runs here; and a check must run eagerly, outside ``torch.compile`` tracing.
+Cost: paid once per (backend, device, dtype) and process, by the first attack that uses it: 81 op calls (72 of them
+``input_step``, 1-3 launches each) on tensors of at most 14 K elements, each compared with the torch backend on the
+host, about 5,200 small torch ops in all (1,600 of them views, 340 host reads). On the already-built extension on a
+CPU, 20-40 ms per dtype; for the Triton kernels under ``TRITON_INTERPRET=1``, 6-12 s (the interpreter runs each
+program in Python). On a GPU, an estimated 30-60 ms per dtype (about 2,000 launches at 5-10 us of host time each, and
+the host-side comparisons; not measured: no GPU was at hand), once the kernels are compiled: the first compilation of
+the Triton kernels for a dtype takes seconds (6 input_step kernels, about 20 for the other ops), a warm cache loads
+them.
+``FASTADV_SELFCHECK=0`` turns the gate off.
+
+Limitations: a check runs eagerly, outside ``torch.compile`` tracing and outside CUDA graph capture (see
+:func:`passed`); its shapes are small, so the grids of a big tensor (Triton programs walking several row blocks, the
+extension's grid-stride loops) are not what runs here.
 """
 
 from __future__ import annotations
@@ -49,18 +61,35 @@ __all__ = ["DTYPES", "cache_clear", "check", "main", "passed"]
 #: The dtypes ``python -m fastadv.selfcheck`` checks.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-#: (rows, cols) of the case, with the gradient rows left zero in each: a gathered tensor whose rows come shuffled,
-#: a one-row tensor (a 1-D parameter) and a tensor whose every row is perturbed (so its rows are in order).
-_SHAPES = ((7, 5), (1, 3), (4, 9))
-_ZERO_ROWS = ((1, 4), (), ())
+#: (rows, cols) of the tensors of the row ops, with the gradient rows left zero in each. Odd widths, which the kernels
+#: read element by element: a gathered tensor whose rows come shuffled, a one-row tensor (a 1-D parameter) and a tensor
+#: whose every row is perturbed (so its rows are in order). Aligned widths, 16-byte rows of an embedding's size, which
+#: take the vector paths (Triton's 16-byte accesses, one launch apart from the odd tensors; the extension's 16-byte
+#: packs in full batches on CUDA, whole vectors on the CPU): a gathered and a complete row list.
+_SHAPES = ((7, 5), (1, 3), (4, 9), (6, 1024), (3, 768))
+_ZERO_ROWS = ((1, 4), (), (), (2,), ())
 _SEED = 20240917
 _BOX_EPS = 0.3
+
+#: input_step's modes, as the contract (:meth:`fastadv.backends.contract.Backend.input_step`) names them: every
+#: combination of a norm, a bound, per token or per example, with and without a mask is checked, at each shape below.
+_NORMS = ("l2", "inf", "sign")
+_BOUNDS = ("none", "l2", "inf")
+#: [B, T, D] of input_step, per example and per token (a token's work does not depend on T: few tokens). Rows of 768
+#: elements (BERT's, XLM-R's) are aligned: Triton's 16-byte accesses, the extension's packs in a full batch and a
+#: partial one on CUDA; examples of 9 of them span two slices on every GPU backend (8 tokens each), so they are split
+#: between programs or blocks. Rows of 13 elements are neither, and examples of 5 of them are one slice (a program or
+#: a block each).
+_INPUT_SHAPES = {False: ((2, 9, 768), (2, 5, 13)), True: ((2, 2, 768), (2, 2, 13))}
+_INPUT_LR = 1.0
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
          torch.float64: torch.int64}
 
 # (name, device, dtype) -> None (passed) or the failure; guarded by _LOCK.
 _CACHE: dict[tuple[str, torch.device, torch.dtype], str | None] = {}
+# Keys used inside a CUDA graph capture before their check ran (see passed()); guarded by _LOCK.
+_CAPTURED_UNCHECKED: set[tuple[str, torch.device, torch.dtype]] = set()
 _LOCK = threading.RLock()
 _STATE = threading.local()  # .running: a check is in progress on this thread (passed() then answers True)
 
@@ -130,21 +159,23 @@ def _expect_sums(actual: Any, expected: Tensor, what: str) -> None:
         raise _Mismatch(f"{what} differ by up to {worst:.3g} relative (allowed 1e-05)")
 
 
-def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[Tensor], slack: list[float],
+def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[Tensor] | None, slack: list[float],
                     names: list[str] | None = None) -> None:
     """Written weights: fp32 within rtol 1e-5/atol 1e-6, bf16/fp16 within one ulp (or, where the fp32 math nearly
-    cancels, within ``slack``: a few fp32 ulps of its terms, which FMA or not may change); other rows bit for bit.
-    ``names``: what each tensor is, for the message (default: the case's weights)."""
-    for i, (a, e, rows) in enumerate(zip(actual, expected, written)):
+    cancels, within ``slack``: a few fp32 ulps of its terms, which FMA or not may change); the rows not in
+    ``written[i]`` bit for bit (``written=None``: every element is written). ``names``: what each tensor is, for the
+    message (default: the case's weights)."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
         which = names[i] if names else f"weights of {_what(i)}"
         if a.dtype != e.dtype or a.shape != e.shape:
             raise _Mismatch(f"{which} changed dtype or shape")
         a, e = a.cpu(), e.cpu()
-        mask = torch.zeros(e.shape[0], dtype=torch.bool)
-        mask[rows.cpu()] = True
-        if not _same_bits(a[~mask], e[~mask]):
-            raise _Mismatch(f"{which} outside the listed rows were written")
-        a, e = a[mask], e[mask]
+        if written is not None:
+            mask = torch.zeros(e.shape[0], dtype=torch.bool)
+            mask[written[i].cpu()] = True
+            if not _same_bits(a[~mask], e[~mask]):
+                raise _Mismatch(f"{which} outside the listed rows were written")
+            a, e = a[mask], e[mask]
         if a.isnan().any():
             raise _Mismatch(f"{which} are NaN")
         if e.dtype in (torch.float32, torch.float64):
@@ -158,11 +189,13 @@ def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[
             raise _Mismatch(f"{which} differ by up to {worst} ulps")
 
 
-def _expect_unchanged(inputs: dict[str, list[Tensor]], originals: dict[str, list[Tensor]]) -> None:
+def _expect_unchanged(inputs: dict[str, list[Tensor]], originals: dict[str, list[Tensor]],
+                      which: Callable[[int], str] = _what) -> None:
+    """``which(i)``: what tensor ``i`` of a list is, for the message (default: the row ops' tensors)."""
     for what, tensors in inputs.items():
         for i, (t, o) in enumerate(zip(tensors, originals[what])):
             if not _same_bits(t, o):
-                raise _Mismatch(f"wrote its input {what} ({_what(i)})")
+                raise _Mismatch(f"wrote its input {what} ({which(i)})")
 
 
 # ---------------------------------------------------------------------------------------------- the case
@@ -221,6 +254,12 @@ class _Case:
                       for p, g, o, s in zip(self.params, self.grads, self.originals, self.scales.tolist())]
 
 
+def _read_only(**inputs: list[Tensor]) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """Clones of the inputs an op must not write, for the op, and the inputs themselves to check that it did not
+    (nothing else is handed them: the torch backend gets clones of its own)."""
+    return {k: _clone(v) for k, v in inputs.items()}, inputs
+
+
 def _sync(device: torch.device) -> None:
     """Asynchronous kernel errors surface here, attributed to the op just run."""
     if device.type == "cuda":
@@ -267,34 +306,32 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
 
     device = case.device
 
-    def read_only(**inputs: list[Tensor]) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
-        """Clones of the inputs an op must not write, and clones of those to check that it did not."""
-        mine = {k: _clone(v) for k, v in inputs.items()}
-        return mine, {k: _clone(v) for k, v in inputs.items()}
-
-    with _op("scan"):
-        expected_fresh = [torch.zeros_like(t) for t in case.touched]
-        expected = ref.scan(_clone(case.grads), _clone(case.touched), expected_fresh, _clone(case.params))
-        fresh = [~f for f in expected_fresh]  # poison: the opposite of every right answer
-        inputs, originals = read_only(grads=case.grads, touched=case.touched, params=case.params)
-        stats = _run(device, ops.scan, inputs["grads"], inputs["touched"], fresh, inputs["params"])
-        _expect_unchanged(inputs, originals)
-        _expect_bits(fresh, expected_fresh, "fresh flags")
-        _expect_like(stats, expected, "stats")
-        if not torch.equal(stats[:, 1].cpu(), expected[:, 1].cpu()):
-            raise _Mismatch(f"row counts are {stats[:, 1].tolist()}, expected {expected[:, 1].tolist()}")
-        _expect_sums(stats[:, 0::2], expected[:, 0::2], "sums of squares")
+    for op, params in (("scan", None), ("scan(params)", case.params)):  # FGM/PGD and hint checks; AWP
+        with _op(op):
+            expected_fresh = [torch.zeros_like(t) for t in case.touched]
+            expected = ref.scan(_clone(case.grads), _clone(case.touched), expected_fresh,
+                                None if params is None else _clone(params))
+            fresh = [~f for f in expected_fresh]  # poison: the opposite of every right answer
+            inputs, originals = _read_only(grads=case.grads, touched=case.touched, params=params or [])
+            stats = _run(device, ops.scan, inputs["grads"], inputs["touched"], fresh,
+                         None if params is None else inputs["params"])
+            _expect_unchanged(inputs, originals)
+            _expect_bits(fresh, expected_fresh, "fresh flags")
+            _expect_like(stats, expected, "stats")
+            if not torch.equal(stats[:, 1].cpu(), expected[:, 1].cpu()):
+                raise _Mismatch(f"row counts are {stats[:, 1].tolist()}, expected {expected[:, 1].tolist()}")
+            _expect_sums(stats[:, 0::2], expected[:, 0::2], "sums of squares")
 
     with _op("row_sumsq"):
         expected = ref.row_sumsq(_clone(case.params), _clone(case.rows))
-        inputs, originals = read_only(params=case.params, rows=case.rows)
+        inputs, originals = _read_only(params=case.params, rows=case.rows)
         sums = _run(device, ops.row_sumsq, inputs["params"], inputs["rows"])
         _expect_unchanged(inputs, originals)
         _expect_sums(sums, expected, "sums of squares")
 
     with _op("backup"):  # the same gather on every backend today, but part of the contract
         backups = _clone(case.backups)
-        inputs, originals = read_only(params=case.params, rows=case.rows)
+        inputs, originals = _read_only(params=case.params, rows=case.rows)
         _run(device, ops.backup, inputs["params"], inputs["rows"], backups, list(case.n_backed))
         _expect_unchanged(inputs, originals)
         _expect_bits(backups, case.full_backups, "backups")
@@ -313,7 +350,7 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
             ref.perturb(expected, _clone(case.grads), _clone(case.rows), _clone(start), list(backed), scales.clone(),
                         box_eps)
             params, backups = _clone(case.params), _clone(start)
-            inputs, originals = read_only(grads=case.grads, rows=case.rows, scales=[scales])
+            inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[scales])
             _run(device, ops.perturb, params, inputs["grads"], inputs["rows"], backups, list(backed),
                  inputs["scales"][0], box_eps)
             _expect_unchanged(inputs, originals)
@@ -324,7 +361,7 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
         expected_sumsq = ref.measure(_clone(case.params), _clone(case.grads), _clone(case.rows),
                                      _clone(case.backups), list(case.n_backed), case.scales.clone())
         params, backups = _clone(case.params), _clone(case.backups)
-        inputs, originals = read_only(grads=case.grads, rows=case.rows, scales=[case.scales])
+        inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[case.scales])
         sumsq = _run(device, ops.measure, params, inputs["grads"], inputs["rows"], backups, list(case.n_backed),
                      inputs["scales"][0])
         _expect_unchanged(inputs, originals)
@@ -339,7 +376,7 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
         ref.project(expected, _clone(case.grads), _clone(case.rows), _clone(case.full_backups), case.scales.clone(),
                     expected_sumsq.clone(), eps)
         params = _clone(case.params)
-        inputs, originals = read_only(grads=case.grads, rows=case.rows, backups=case.full_backups,
+        inputs, originals = _read_only(grads=case.grads, rows=case.rows, backups=case.full_backups,
                                       scales=[case.scales], delta_sumsq=[expected_sumsq])
         _run(device, ops.project, params, inputs["grads"], inputs["rows"], inputs["backups"], inputs["scales"][0],
              inputs["delta_sumsq"][0], eps)
@@ -350,28 +387,70 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
         expected = _clone(case.scrambled)
         ref.restore(expected, _clone(case.rows), _clone(case.full_backups))
         params = _clone(case.scrambled)
-        inputs, originals = read_only(rows=case.rows, backups=case.full_backups)
+        inputs, originals = _read_only(rows=case.rows, backups=case.full_backups)
         _run(device, ops.restore, params, inputs["rows"], inputs["backups"])
         _expect_unchanged(inputs, originals)
         _expect_bits(params, expected, "weights")
 
-    with _op("input_step"):  # FreeLB's per-example l2 step and bound, SMART's per-token inf step and box
-        gen = torch.Generator().manual_seed(_SEED)
-        delta = (0.1 * torch.randn(3, 5, 24, generator=gen)).to(device, case.dtype)
-        grad = torch.randn(3, 5, 24, generator=gen).to(device, case.dtype)
-        mask = (torch.arange(5) < torch.tensor([[5], [3], [1]])).to(device)  # padded examples
-        every_row = torch.arange(15, device=device)
-        for norm, per_token, bound in (("l2", False, "l2"), ("inf", True, "inf")):
-            expected = delta.clone()
-            want = ref.input_step(expected, grad.clone(), mask.clone(), 0.1, norm, per_token, 1e-6, 1e-8, bound, 0.2)
-            actual = delta.clone()
-            inputs, originals = read_only(grad=[grad], mask=[mask])
-            norms = _run(device, ops.input_step, actual, inputs["grad"][0], inputs["mask"][0], 0.1, norm, per_token,
-                         1e-6, 1e-8, bound, 0.2)
-            _expect_unchanged(inputs, originals)
-            _expect_sums(norms, want, "gradient norms")
-            _expect_weights([actual.flatten(0, 1)], [expected.flatten(0, 1)], [every_row], [0.0],
-                            [f"delta ({norm} per {'token' if per_token else 'example'}, {bound} bound)"])
+    with _op("input_step"):
+        _check_input_step(ops, case.device, case.dtype)
+
+
+def _input_case(shape: tuple[int, int, int], masked: bool, dtype: torch.dtype, gen: torch.Generator
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``delta``, ``grad`` and ``mask`` of input_step, on the CPU: the last example's first token has an inf gradient
+    (its group's norm is not finite: no step). With a mask, the first example is padded, the last is not, the others
+    are padding only, and every padded token has a NaN gradient, which must not count."""
+    batch, tokens, cols = shape
+    delta = 0.1 * torch.randn(shape, generator=gen)
+    grad = torch.randn(shape, generator=gen)
+    grad[-1, 0, cols // 2] = math.inf
+    mask = None
+    if masked:
+        lengths = torch.tensor([tokens - 2] + [0] * (batch - 2) + [tokens])
+        mask = torch.arange(tokens) < lengths[:, None]
+        grad[~mask] = math.nan
+    return delta.to(dtype), grad.to(dtype), mask
+
+
+def _group_norms(values: Tensor, per_token: bool) -> Tensor:
+    return torch.linalg.vector_norm(values.float(), dim=(-1,) if per_token else (-2, -1))
+
+
+def _check_input_step(ops: ModuleType, device: torch.device, dtype: torch.dtype) -> None:
+    """input_step in every mode (:data:`_NORMS` x :data:`_BOUNDS`, per token and per example, with and without a mask)
+    at each shape of :data:`_INPUT_SHAPES`, against the torch backend on identical inputs. The radius of a bound is
+    the median group norm (l2) or element magnitude (inf) of the unbounded step, so it moves some values and not
+    others."""
+    from fastadv.backends import torch_ops as ref
+
+    gen = torch.Generator().manual_seed(_SEED)
+    for per_token in (False, True):
+        for shape in _INPUT_SHAPES[per_token]:
+            for masked in (False, True):
+                host = _input_case(shape, masked, dtype, gen)
+                delta, grad, mask = (None if t is None else t.to(device) for t in host)
+                for norm in _NORMS:
+                    unbounded = delta
+                    for bound in _BOUNDS:
+                        what = (f"{norm} per {'token' if per_token else 'example'}, {bound} bound,"
+                                f" {'masked' if masked else 'no mask'}, {'x'.join(map(str, shape))}")
+                        radius = {"none": 0.0, "l2": _group_norms(unbounded, per_token).median().item(),
+                                  "inf": unbounded.float().abs().median().item()}[bound]
+                        args = (_INPUT_LR, norm, per_token, 1e-6, 1e-3, bound, radius)
+                        expected = delta.clone()
+                        want = ref.input_step(expected, grad.clone(), None if mask is None else mask.clone(), *args)
+                        if bound == "none":
+                            unbounded = expected
+                        actual = delta.clone()
+                        inputs, originals = _read_only(grad=[grad], mask=[] if mask is None else [mask])
+                        norms = _run(device, ops.input_step, actual, inputs["grad"][0], (inputs["mask"] or [None])[0],
+                                     *args)
+                        _expect_unchanged(inputs, originals, lambda i, what=what: what)
+                        _expect_sums(norms, want, f"gradient norms ({what})")
+                        # a step of at most lr per element: where it nearly cancels delta, a few fp32 ulps of both
+                        slack = 8 * torch.finfo(torch.float32).eps * (delta.abs().max().item() + _INPUT_LR)
+                        _expect_weights([actual], [expected], None, [slack], [f"delta ({what})"])
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -436,28 +515,45 @@ def _disabled() -> bool:
     return os.environ.get("FASTADV_SELFCHECK", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work on ``device``'s current stream is being captured into a CUDA graph, where a check cannot run: it
+    syncs with the host (and its tensors would come from the graph's pool)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def passed(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether backend ``name`` may be used on (``device``, ``dtype``) in this process: the torch backend always;
     every backend when ``FASTADV_SELFCHECK=0``; otherwise the result of :func:`check`, run on the first call for each
     (name, device, dtype) and cached. A failure is reported once, with a ``RuntimeWarning``: that device then uses
     the torch backend for that dtype for the rest of the process. Thread-safe; calls made while a check runs (by the
     backend resolution it uses) answer True.
+
+    While ``device``'s current stream is being captured into a CUDA graph, a key not checked yet answers True without
+    a check (nothing cached): the check runs at the next call outside a capture, and its warning, if it fails, says
+    that graphs captured before it hold the backend's kernels. Warm up eagerly before capturing (as CUDA graphs need
+    anyway) and the check runs there.
     """
     if name == "torch" or _disabled() or getattr(_STATE, "running", False):
         return True
     key = _key(name, device, dtype)
     with _LOCK:
         if key not in _CACHE:
+            if _capturing(key[1]):
+                _CAPTURED_UNCHECKED.add(key)
+                return True
             _CACHE[key] = failure = check(*key)
             if failure is not None:
                 dtype_name = str(key[2]).removeprefix("torch.")
+                captured = (" CUDA graphs captured before this check still run its kernels: capture them again."
+                            if key in _CAPTURED_UNCHECKED else "")
                 warnings.warn(
                     f"fastadv: the {name!r} backend failed its self-check on {key[1]} {dtype_name} ({failure});"
-                    f" {dtype_name} weights on {key[1]} use the torch backend for the rest of this process. Run"
-                    " `python -m fastadv.selfcheck` for a report; FASTADV_SELFCHECK=0 skips the check.",
+                    f" {dtype_name} weights on {key[1]} use the torch backend for the rest of this process.{captured}"
+                    " Run `python -m fastadv.selfcheck` for a report; FASTADV_SELFCHECK=0 skips the check.",
                     RuntimeWarning,
                     stacklevel=user_stacklevel(),
                 )
+            _CAPTURED_UNCHECKED.discard(key)
         return _CACHE[key] is None
 
 
@@ -465,6 +561,7 @@ def cache_clear() -> None:
     """Forget every cached :func:`passed` answer (the next call checks again, and warns again on a failure)."""
     with _LOCK:
         _CACHE.clear()
+        _CAPTURED_UNCHECKED.clear()
 
 
 def _devices() -> list[torch.device]:

@@ -13,6 +13,11 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE
 
+try:
+    import triton
+except ImportError:
+    triton = None
+
 import fastadv.backends
 from fastadv import selfcheck
 from fastadv.backends import torch_ops
@@ -115,6 +120,64 @@ def wrong_norms(real):
     return op
 
 
+def aligned(t: torch.Tensor) -> bool:
+    """Rows the compiled kernels read in 16-byte vectors (the case's 768- and 1024-wide tensors)."""
+    return t.shape[-1] % 16 == 0
+
+
+def first_aligned(tensors: list[torch.Tensor]) -> int:
+    return next(i for i, t in enumerate(tensors) if aligned(t))
+
+
+# Faults of a vector path only: the odd tensors come out right, the first aligned one (tensor 3) does not.
+def wrong_aligned_weights(real):
+    def op(params, grads, rows, *args):
+        real(params, grads, rows, *args)
+        i = first_aligned(params)
+        nudged(params[i], int(rows[i][0]))
+
+    return op
+
+
+def wrong_aligned_restore(real):
+    def op(params, rows, backups):
+        real(params, rows, backups)
+        i = first_aligned(params)
+        nudged(params[i], int(rows[i][0]))
+
+    return op
+
+
+def wrong_aligned_fresh(real):
+    def op(grads, touched, fresh, params=None):
+        stats = real(grads, touched, fresh, params)
+        fresh[first_aligned(grads)][0] ^= True
+        return stats
+
+    return op
+
+
+def wrong_aligned_sums(real):
+    def op(tensors, rows):
+        sums = real(tensors, rows)
+        sums[first_aligned(tensors)] *= 1 + 1e-4
+        return sums
+
+    return op
+
+
+def wrong_param_sums(real):
+    """Right without weights (FGM, PGD), wrong with them (AWP's scan)."""
+
+    def op(grads, touched, fresh, params=None):
+        stats = real(grads, touched, fresh, params)
+        if params is not None:
+            stats[:, 2] *= 1 + 1e-4
+        return stats
+
+    return op
+
+
 FAULTS = [
     ("perturb", wrong_weights, "perturb: weights of tensor 0 (7x5) differ by up to"),
     ("perturb", skipped_backups, "perturb: backups of tensor 0 (7x5) differ"),
@@ -124,8 +187,14 @@ FAULTS = [
     ("row_sumsq", float32_sums, "row_sumsq: sums of squares are torch.float32"),
     ("project", wrong_projection, "project: weights of tensor 0 (7x5) differ by up to"),
     ("restore", no_restore, "restore: weights of tensor 0 (7x5) differ"),
-    ("input_step", wrong_delta, "input_step: delta (l2 per example, l2 bound) differ by up to"),
-    ("input_step", wrong_norms, "input_step: gradient norms differ by up to"),
+    ("input_step", wrong_delta, "input_step: delta (l2 per example, none bound, no mask, 2x9x768) differ by up to"),
+    ("input_step", wrong_norms, "input_step: gradient norms (l2 per example, none bound, no mask, 2x9x768) differ"),
+    ("perturb", wrong_aligned_weights, "perturb: weights of tensor 3 (6x1024) differ by up to"),
+    ("project", wrong_aligned_weights, "project: weights of tensor 3 (6x1024) differ by up to"),
+    ("restore", wrong_aligned_restore, "restore: weights of tensor 3 (6x1024) differ"),
+    ("scan", wrong_aligned_fresh, "scan: fresh flags of tensor 3 (6x1024) differ"),
+    ("row_sumsq", wrong_aligned_sums, "row_sumsq: sums of squares differ by up to"),
+    ("scan", wrong_param_sums, "scan(params): sums of squares differ by up to"),
 ]
 
 
@@ -206,6 +275,53 @@ def test_fault_is_named(fake, op, fault, expected, dtype):
     setattr(fake, op, fault(getattr(torch_ops, op)))
     failure = selfcheck.check("fake", CPU, dtype)
     assert failure is not None and failure.startswith(expected), failure
+
+
+INPUT_MODES = [(norm, bound, per_token, masked, shape) for per_token in (False, True)
+               for shape in selfcheck._INPUT_SHAPES[per_token] for masked in (False, True)
+               for norm in selfcheck._NORMS for bound in selfcheck._BOUNDS]
+
+
+@pytest.mark.parametrize(("norm", "bound", "per_token", "masked", "shape"), INPUT_MODES,
+                         ids=["-".join(map(str, mode)) for mode in INPUT_MODES])
+def test_every_input_step_mode_is_checked(fake, norm, bound, per_token, masked, shape):
+    """A fault in one mode of input_step at one shape only (a wrong kernel specialisation) is caught, and named."""
+
+    def op(delta, grad, mask, lr, norm_, per_token_, denom_eps, denom_floor, bound_, radius):
+        norms = torch_ops.input_step(delta, grad, mask, lr, norm_, per_token_, denom_eps, denom_floor, bound_, radius)
+        if (norm_, bound_, per_token_, mask is not None, tuple(delta.shape)) == (norm, bound, per_token, masked, shape):
+            last = delta.view(-1)[-1:]
+            last += 0.01 + 0.05 * last.abs()  # a few ulps at any magnitude
+        return norms
+
+    fake.input_step = op
+    what = (f"{norm} per {'token' if per_token else 'example'}, {bound} bound, {'masked' if masked else 'no mask'},"
+            f" {'x'.join(map(str, shape))}")
+    assert selfcheck.check("fake", CPU, torch.bfloat16).startswith(f"input_step: delta ({what}) differ by up to")
+
+
+def test_the_case_reaches_the_vector_and_split_paths():
+    """What the compiled kernels specialise on, in the case: rows of 16-byte vectors (Triton's hint, the extension's
+    packs) and odd rows, for every dtype; per-example input_step of several slices on every GPU backend (Triton's
+    tile rows, 8 tokens per CUDA block) and of one slice; aligned and odd per-token rows."""
+    aligned_rows = [(r, c) for r, c in selfcheck._SHAPES if aligned(torch.empty(0, c))]
+    assert aligned_rows and len(aligned_rows) < len(selfcheck._SHAPES)
+    assert any(c >= 4 * 32 * 4 for _, c in aligned_rows)  # a full CUDA batch of fp32 packs: 4 per lane
+    for per_token, shapes in selfcheck._INPUT_SHAPES.items():
+        assert {aligned(torch.empty(0, d)) for _, _, d in shapes} == {True, False}
+        if not per_token:
+            tokens = {aligned(torch.empty(0, d)): t for _, t, d in shapes}
+            assert tokens[True] > 8 >= tokens[False]  # CUDA: split, and one block per example
+    if triton is None:
+        return
+    from fastadv.kernels._common import col_block, row_block, vec_hint
+
+    for dtype in DTYPES:
+        hints = {vec_hint([torch.empty(0, c, dtype=dtype)], [c]) for _, c in selfcheck._SHAPES}
+        assert hints == {1, 16 // torch.empty(0, dtype=dtype).element_size()}
+    for _, t, d in selfcheck._INPUT_SHAPES[False]:
+        slices = triton.cdiv(t, row_block(col_block([d]), t))
+        assert (slices > 1) == aligned(torch.empty(0, d))
 
 
 @pytest.mark.parametrize("op", [op for op in OPS if op != "supports"])
@@ -293,6 +409,43 @@ def test_disabled_by_environment(fake, monkeypatch):
         assert not selfcheck.passed("fake", CPU, torch.float32)
 
 
+def test_no_check_inside_a_cuda_graph_capture(fake, monkeypatch):
+    """A check syncs with the host, which would break a capture: while capturing, a key not checked yet answers True
+    and stays unchecked; the first call outside the capture checks, and its warning says the graph must be captured
+    again. A key already checked keeps its answer inside a capture."""
+    fake.perturb = wrong_weights(torch_ops.perturb)
+    calls = count_checks(monkeypatch)
+    monkeypatch.setattr(selfcheck, "_capturing", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert selfcheck.passed("fake", CPU, torch.bfloat16)
+        assert selfcheck.passed("fake", CPU, torch.bfloat16)
+    assert calls == []
+    monkeypatch.setattr(selfcheck, "_capturing", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs captured before this check still run its kernels"):
+        assert not selfcheck.passed("fake", CPU, torch.bfloat16)
+    assert len(calls) == 1
+    monkeypatch.setattr(selfcheck, "_capturing", lambda device: True)
+    assert not selfcheck.passed("fake", CPU, torch.bfloat16)  # cached: no check, no warning
+    assert len(calls) == 1
+
+
+def test_a_key_first_used_outside_a_capture_warns_without_the_graph_advice(fake, monkeypatch):
+    fake.perturb = wrong_weights(torch_ops.perturb)
+    monkeypatch.setattr(selfcheck, "_capturing", lambda device: False)
+    with pytest.warns(RuntimeWarning) as record:
+        assert not selfcheck.passed("fake", CPU, torch.float16)
+    assert "CUDA graphs" not in str(record[0].message)
+
+
+def test_capturing_is_asked_of_the_device_stream(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not selfcheck._capturing(CPU)
+    assert selfcheck._capturing(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not selfcheck._capturing(torch.device("cuda", 0))
+
+
 def test_torch_always_passes(monkeypatch):
     calls = count_checks(monkeypatch)
     assert all(selfcheck.passed("torch", CPU, dtype) for dtype in DTYPES)
@@ -331,8 +484,12 @@ def test_callers_state_is_left_alone(fake):
 # ------------------------------------------------------------------------------------------------ the command line
 
 
-def test_main_prints_a_table(capsys):
+def test_main_prints_a_table(capsys, monkeypatch):
+    """Every available compiled backend on every device and dtype (the checks themselves: test_backends_pass)."""
+    calls = []
+    monkeypatch.setattr(selfcheck, "check", lambda *args: calls.append(args))
     assert selfcheck.main([]) == 0
+    assert {(name, dtype) for name, _, dtype in calls} == {(name, dtype) for name in COMPILED for dtype in DTYPES}
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["backend", "device", "dtype", "result", "time"]
     body = [line.split() for line in lines[1:] if not line.startswith(("not run", "no compiled"))]

@@ -30,6 +30,7 @@ triton_backend = pytest.importorskip("fastadv.backends.triton_ops", reason="trit
 
 import triton  # noqa: E402
 from _helpers import clones, make_tensors, nonzero_rows  # noqa: E402
+from conftest import assert_matches  # noqa: E402
 from fastadv.kernels import _common  # noqa: E402
 from fastadv.kernels._common import col_block, plan, row_block  # noqa: E402
 
@@ -213,6 +214,74 @@ def test_input_step_rejects_what_the_kernel_would_misread(change, complaint):
         triton_backend.input_step(**args)
 
 
+class LaunchRecorder:
+    """Stands in for the input_step kernel: records each launch's grid, phase and tile instead of running it."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[int, int, int]] = []
+
+    def __getitem__(self, grid: tuple[int]):
+        def launch(*args, PHASE, BLOCK_T, BLOCK_D):
+            self.launches.append((grid[0], PHASE, BLOCK_T))
+
+        return launch
+
+
+@pytest.mark.parametrize(("shape", "per_token", "bound", "launches"), [
+    # FreeLB's default batch: 16 slices of 8 tokens per example, 512 programs (a program per example: 32)
+    ((32, 128, 768), False, "l2", [(512, "NORM", 8), (512, "STEP", 8), (512, "SCALE", 8)]),
+    ((32, 128, 768), False, "inf", [(512, "NORM", 8), (512, "STEP", 8)]),
+    # one long example over 64 programs; a batch of them capped near MAX_PROGRAMS, 4 slices each (2 tokens of 4096)
+    ((1, 512, 768), False, "none", [(64, "NORM", 8), (64, "STEP", 8)]),
+    ((64, 512, 4096), False, "none", [(4096, "NORM", 2), (4096, "STEP", 2)]),
+    # a group of one slice: every token, an example of at most 8 tokens of 768
+    ((32, 128, 768), True, "l2", [(4096, "WHOLE", 1)]),
+    ((32, 8, 768), False, "l2", [(32, "WHOLE", 8)]),
+])
+def test_input_step_spreads_examples_over_programs(monkeypatch, shape, per_token, bound, launches):
+    from fastadv.kernels import input_step
+
+    recorder = LaunchRecorder()
+    monkeypatch.setattr(input_step, "_input_step_kernel", recorder)
+    delta = torch.empty(shape, device="meta")
+    input_step.input_step(delta, torch.empty_like(delta), None, 0.1, "l2", per_token, 1e-6, 1e-8, bound, 1.0)
+    assert recorder.launches == [(grid, getattr(input_step, "_" + phase).value, block_t)
+                                 for grid, phase, block_t in launches]
+
+
+def test_input_step_bits_do_not_depend_on_the_grid(seed, monkeypatch):
+    """Examples of several slices (4 of 2 tokens at 1024 columns, the last one short), whatever the programs: one per
+    slice, three slices each and a ragged last program, all four in one (MAX_PROGRAMS capped), an example alone: the
+    same bits, and the torch backend's results (fp32 tight, bf16 one ulp)."""
+    from fastadv.backends import torch_ops
+
+    shape = (2, 7, 1024)
+    mask = torch.arange(7, device=DEVICE) < torch.tensor([[7], [3]], device=DEVICE)
+    modes = [("l2", "l2", True, F32), ("inf", "inf", False, BF16), ("sign", "l2", False, BF16)]
+    for norm, bound, masked, dtype in modes:
+        delta = (0.1 * torch.randn(shape, device=DEVICE)).to(dtype)
+        grad = torch.randn(shape, device=DEVICE).to(dtype)
+        m = mask if masked else None
+        args = (0.3, norm, False, 1e-6, 1e-3, bound, 0.5)
+
+        def run(cap: int, examples: slice = slice(None), delta=delta, grad=grad, m=m, args=args):
+            monkeypatch.setattr(_common, "MAX_PROGRAMS", cap)
+            out = delta[examples].clone()
+            norms = triton_backend.input_step(out, grad[examples].contiguous(), None if m is None else m[examples],
+                                              *args)
+            return out, norms
+
+        out, norms = run(4096)
+        expected = delta.to(F32, copy=True)
+        torch.testing.assert_close(norms, torch_ops.input_step(expected, grad.float(), m, *args), rtol=1e-5, atol=0)
+        assert_matches(out, expected)
+        bits = torch.int32 if dtype == F32 else torch.int16
+        for cap, examples in [(3, slice(None)), (1, slice(None)), (4096, slice(1, 2))]:
+            alone, alone_norms = run(cap, examples)
+            assert torch.equal(alone.view(bits), out[examples].view(bits)), (norm, cap, examples)
+            assert torch.equal(alone_norms, norms[examples]), (norm, cap, examples)
+
+
 @pytest.mark.skipif(not _common.INTERPRETED, reason="compiled kernels assert only when built under TRITON_DEBUG=1")
 def test_rows_outside_the_parameter_fail_the_debug_assertion(monkeypatch):
     from triton.runtime import interpreter
@@ -276,15 +345,19 @@ from fastadv.kernels import _common, input_step, perturb, restore, scan
 
 TYPES = {"table": "*i64", "bounds": "*i64", "n": "i32", "blocks_per_program": "i32", "partials": "*fp32",
          "scales": "*fp32", "box_eps": "fp32", "delta_sumsq": "*fp32", "eps": "fp32", "mask": "*u8",
-         "norms": "*fp32", "tokens": "i32", "cols": "i32", "lr": "fp32", "denom_eps": "fp32", "denom_floor": "fp32",
-         "radius": "fp32"}
+         "norms": "*fp32", "sizes": "*fp32", "tokens": "i32", "masked_tokens": "i32", "cols": "i32", "slices": "i32",
+         "slices_per_program": "i32", "lr": "fp32", "denom_eps": "fp32", "denom_floor": "fp32", "radius": "fp32",
+         "norm": "i32", "bound": "i32"}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 out = {}
 
 
-def build(name, fn, constexprs, **types):
+# aligned: the arguments that a launch finds 16-byte aligned (pointers) or divisible by 16 (ints), as Triton specialises
+# them: rows of 768 or 1024 elements, not of 130.
+def build(name, fn, constexprs, aligned=(), **types):
     signature = {a: "constexpr" if a in constexprs else types.get(a) or TYPES[a] for a in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     ptx = triton.compile(src, target=TARGET).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
@@ -303,11 +376,11 @@ for label, dtype in DTYPES.items():
     for stage, box in [("STEP", False), ("STEP", True), ("MEASURE", False), ("PROJECT", False), ("SUMSQ", False)]:
         build(f"rows-{label}-{stage}-box={box}", perturb._rows_kernel,
               {"P_DTYPE": dtype, "G_DTYPE": dtype, "STAGE": getattr(perturb, "_" + stage).value, "BOX": box, **tile})
-    for norm, norm_code in input_step.NORMS.items():
-        for bound, bound_code in input_step.BOUNDS.items():
-            build(f"input_step-{label}-{norm}-{bound}", input_step._input_step_kernel,
-                  {"NORM": norm_code.value, "BOUND": bound_code.value, "HAS_MASK": True, "BLOCK_T": 8, "BLOCK_D": 256},
-                  delta=f"*{label}", grad=f"*{label}")
+    for phase in ("WHOLE", "NORM", "STEP", "SCALE"):  # a token of XLM-R's, else one of its examples' slices
+        for aligned in ((), ("delta", "grad", "mask", "tokens", "cols")):
+            build(f"input_step-{label}-{phase}-aligned={bool(aligned)}", input_step._input_step_kernel,
+                  {"PHASE": getattr(input_step, "_" + phase).value, "BLOCK_T": 1 if phase == "WHOLE" else 8,
+                   "BLOCK_D": 256}, aligned, delta=f"*{label}", grad=f"*{label}")
 for size, bits in restore._BITS.items():
     build(f"restore-{size}", restore._restore_kernel, {"DTYPE": bits, "NT": 1, "VEC": max(1, 16 // size),
                                                        "BLOCK_M": 8, "BLOCK_N": 256})
@@ -332,7 +405,7 @@ def sm90(tmp_path_factory):
 
 
 def test_every_variant_compiles_for_sm90_without_spills(sm90):
-    assert len(sm90) == 3 * (2 + 5 + 9) + 3 + 2
+    assert len(sm90) == 3 * (2 + 5 + 8) + 3 + 2
     assert not {name: v["spill_bytes"] for name, v in sm90.items() if v["spill_bytes"]}
     # The streaming kernels leave room for at least 3 programs of 4 warps per SM (65536 registers); the per-tensor
     # sum runs one program per tensor.
@@ -367,10 +440,19 @@ def test_projection_is_correctly_rounded(sm90, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_input_step_is_correctly_rounded(sm90, dtype):
     """input_step's step ``(g * lr) / denominator``, l2 norms and bound factor: correctly rounded divisions and square
-    roots, as the torch backend and the extension compute them."""
+    roots, as the torch backend and the extension compute them; the norm partials need neither."""
     for name, variant in sm90.items():
         if name.startswith(f"input_step-{dtype}-"):
-            _, _, norm, bound = name.split("-")
-            assert ("div.rn.f32" in variant["ptx"]) == (norm != "sign" or bound == "l2"), name
-            assert ("sqrt.rn.f32" in variant["ptx"]) == (norm != "inf" or bound == "l2"), name
+            needs = name.split("-")[2] != "NORM"
+            assert ("div.rn.f32" in variant["ptx"]) == needs and ("sqrt.rn.f32" in variant["ptx"]) == needs, name
             assert not re.search(r"sqrt\.approx|div\.(full|approx)|rcp\.approx", variant["ptx"]), name
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_input_step_reads_aligned_rows_in_16_byte_loads(sm90, dtype):
+    """An example's slices of aligned rows (768, 1024 columns) are read and written 16 bytes at a time; odd rows
+    element by element."""
+    for phase in ("NORM", "STEP", "SCALE"):
+        assert "ld.global.v4.b32" in sm90[f"input_step-{dtype}-{phase}-aligned=True"]["ptx"], phase
+        assert "ld.global.v4" not in sm90[f"input_step-{dtype}-{phase}-aligned=False"]["ptx"], phase
+    assert "st.global.v4.b32" in sm90[f"input_step-{dtype}-STEP-aligned=True"]["ptx"]

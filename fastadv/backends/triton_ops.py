@@ -2,9 +2,9 @@
 
 Each op is one launch per (dtype, vector width) group over the whole list (one in practice): ``scan`` reads whole
 tensors; ``row_sumsq``, ``perturb``, ``measure`` and ``project`` are stages of one kernel over the listed rows
-(``kernels/perturb.py``), ``restore`` a copy of their bits; ``input_step`` is one launch over its one tensor, a
-program per group (``kernels/input_step.py``). The reductions (``scan``, ``row_sumsq``, ``measure``) add a small
-per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
+(``kernels/perturb.py``), ``restore`` a copy of their bits; ``input_step`` is a launch per phase over its one
+tensor, a program per slice of a group (``kernels/input_step.py``). The reductions (``scan``, ``row_sumsq``,
+``measure``) add a small per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
 CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it). See :class:`fastadv.backends.contract.Backend` for the
 contract of each op.
 
