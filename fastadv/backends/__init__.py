@@ -7,7 +7,7 @@ and meaning are written once, as :class:`fastadv.backends.contract.Backend` (a `
 from here); ``tests/test_contract.py`` checks every backend module against it. No op syncs with the host.
 
 Backends, each op at the same name: ``torch`` (:mod:`fastadv.backends.torch_ops`, pure PyTorch, any device and
-dtype), ``triton`` (:mod:`fastadv.backends.triton_ops` over the kernels in ``kernels/``, CUDA, or CPU under
+dtype), ``triton`` (:mod:`fastadv.backends.triton_ops` over the kernels in ``fastadv/kernels/``, CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``ext`` (:mod:`fastadv.backends.ext_ops` over the C++/CUDA extension in ``csrc/``). A
 compiled backend (``triton``, ``ext``) is used on a (device, dtype) only after it passed the runtime self-check
 (:mod:`fastadv.selfcheck`) there; otherwise, and for what it does not support (float64, a gradient of another dtype
@@ -23,7 +23,7 @@ Adding an op, in this order:
 3. ``_library.py``: a field of ``LibraryOps``, the op's fake kernel in ``_FAKES`` and its entry point in ``calls()``
    (and a ``_TYPES`` entry for a new argument type); ``schema(op)`` derives its schema from the contract.
 4. ``csrc/``: that schema in ``registration.cpp`` and the CPU/CUDA kernels (``ext_ops.py`` takes the op from
-   ``calls()``); ``kernels/``: the launcher, with the contract's signature, passed to ``define()`` in
+   ``calls()``); ``fastadv/kernels/``: the launcher, with the contract's signature, passed to ``define()`` in
    ``triton_ops.py``.
 5. Tests: ``tests/test_contract.py`` (signatures and schemas; the Triton op's opcheck and compile cases),
    ``tests/test_ext.py`` (the extension's) and ``tests/test_ops.py`` (every backend against the oracles);

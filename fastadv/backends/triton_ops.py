@@ -1,16 +1,16 @@
-"""Triton backend: the ops as multi-tensor Triton kernels (``kernels/``, installed as ``fastadv.kernels``).
+"""Triton backend: the ops as multi-tensor Triton kernels (``fastadv/kernels/``).
 
 Each op is one launch per (dtype, vector width) group over the whole list (one in practice): ``scan`` reads whole
 tensors; ``row_sumsq``, ``perturb``, ``measure`` and ``project`` are stages of one kernel over the listed rows
-(``kernels/perturb.py``), ``restore`` a copy of their bits; ``input_step`` is a launch per phase over its one
-tensor, a program per slice of a group (``kernels/input_step.py``). The reductions (``scan``, ``row_sumsq``,
+(``fastadv/kernels/perturb.py``), ``restore`` a copy of their bits; ``input_step`` is a launch per phase over its one
+tensor, a program per slice of a group (``fastadv/kernels/input_step.py``). The reductions (``scan``, ``row_sumsq``,
 ``measure``) add a small per-tensor sum launch. No op syncs with the host. Runs on CUDA tensors, and on
 CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it). See :class:`fastadv.backends.contract.Backend` for the
 contract of each op.
 
 The ops are also ``torch.ops.fastadv_triton.*`` custom ops with fake kernels (:func:`fastadv.backends._library.define`):
 ``torch.compile`` traces a call into that op, while an eager call runs the launcher directly, without the dispatcher's
-cost (see ``kernels/README.md``).
+cost (see ``fastadv/kernels/README.md``).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""Triton kernels of the fastadv ops, one module per op (installed as ``fastadv.kernels``)."""
