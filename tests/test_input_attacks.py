@@ -463,7 +463,8 @@ def test_neftune_noise_is_shared_by_the_passes_that_are_compared(cls, options, s
 
 
 class _TokenLM(nn.Module):
-    """A causal-LM-shaped toy: token-level logits ``[B, T, V]`` and a loss over the unpadded tokens."""
+    """A causal-LM-shaped toy: token-level logits ``[B, T, V]``, each position's from the running mean of the
+    embeddings up to it (so padding's logits depend on the tokens before it), and a loss over the unpadded tokens."""
 
     def __init__(self, vocab: int = 20, dim: int = 8):
         super().__init__()
@@ -473,7 +474,9 @@ class _TokenLM(nn.Module):
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, ids, mask, labels):
-        logits = self.head(torch.tanh(self.hidden(self.embeddings.word_embeddings(ids))))
+        e = self.embeddings.word_embeddings(ids)
+        seen = e.cumsum(1) / torch.arange(1, e.size(1) + 1, device=e.device).unsqueeze(-1)
+        logits = self.head(torch.tanh(self.hidden(seen)))
         labels = labels.masked_fill(mask == 0, -100)
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100), logits
 
@@ -608,15 +611,16 @@ def _layer_norm_inputs(model: TinyClassifier) -> tuple[list[torch.Tensor], objec
 def test_vat_perturbs_along_the_direction_the_prediction_is_most_sensitive_to(power_iters, backend, seed):
     """For a binary classifier the Hessian of KL(p(x) || p(x + r)) at r = 0 has rank one, along the gradient of the
     logit margin: the power iteration's direction, whatever d it starts from. Each ascent perturbation is xi long and
-    the last eps long (l2 over each example's tokens), none on padding; the logits of the clean pass are not
-    trained by the term (its gradient is the one through the perturbed pass)."""
+    the last eps long (l2 over each example's tokens), none on padding, though the model here reads the padding too
+    (it pools every token)."""
     model = TinyClassifier(classes=2, dropout=0.0)
     b = one_batch(seed)
     ids, mask, labels = b["ids"], b["attention_mask"], b["labels"] % 2
+    every_token = torch.ones_like(mask)
     seen, handle = _layer_norm_inputs(model)
     eps, xi = 0.7, 0.1  # xi: the default, a finite difference well above fp32 rounding
     FusedVAT(model, eps=eps, xi=xi, power_iters=power_iters, backend=backend).step(
-        lambda: model(ids, mask, labels), mask)
+        lambda: model(ids, every_token, labels), mask)
     handle.remove()
     assert len(seen) == power_iters + 2
     perturbations = [x - seen[0] for x in seen[1:]]
@@ -628,7 +632,7 @@ def test_vat_perturbs_along_the_direction_the_prediction_is_most_sensitive_to(po
     outputs = []
     grab = model.embeddings.word_embeddings.register_forward_hook(
         lambda module, args, out: outputs.append(out.detach().requires_grad_()) or outputs[-1])
-    logits = model(ids, mask, labels)[1]
+    logits = model(ids, every_token, labels)[1]
     grab.remove()
     (margin,) = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), outputs[0])
     margin = torch.where(mask.bool().unsqueeze(-1), margin, 0.0)
