@@ -767,3 +767,23 @@ def test_the_gradient_penalty_under_torch_compile_fails_loudly(seed):
         with pytest.raises(RuntimeError):
             FusedGradientPenalty(model).step(input_forward(compiled, "gradient_penalty", b), b["attention_mask"])
     assert not _fastadv_hooks()
+
+
+@pytest.mark.parametrize("kind", ["vat", "gradient_penalty"])
+def test_a_frozen_embedding_trains_the_rest_as_an_unfrozen_one(kind, seed):
+    """The perturbation and the penalty's gradient are the embedding output's (PEFT leaves the base embedding
+    frozen): every other parameter gets the gradient it gets with the embedding trainable."""
+    start = TinyClassifier(dropout=0.0)
+    b = one_batch(seed)
+    cls, _, options = INPUT_CASES[kind]
+    trained = []
+    for frozen in (False, True):
+        model = copy.deepcopy(start)
+        model.embeddings.word_embeddings.weight.requires_grad_(not frozen)
+        torch.manual_seed(seed)
+        cls(model, **options).step(input_forward(model, kind, b), b["attention_mask"])
+        trained.append(model)
+    assert trained[1].embeddings.word_embeddings.weight.grad is None
+    for (name, a), (_, b_) in zip(trained[1].named_parameters(), trained[0].named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b_.grad, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
