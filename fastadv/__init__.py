@@ -1,4 +1,5 @@
-"""fastadv: fused embedding-space adversarial training (FGM, PGD, AWP; FreeLB, SMART, R3F) for PyTorch.
+"""fastadv: fused embedding-space adversarial training (FGM, PGD, AWP; FreeLB, SMART, R3F, VAT, gradient penalty) for
+PyTorch.
 
 >>> from fastadv import FusedPGD  # doctest: +SKIP
 >>> pgd = FusedPGD(model, eps=1.0, alpha=0.3)  # doctest: +SKIP
@@ -7,8 +8,8 @@
 
 from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
 from fastadv.backends import available_backends
-from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
+from fastadv.input_attacks import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT
 
-__all__ = ["FusedFGM", "FusedPGD", "FusedAWP", "FusedFreeLB", "FusedSMART", "FusedR3F", "available_backends",
-           "__version__"]
+__all__ = ["FusedFGM", "FusedPGD", "FusedAWP", "FusedFreeLB", "FusedSMART", "FusedR3F", "FusedVAT",
+           "FusedGradientPenalty", "available_backends", "__version__"]
 __version__ = "0.3.0"

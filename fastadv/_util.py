@@ -138,7 +138,8 @@ class Hyperparameters:
                 for name, value in options.items()}
 
 
-_INPUT_SPACE = "FusedFreeLB, FusedSMART or FusedR3F (they perturb the embedding's output: no trainable weight needed)"
+_INPUT_SPACE = ("an input-space method: FusedFreeLB, FusedSMART, FusedR3F, FusedVAT or FusedGradientPenalty (they"
+                " perturb the embedding's output: no trainable weight needed)")
 
 
 def _adapter(name: str) -> bool:

@@ -1,20 +1,22 @@
-"""FusedFreeLB, FusedSMART and FusedR3F: the input-space family, on the output of the embedding module.
+"""FusedFreeLB, FusedSMART, FusedR3F, FusedVAT and FusedGradientPenalty: the input-space family, on the output of the
+embedding module.
 
 The public implementations of these methods feed ``inputs_embeds`` (FreeLB, SMART) or need a model that takes
-``token_embeddings`` (R3F). Here the perturbation is added to the output of the embedding module (found by name, like
-``emb_name``) by a forward hook that exists only while a step runs: a global module hook (``torch.nn.modules.module.
-register_module_forward_hook``) that acts on that module alone, installed by the step and removed on every way out of
-it, so nothing of fastadv is ever on the user's model (a ``copy.deepcopy`` or ``torch.save`` taken inside a step
-carries nothing away) and any model works unchanged. FreeLB's and SMART's ascent step (masked per-example or
-per-token norm of the gradient, step, bound) is one op of the backend contract,
-:meth:`~fastadv.backends.contract.Backend.input_step`. The oracles are :func:`fastadv.reference.freelb_step`,
-:func:`~fastadv.reference.smart_step` and :func:`~fastadv.reference.r3f_step`.
+``token_embeddings`` (R3F), or their own embedding layer (VAT, the gradient penalty). Here the perturbation is added
+to the output of the embedding module (found by name, like ``emb_name``) by a forward hook that exists only while a
+step runs: a global module hook (``torch.nn.modules.module.register_module_forward_hook``) that acts on that module
+alone, installed by the step and removed on every way out of it, so nothing of fastadv is ever on the user's model (a
+``copy.deepcopy`` or ``torch.save`` taken inside a step carries nothing away) and any model works unchanged.
+FreeLB's and SMART's ascent step (masked per-example or per-token norm of the gradient, step, bound) is one op of the
+backend contract, :meth:`~fastadv.backends.contract.Backend.input_step`, and so is VAT's normalisation. The oracles are
+:func:`fastadv.reference.freelb_step`, :func:`~fastadv.reference.smart_step`, :func:`~fastadv.reference.r3f_step`,
+:func:`~fastadv.reference.vat_step` and :func:`~fastadv.reference.gradient_penalty_step`.
 
 Each class has ``step(closure, attention_mask=None)`` (``closure()`` runs the forward pass; the step runs every
 backward itself) and ``run(forward, backward, attention_mask=None)``, the same step with your own backward (a
 GradScaler's ``scaler.scale(loss).backward()``, ``accelerator.backward``): the one implementation the Trainer and the
-Lightning callback use too. SMART and R3F need the logits: ``forward()`` returns ``(loss, logits)`` or an object with
-``.loss`` and ``.logits`` (a Hugging Face model output).
+Lightning callback use too. SMART, R3F and VAT need the logits: ``forward()`` returns ``(loss, logits)`` or an object
+with ``.loss`` and ``.logits`` (a Hugging Face model output).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastadv._deepspeed import EngineSupport, is_engine
 from fastadv._util import (
@@ -43,7 +46,7 @@ from fastadv._util import (
 )
 from fastadv.backends import backend_for, resolve_backend
 
-__all__ = ["FusedFreeLB", "FusedSMART", "FusedR3F"]
+__all__ = ["FusedFreeLB", "FusedSMART", "FusedR3F", "FusedVAT", "FusedGradientPenalty"]
 
 #: A forward pass: returns the loss (FreeLB), or ``(loss, logits)`` / an output with ``.loss`` and ``.logits``.
 Forward = Callable[[], Any]
@@ -62,7 +65,7 @@ def _loss_and_logits(out: Any) -> tuple[Tensor, Tensor]:
         return out.loss, out.logits
     raise TypeError(
         f"forward() must return (loss, logits) or an object with .loss and .logits (a Hugging Face output), got "
-        f"{type(out).__name__}: SMART and R3F compare the logits of the clean and perturbed passes"
+        f"{type(out).__name__}: SMART, R3F and VAT compare the logits of the clean and perturbed passes"
     )
 
 
@@ -447,7 +450,7 @@ def _squared_error(prediction: Tensor, target: Tensor, rows: Tensor | None = Non
 
 
 class _ComparingAttack(_InputAttack):
-    """SMART and R3F: a divergence between the logits of a clean and a perturbed pass, over the rows of the logits
+    """SMART, R3F and VAT: a divergence between the logits of a clean and a perturbed pass, over the rows of the logits
     that count (token-level logits ``[B, T, V]``: the tokens of the attention mask, as a task loss counts them)."""
 
     compares_passes = True
@@ -620,3 +623,139 @@ class FusedR3F(_ComparingAttack):
                 term = _kl(logits, noised_logits, rows, logit_total) + _kl(noised_logits, logits, rows, logit_total)
             backward(loss + self.r3f_lambda * term)
         return loss.detach(), term.detach()
+
+
+#: input_step's denominator floor for an exact l2 normalisation (``denom_eps=0``): the smallest normal fp32, below
+#: which a sum of fp32 squares is 0, so ``g / max(||g||, floor)`` is ``g / ||g||`` and 0 for a zero ``g``.
+_EXACT_FLOOR = torch.finfo(torch.float32).tiny
+
+
+class FusedVAT(_ComparingAttack):
+    """Virtual adversarial training (Miyato et al., TPAMI 2018; for text Miyato, Dai and Goodfellow, ICLR 2017), as
+    their text code does it (tensorflow/models ``research/adversarial_text``, ``virtual_adversarial_loss``), on any
+    model.
+
+    From a random direction ``d ~ N(0, I)`` on the word-embedding output, ``power_iters`` power iterations find the
+    direction the prediction is most sensitive to: ``r = xi * N(d)``, then ``d = grad_r KL(p(x) || p(x + r))``, with
+    ``N`` the l2 normalisation of each example over the tokens of ``attention_mask`` (the other tokens get no
+    perturbation). Then one backward of ``loss + alpha * KL(p(x) || p(x + eps * N(d)))``. The clean distribution
+    ``p(x)`` is detached in every KL, as Miyato's ``stop_gradient`` (the term pulls the perturbed prediction towards
+    the clean one, not the clean one towards it); the KL is taken in fp32 over the last dimension of the logits, its
+    mean over their rows (token-level logits ``[B, T, V]``: the tokens of ``attention_mask``). Cost: ``power_iters +
+    2`` forwards, ``power_iters`` input-only backwards, one backward.
+
+    ``N`` is :meth:`~fastadv.backends.contract.Backend.input_step` from zero with ``denom_eps=0`` and the smallest
+    normal fp32 as floor: ``d / ||d||`` exactly, 0 for a zero ``d``. That is Miyato's ``_scale_l2`` (``d / (a *
+    sqrt(sum((d / a)^2) + 1e-6))``, ``a = max|d| + 1e-12``: scale-invariant, to within 5e-7), not the PyTorch ports'
+    ``d / (||d|| + 1e-8)``, which shrinks the perturbation when the gradient of the KL at ``xi`` is of that size. An
+    example whose gradient is not finite gets no perturbation (the official code: NaN).
+
+    Defaults as the text code: ``eps=5.0`` (its ``perturb_norm_length``, "optimal on IMDB with virtual adversarial
+    training", on word embeddings it normalises to zero mean and unit variance per dimension: scale it with the size
+    of yours), ``xi=0.1`` (its ``small_constant_for_finite_diff``; the image paper's 1e-6 puts the finite difference
+    at fp32 rounding level, and below bf16's), ``alpha=1`` (``adv_reg_coeff``), ``power_iters=1``
+    (``num_power_iteration``). Both lengths are the l2 norm of a whole example's perturbation.
+
+    (bert4torch's ``VAT`` class is another algorithm despite its name: mt-dnn's ALUM step, ``adv_masked_lm.py``,
+    close to :class:`FusedSMART` with ``norm="l2"``.)
+
+    Example::
+
+        vat = FusedVAT(model, eps=1.0)
+        loss = vat.step(lambda: model(**batch), batch["attention_mask"])   # the output has .loss and .logits
+    """
+
+    CHECKS = {"eps": check_positive, "xi": check_positive, "alpha": check_nonnegative, "power_iters": check_steps}
+    eps: float
+    xi: float
+    alpha: float
+    power_iters: int
+
+    def __init__(self, model: nn.Module, eps: float = 5.0, xi: float = 0.1, alpha: float = 1.0, power_iters: int = 1,
+                 emb_name: str | None = None, backend: str = "auto") -> None:
+        vars(self).update(self.checked({"eps": eps, "xi": xi, "alpha": alpha, "power_iters": power_iters}))
+        super().__init__(model, emb_name, backend)
+
+    def _scaled(self, direction: Tensor, mask: Tensor | None, length: float) -> Tensor:
+        """``length * N(direction)`` (see the class), a new contiguous tensor of its dtype."""
+        r = torch.zeros(direction.shape, dtype=direction.dtype, device=direction.device)
+        self._ascend(r, direction, mask, length, "l2", False, 0.0, _EXACT_FLOOR, "none", 0.0)
+        return r
+
+    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None, *,
+            logit_rows: Tensor | None = None, logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the task loss and the virtual adversarial KL (before ``alpha``); ``logit_rows`` and
+        ``logit_total`` as for :meth:`FusedSMART.run`."""
+        with self._perturbation(attention_mask) as hook:
+            loss, logits = _loss_and_logits(self._forward(forward, hook))
+            if logits.size(-1) < 2:
+                raise ValueError(f"VAT compares softmax distributions over the last dimension of the logits, which "
+                                 f"has size {logits.size(-1)} here: give a classifier's logits (two for a binary task)")
+            clean = logits.detach()
+            rows = self._rows(logits, hook, logit_rows)
+            direction = torch.randn_like(hook.output, memory_format=torch.contiguous_format)
+            for _ in range(self.power_iters):
+                r = self._scaled(direction, hook.mask, self.xi).requires_grad_()
+                hook.perturb(r)
+                _, adv_logits = _loss_and_logits(self._forward(forward, hook))
+                # its mean or sum: the same direction once normalised per example
+                (direction,) = torch.autograd.grad(_kl(clean, adv_logits, rows), r)
+            hook.perturb(self._scaled(direction, hook.mask, self.eps))
+            _, adv_logits = _loss_and_logits(self._forward(forward, hook))
+            term = _kl(clean, adv_logits, rows, logit_total)
+            backward(loss + self.alpha * term)
+        return loss.detach(), term.detach()
+
+
+def _zero_delta(embeds: Tensor, mask: Tensor | None) -> Tensor:
+    return torch.zeros(embeds.shape, dtype=embeds.dtype, device=embeds.device, requires_grad=True)
+
+
+class FusedGradientPenalty(_InputAttack):
+    """The gradient penalty of Su Jianlin's "对抗训练浅谈" (bert4keras's and bert4torch's ``gradient_penalty``), done
+    right, on any model: one backward of ``loss + epsilon / 2 * ||d loss / d e||^2``, with ``e`` the word-embedding
+    output and the squared norm summed over the tokens of ``attention_mask`` (in fp32).
+
+    The gradient ``d loss / d e`` is taken with ``create_graph=True`` (a zero perturbation of ``e`` is what it is
+    taken with respect to), so the one backward of the total carries the penalty's gradient: one forward, one double
+    backward. The model's ops must be twice differentiable: during the step ``scaled_dot_product_attention`` runs its
+    math kernel (its flash and memory-efficient ones have no double backward; the math one keeps the attention
+    matrix), and ``torch.compile`` fails (AOTAutograd has no double backward). bert4torch
+    (``AdversarialTraining("gradient_penalty")``) instead squares the ``.grad`` of the first backward, which has no
+    graph, and backpropagates ``loss + penalty`` again: the parameters get the clean gradient twice and none of the
+    penalty's.
+
+    The gradient is the embedding *output*'s: it needs no gradient of the embedding weights, so frozen and
+    LoRA-adapted embeddings work, and it is the loss's sensitivity to each position's input. (bert4keras squares
+    ``K.gradients(loss, embeddings)[0].values``, the lookup's rows, one per position: the same, padding included;
+    bert4torch the embedding matrix's ``.grad``, in which a token that repeats in the batch has its positions'
+    gradients summed. The two differ only there.) Padding positions are not penalised.
+
+    ``epsilon`` (default 1, as bert4keras's examples) weighs the penalty of the loss ``forward()`` returns, the mean
+    over its batch: with gradient accumulation by division that is each micro-batch's.
+
+    Example::
+
+        gp = FusedGradientPenalty(model, epsilon=1.0)
+        loss = gp.step(lambda: model(**batch).loss, batch["attention_mask"])
+    """
+
+    CHECKS = {"epsilon": check_nonnegative}
+    epsilon: float
+
+    def __init__(self, model: nn.Module, epsilon: float = 1.0, emb_name: str | None = None,
+                 backend: str = "auto") -> None:
+        vars(self).update(self.checked({"epsilon": epsilon}))
+        super().__init__(model, emb_name, backend)
+
+    def run(self, forward: Forward, backward: Backward,
+            attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the task loss and the squared gradient norm (before ``epsilon / 2``)."""
+        with sdpa_kernel(SDPBackend.MATH), self._perturbation(attention_mask, init=_zero_delta) as hook:
+            loss = _loss_of(self._forward(forward, hook))
+            (grad,) = torch.autograd.grad(loss, hook.delta, create_graph=True, allow_unused=True)
+            if grad is None:
+                raise RuntimeError(f"the loss does not depend on the output of {hook.name}: nothing to penalise")
+            penalty = hook.masked(grad.float()).square().sum()
+            backward(loss + self.epsilon / 2 * penalty)
+        return loss.detach(), penalty.detach()

@@ -5,7 +5,8 @@ treat all of them alike, without a branch per method.
 A step is given a ``forward()`` (one forward pass: the loss, or ``(loss, logits)`` where the method
 :attr:`~Method.needs_logits`) and a ``backward(loss)`` (one backward pass of the framework: loss scaling, the division
 for gradient accumulation, DDP's reduction). The weight-space methods (FGM, PGD, AWP) run their loops of
-:mod:`fastadv.loops` over passes made of the two; the input-space ones (FreeLB, SMART, R3F) call them themselves.
+:mod:`fastadv.loops` over passes made of the two; the input-space ones (FreeLB, SMART, R3F, VAT, the gradient
+penalty) call them themselves.
 
 >>> from fastadv.methods import method
 >>> pgd = method("pgd")
@@ -23,7 +24,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD, _Attack
-from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART, _InputAttack, _loss_of
+from fastadv.input_attacks import (
+    FusedFreeLB,
+    FusedGradientPenalty,
+    FusedR3F,
+    FusedSMART,
+    FusedVAT,
+    _InputAttack,
+    _loss_of,
+)
 
 __all__ = ["Method", "METHODS", "method", "Attacker"]
 
@@ -52,12 +61,13 @@ class Method:
 
     @property
     def input_space(self) -> bool:
-        """Whether it perturbs the embedding output (FreeLB, SMART, R3F) rather than weights."""
+        """Whether it perturbs the embedding output (FreeLB, SMART, R3F, VAT, the gradient penalty) rather than
+        weights."""
         return issubclass(self.cls, _InputAttack)
 
     @property
     def needs_logits(self) -> bool:
-        """Whether its ``forward()`` must return ``(loss, logits)`` (SMART, R3F compare passes' logits)."""
+        """Whether its ``forward()`` must return ``(loss, logits)`` (SMART, R3F, VAT compare passes' logits)."""
         return self.input_space and self.cls.compares_passes
 
     @property
@@ -95,15 +105,16 @@ class Method:
              attention_mask: Tensor | None = None, k: int | None = None, logit_rows: Tensor | None = None,
              logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
         """One training step of this method: returns the clean (task) loss and the adversarial part (FGM/PGD/AWP:
-        the loss of the last adversarial pass; FreeLB: that of its last pass; SMART/R3F: their divergence).
+        the loss of the last adversarial pass; FreeLB: that of its last pass; SMART/R3F/VAT: their divergence; the
+        gradient penalty: the squared gradient norm).
 
         Args:
             attacker: the object :meth:`build` made.
             forward: one forward pass; the loss, or ``(loss, logits)`` where :attr:`needs_logits`.
             backward: backpropagates a loss as the framework does.
-            attention_mask: FreeLB/SMART/R3F: the batch's ``[batch, tokens]`` mask (``None``: every token).
+            attention_mask: the input-space methods: the batch's ``[batch, tokens]`` mask (``None``: every token).
             k: FGM/PGD/AWP: the number of attack steps (default :attr:`default_k`).
-            logit_rows, logit_total: SMART/R3F: which rows of the logits count in the divergence and what their sum
+            logit_rows, logit_total: SMART/R3F/VAT: which rows of the logits count in the divergence and what their sum
                 is divided by (see :meth:`fastadv.FusedSMART.run`).
         """
         if self.input_space:
@@ -121,7 +132,8 @@ class Method:
 #: Every method, by name.
 METHODS: dict[str, Method] = {
     m.name: m for m in (Method("fgm", FusedFGM), Method("pgd", FusedPGD), Method("awp", FusedAWP),
-                        Method("freelb", FusedFreeLB), Method("smart", FusedSMART), Method("r3f", FusedR3F))
+                        Method("freelb", FusedFreeLB), Method("smart", FusedSMART), Method("r3f", FusedR3F),
+                        Method("vat", FusedVAT), Method("gradient_penalty", FusedGradientPenalty))
 }
 
 

@@ -1,5 +1,5 @@
-"""The seed's FGM and PGD classes, written out unchanged, the widely used AWP class, and FreeLB, SMART and R3F as their
-public code does them: the oracles of the tests.
+"""The seed's FGM and PGD classes, written out unchanged, the widely used AWP class, and FreeLB, SMART, R3F, VAT and the
+gradient penalty as their public code does them: the oracles of the tests.
 
 Same operations in the same order as the original code (FGM: Goodfellow-style fast gradient method on the word
 embeddings; PGD: projected gradient descent with ``alpha`` steps inside an ``eps`` ball). Their known defects are kept
@@ -25,8 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["FGM", "PGD", "AWP", "fgm_step", "pgd_step", "awp_step", "freelb_step", "smart_step", "r3f_step"]
+__all__ = ["FGM", "PGD", "AWP", "fgm_step", "pgd_step", "awp_step", "freelb_step", "smart_step", "r3f_step",
+           "vat_step", "gradient_penalty_step"]
 
 
 class FGM:
@@ -413,6 +415,75 @@ def r3f_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: t
             symm = symm / noised.size(0)
         total = loss + r3f_lambda * symm
         backward(total)
+        return total.detach()
+    finally:
+        hook.handle.remove()
+
+
+def _scale_l2(x: torch.Tensor, norm_length: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Miyato's ``_scale_l2`` (``research/adversarial_text/adversarial_losses.py``) in fp32 (fp64 for float64): each
+    example scaled to l2 norm ``norm_length`` over its tokens, divided by its largest value first "for a numerically
+    stable L2 norm"; the tokens outside ``attention_mask`` zeroed (its ``_mask_by_length``), and, as fastadv
+    specifies, an example that is not finite left at zero (the official code: NaN)."""
+    x = _masked(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), attention_mask)
+    alpha = torch.amax(torch.abs(x), (1, 2), keepdim=True) + 1e-12
+    l2_norm = alpha * torch.sqrt(torch.sum(torch.pow(x / alpha, 2), (1, 2), keepdim=True) + 1e-6)
+    return torch.where(l2_norm.isfinite(), norm_length * (x / l2_norm), 0.0)
+
+
+def vat_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
+             eps: float = 5.0, xi: float = 0.1, alpha: float = 1.0, power_iters: int = 1,
+             backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+    """Virtual adversarial training (Miyato et al. 2018) as their text code's ``virtual_adversarial_loss`` does it,
+    on the output of ``embedding``; one backward of ``loss + alpha * vadv_loss``, which is returned.
+
+    ``closure()`` returns ``(loss, logits)`` or an object with ``.loss`` and ``.logits``. ``d ~ N(0, I)`` (drawn like
+    the embedding output); ``power_iters`` times ``d = grad KL(clean || p(x + _scale_l2(d, xi)))``; then
+    ``KL(clean || p(x + _scale_l2(d, eps)))``, the clean logits under ``stop_gradient`` throughout, the KL the mean over
+    the rows of the logits (``_kl_divergence_with_logits``'s weighted mean, its weights the rows that count:
+    token-level logits count the tokens of ``attention_mask``), in fp32."""
+    hook = _OutputPerturbation(embedding)
+    try:
+        loss, logits = _loss_and_logits(closure())
+        logits_clean = logits.detach()  # "Stop gradient of logits. See https://arxiv.org/abs/1507.00677"
+        rows = _logit_rows(logits, attention_mask)
+        embedded = hook.output
+        d = torch.randn_like(embedded)
+        for _ in range(power_iters):
+            d = _scale_l2(d, xi, attention_mask).to(embedded.dtype).requires_grad_()
+            hook.delta = d
+            _, d_logits = _loss_and_logits(closure())
+            kl = _kl(logits_clean, d_logits, rows)
+            (d,) = torch.autograd.grad(kl, d)
+            d = d.detach()
+        hook.delta = _scale_l2(d, eps, attention_mask).to(embedded.dtype)
+        _, vadv_logits = _loss_and_logits(closure())
+        total = loss + alpha * _kl(logits_clean, vadv_logits, rows)
+        backward(total)
+        return total.detach()
+    finally:
+        hook.handle.remove()
+
+
+def gradient_penalty_step(embedding: nn.Module, closure: Callable[[], Any],
+                          attention_mask: torch.Tensor | None = None, epsilon: float = 1.0,
+                          backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+    """The gradient penalty of Su Jianlin's "对抗训练浅谈" (bert4keras's ``loss_with_gradient_penalty``), on the output
+    of ``embedding``: ``loss + 0.5 * epsilon * gp`` with ``gp`` the sum of the squares of the loss's gradient with
+    respect to the embedding output (bert4keras: ``K.sum(K.gradients(loss, [embeddings])[0].values**2)``, the lookup's
+    rows), over the tokens of ``attention_mask`` and in fp32 as fastadv specifies; the gradient taken with
+    ``create_graph=True`` so that the one backward of the total carries the penalty's gradient (attention on SDPA's
+    math kernel, the twice-differentiable one). ``closure()`` returns the loss (or ``(loss, logits)``). Returns the
+    total."""
+    hook = _OutputPerturbation(embedding)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = closure()
+            loss = out if isinstance(out, torch.Tensor) else _loss_and_logits(out)[0]
+            (gradients,) = torch.autograd.grad(loss, hook.output, create_graph=True)
+            gp = torch.sum(_masked(gradients.float(), attention_mask) ** 2)
+            total = loss + 0.5 * epsilon * gp
+            backward(total)
         return total.detach()
     finally:
         hook.handle.remove()

@@ -21,7 +21,7 @@ import torch
 from conftest import DEVICE, TinyEncoder, assert_matches, batch
 from torch import nn
 
-from fastadv import FusedFreeLB, FusedR3F, FusedSMART, reference
+from fastadv import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT, reference
 from fastadv.methods import method
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
@@ -324,7 +324,7 @@ def init_env_process_group(rank: int, world: int, port: int) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
-# ---- the input-space methods (FreeLB, SMART, R3F) ----
+# ---- the input-space methods (FreeLB, SMART, R3F, VAT, the gradient penalty) ----
 
 
 class TinyClassifier(nn.Module):
@@ -390,18 +390,23 @@ INPUT_CASES = {
     "r3f": (FusedR3F, reference.r3f_step, {"r3f_lambda": 1.5, "eps": 1e-2}),
     "r3f-normal": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "noise_type": "normal"}),
     "r3f-mse": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "divergence": "mse"}),
+    "vat": (FusedVAT, reference.vat_step, {"eps": 1.0, "alpha": 2.0}),
+    "vat-k2": (FusedVAT, reference.vat_step, {"eps": 0.5, "xi": 1e-2, "power_iters": 2}),
+    "vat-default": (FusedVAT, reference.vat_step, {}),
+    "gradient_penalty": (FusedGradientPenalty, reference.gradient_penalty_step, {"epsilon": 10.0}),
+    "gradient_penalty-default": (FusedGradientPenalty, reference.gradient_penalty_step, {}),
 }
 
 
 def input_forward(model: nn.Module, kind: str, batch: dict[str, torch.Tensor], divide: int = 1,
                   autocast: torch.dtype | None = None) -> Callable[[], object]:
-    """The closure of ``kind``: FreeLB's returns the loss, SMART's and R3F's ``(loss, logits)``."""
+    """The closure of ``kind``: FreeLB's and the gradient penalty's return the loss, the others' ``(loss, logits)``."""
     ids = batch["ids"]
 
     def forward():
         with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
             loss, logits = model(ids, batch["attention_mask"], batch["labels"])
-        return loss / divide if kind.startswith("freelb") else (loss / divide, logits)
+        return loss / divide if kind.startswith(("freelb", "gradient_penalty")) else (loss / divide, logits)
 
     return forward
 

@@ -1,5 +1,6 @@
-"""FusedFreeLB, FusedSMART and FusedR3F against their oracles (fastadv.reference): whole training loops on every
-backend, padding masks, mixed precision with a GradScaler, gradient accumulation, two DDP processes; misuse."""
+"""FusedFreeLB, FusedSMART, FusedR3F, FusedVAT and FusedGradientPenalty against their oracles (fastadv.reference):
+whole training loops on every backend, padding masks, mixed precision with a GradScaler, gradient accumulation, two DDP
+processes; misuse."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from conftest import BACKENDS, DEVICE
 from torch import nn
 
 from fastadv import reference
-from fastadv.input_attacks import FusedFreeLB, FusedR3F, FusedSMART
+from fastadv.input_attacks import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT
 
 
 def train(model: nn.Module, kind: str, backend: str | None, *, steps: int = 3, micro_batches: int = 1,
@@ -54,7 +55,7 @@ def test_training_matches_the_reference(kind, backend, seed):
     assert_close_params(fused, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"])
 def test_the_attack_changes_the_gradients(kind, seed):
     """Against the same loop without the method: a step that silently did nothing would pass the parity tests."""
     model = TinyClassifier(dropout=0.0)
@@ -68,7 +69,7 @@ def test_the_attack_changes_the_gradients(kind, seed):
     assert changed > 1e-6
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"])
 def test_gradient_accumulation_matches_the_reference(kind, seed):
     model = TinyClassifier()
     ref = train(copy.deepcopy(model), kind, None, micro_batches=2)
@@ -76,7 +77,7 @@ def test_gradient_accumulation_matches_the_reference(kind, seed):
     assert_close_params(fused, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "freelb-linf", "smart-inf", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "freelb-linf", "smart-inf", "r3f", "vat", "gradient_penalty"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_match_the_reference(kind, dtype, backend, seed):
     """bf16/fp16 weights end to end: the steps agree with the reference's to one rounding of the perturbation, so
@@ -87,7 +88,7 @@ def test_half_precision_models_match_the_reference(kind, dtype, backend, seed):
     assert_close_params(fused, ref, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"])
 def test_fp16_autocast_with_a_grad_scaler_matches_the_reference(kind, seed):
     model = TinyClassifier()
     runs = [train(copy.deepcopy(model), kind, backend, autocast=torch.float16,
@@ -138,7 +139,8 @@ def test_shared_dropout_draws_the_same_masks_in_every_pass(seed):
 
 
 def test_hugging_face_style_output_and_hooks_removed(seed):
-    """SMART and R3F take an output object with .loss and .logits; no hook is left on the model after a step."""
+    """SMART, R3F, VAT and the gradient penalty take an output object with .loss and .logits; no hook is left on the
+    model after a step."""
     model = TinyClassifier()
     b = one_batch(seed)
     ids, mask, labels = b["ids"], b["attention_mask"], b["labels"]
@@ -147,7 +149,7 @@ def test_hugging_face_style_output_and_hooks_removed(seed):
         def __init__(self, loss, logits):
             self.loss, self.logits = loss, logits
 
-    for attacker in (FusedSMART(model), FusedR3F(model)):
+    for attacker in (FusedSMART(model), FusedR3F(model), FusedVAT(model), FusedGradientPenalty(model)):
         attacker.step(lambda: Output(*model(ids, mask, labels)), mask)
         assert not model.embeddings.word_embeddings._forward_hooks
 
@@ -164,6 +166,14 @@ def test_hugging_face_style_output_and_hooks_removed(seed):
     (FusedSMART, {"adv_eps": float("nan")}, "adv_eps must be"),
     (FusedSMART, {"divergence": "js"}, "divergence must be one of"),
     (FusedR3F, {"noise_type": "gumbel"}, "noise_type must be one of"),
+    (FusedVAT, {"eps": 0.0}, "eps must be"),
+    (FusedVAT, {"xi": float("inf")}, "xi must be"),
+    (FusedVAT, {"alpha": -1.0}, "alpha must be"),
+    (FusedVAT, {"power_iters": 0}, "power_iters must be"),
+    (FusedVAT, {"power_iters": 1.5}, "power_iters must be"),
+    (FusedGradientPenalty, {"epsilon": -1.0}, "epsilon must be"),
+    (FusedGradientPenalty, {"epsilon": float("nan")}, "epsilon must be"),
+    (FusedGradientPenalty, {"emb_name": "nothing_like_this"}, "no module of the model is named like"),
     (FusedR3F, {"emb_name": "nothing_like_this"}, "no module of the model is named like"),
     (FusedR3F, {"emb_name": "embeddings"}, "modules"),
     (FusedR3F, {"backend": "cuda-magic"}, "cuda-magic"),
@@ -229,10 +239,11 @@ def test_an_error_in_a_later_pass_leaves_no_hook_and_the_next_step_works(seed):
 
 def test_attack_objects_copy_and_pickle():
     model = TinyClassifier(device="cpu")
-    for attacker in (FusedFreeLB(model), FusedSMART(model), FusedR3F(model)):
+    for attacker in (FusedFreeLB(model), FusedSMART(model), FusedR3F(model), FusedVAT(model),
+                     FusedGradientPenalty(model)):
         for clone in (copy.deepcopy(attacker), pickle.loads(pickle.dumps(attacker))):
             b = input_batches(1, 0, device=torch.device("cpu"))[0]
-            kind = "freelb" if isinstance(clone, FusedFreeLB) else "smart"
+            kind = "freelb" if isinstance(clone, (FusedFreeLB, FusedGradientPenalty)) else "smart"
             clone.step(input_forward(clone.model, kind, b), b["attention_mask"])
             assert all(p.grad is not None for p in clone.model.parameters())
 
@@ -246,7 +257,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for kind in ("freelb-l2", "smart-inf", "r3f"):
+        for kind in ("freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"):
             for backend in (None, *BACKENDS):
                 torch.manual_seed(0)
                 model = nn.parallel.DistributedDataParallel(TinyClassifier(dropout=0.0, device="cpu"))
@@ -282,7 +293,7 @@ def _fastadv_hooks() -> list[object]:
     return list(nn.modules.module._global_forward_hooks.values())
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"])
 def test_a_copy_or_save_inside_a_step_carries_nothing_away(kind, seed):
     """A ``copy.deepcopy`` (an EMA or teacher copy) or ``torch.save`` of the model taken inside a step: the copy has
     no hook and computes the unperturbed outputs; during the step the model itself has no hook either."""
@@ -307,7 +318,15 @@ def test_a_copy_or_save_inside_a_step_carries_nothing_away(kind, seed):
         torch.testing.assert_close(twin(b["ids"], b["attention_mask"], b["labels"])[1], plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+def _passes(attacker, forward, mask) -> int:
+    """How many forward passes a step of ``attacker`` makes (its gradients zeroed after)."""
+    calls = []
+    attacker.step(lambda: calls.append(1) or forward(), mask)
+    attacker.model.zero_grad()
+    return len(calls)
+
+
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"])
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
 def test_the_hook_goes_on_every_way_out_of_a_step(kind, failure, seed):
     """An exception or a KeyboardInterrupt in any pass: the global hook is removed, and the next step (and a plain
@@ -317,7 +336,7 @@ def test_the_hook_goes_on_every_way_out_of_a_step(kind, failure, seed):
     forward = input_forward(model, kind, b)
     cls, _, options = INPUT_CASES[kind]
     attacker = cls(model, **options)
-    for fail_at in (1, 2):
+    for fail_at in range(1, _passes(attacker, forward, b["attention_mask"]) + 1):
         calls = []
 
         def failing(fail_at=fail_at, calls=calls):
@@ -342,7 +361,7 @@ class _CheckpointedClassifier(TinyClassifier):
         return torch.utils.checkpoint.checkpoint(super().forward, ids, mask, labels, use_reentrant=False)
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "smart-paper", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "smart-paper", "r3f", "vat", "gradient_penalty"])
 def test_activation_checkpointing_recomputes_each_pass_with_its_own_perturbation(kind, backend, seed):
     """With the embedding inside a checkpoint, the recomputation in the backward is no pass and gets the perturbation
     of the pass it recomputes: the gradients are those of the same step without the checkpoint. (The reference steps
@@ -369,7 +388,7 @@ def test_activation_checkpointing_recomputes_each_pass_with_its_own_perturbation
                                    atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f"])
+@pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat"])
 def test_a_model_compiled_in_its_first_step_trains_as_the_eager_one(kind, seed):
     """torch.compile traces the model at its first call, inside the first step, global hook and all: the hook's work
     runs eagerly at a graph break, so every step reads its own perturbation (traced into the graph, FreeLB's stayed
@@ -421,10 +440,10 @@ def neftune_post_forward_hook(module, args, output):
     return output
 
 
-@pytest.mark.parametrize(("cls", "options"), [(FusedSMART, {"update": "paper"}), (FusedR3F, {})],
-                         ids=["smart-paper", "r3f"])
+@pytest.mark.parametrize(("cls", "options"), [(FusedSMART, {"update": "paper"}), (FusedR3F, {}),
+                                              (FusedVAT, {"eps": 1e-2})], ids=["smart-paper", "r3f", "vat"])
 def test_neftune_noise_is_shared_by_the_passes_that_are_compared(cls, options, seed):
-    """SMART and R3F measure how the logits move under their perturbation; NEFTune's hook draws new noise at every
+    """SMART, R3F and VAT measure how the logits move under their perturbation; NEFTune's hook draws new noise at every
     pass, which would make the divergence measure NEFTune (hundreds of times these small-perturbation terms). Within
     a step the noise is drawn once and added to every pass, so the term is about that of the model without NEFTune;
     NEFTune's hook is back in place after the step, in its order."""
@@ -451,7 +470,8 @@ def test_neftune_noise_is_shared_by_the_passes_that_are_compared(cls, options, s
 
 
 class _TokenLM(nn.Module):
-    """A causal-LM-shaped toy: token-level logits ``[B, T, V]`` and a loss over the unpadded tokens."""
+    """A causal-LM-shaped toy: token-level logits ``[B, T, V]``, each position's from the running mean of the
+    embeddings up to it (so padding's logits depend on the tokens before it), and a loss over the unpadded tokens."""
 
     def __init__(self, vocab: int = 20, dim: int = 8):
         super().__init__()
@@ -461,12 +481,14 @@ class _TokenLM(nn.Module):
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, ids, mask, labels):
-        logits = self.head(torch.tanh(self.hidden(self.embeddings.word_embeddings(ids))))
+        e = self.embeddings.word_embeddings(ids)
+        seen = e.cumsum(1) / torch.arange(1, e.size(1) + 1, device=e.device).unsqueeze(-1)
+        logits = self.head(torch.tanh(self.hidden(seen)))
         labels = labels.masked_fill(mask == 0, -100)
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100), logits
 
 
-@pytest.mark.parametrize("kind", ["smart-inf", "smart-mse", "r3f"])
+@pytest.mark.parametrize("kind", ["smart-inf", "smart-mse", "r3f", "vat"])
 def test_token_level_logits_count_the_attention_mask(kind, backend, seed):
     """Padding positions are no predictions: the divergence of token-level logits averages over the tokens of the
     attention mask, as the loss does (the public code counts them all). Parity with the reference (which masks them
@@ -583,3 +605,196 @@ def test_a_submodule_called_module_is_part_of_the_model(seed):
 
 def test_example_script_runs(capsys, monkeypatch):
     assert_toy_example_runs("input_space", {"none", "freelb", "smart", "r3f"}, monkeypatch, capsys)
+
+
+# ---- VAT and the gradient penalty: what they compute, checked without the reference ----
+
+
+def _layer_norm_inputs(model: TinyClassifier) -> tuple[list[torch.Tensor], object]:
+    """The input of the embedding LayerNorm at each pass (word embeddings + perturbation + positions), recorded by a
+    hook whose handle is returned with the list."""
+    seen: list[torch.Tensor] = []
+    handle = model.embeddings.LayerNorm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("power_iters", [1, 2])
+def test_vat_perturbs_along_the_direction_the_prediction_is_most_sensitive_to(power_iters, backend, seed):
+    """For a binary classifier the Hessian of KL(p(x) || p(x + r)) at r = 0 has rank one, along the gradient of the
+    logit margin: the power iteration's direction, whatever d it starts from. Each ascent perturbation is xi long and
+    the last eps long (l2 over each example's tokens), none on padding, though the model here reads the padding too
+    (it pools every token)."""
+    model = TinyClassifier(classes=2, dropout=0.0)
+    b = one_batch(seed)
+    ids, mask, labels = b["ids"], b["attention_mask"], b["labels"] % 2
+    every_token = torch.ones_like(mask)
+    seen, handle = _layer_norm_inputs(model)
+    eps, xi = 0.7, 0.1  # xi: the default, a finite difference well above fp32 rounding
+    FusedVAT(model, eps=eps, xi=xi, power_iters=power_iters, backend=backend).step(
+        lambda: model(ids, every_token, labels), mask)
+    handle.remove()
+    assert len(seen) == power_iters + 2
+    perturbations = [x - seen[0] for x in seen[1:]]
+    padding = ~mask.bool()
+    for r, length in zip(perturbations, [xi] * power_iters + [eps]):
+        assert torch.equal(r[padding], torch.zeros_like(r[padding]))
+        torch.testing.assert_close(r.flatten(1).norm(dim=1), torch.full((len(r),), length, dtype=r.dtype))
+
+    outputs = []
+    grab = model.embeddings.word_embeddings.register_forward_hook(
+        lambda module, args, out: outputs.append(out.detach().requires_grad_()) or outputs[-1])
+    logits = model(ids, every_token, labels)[1]
+    grab.remove()
+    (margin,) = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), outputs[0])
+    margin = torch.where(mask.bool().unsqueeze(-1), margin, 0.0)
+    cosine = nn.functional.cosine_similarity(perturbations[-1].flatten(1), margin.flatten(1), dim=1)
+    # measured over 40 seeds: 1 - |cosine| at most 5e-4 (xi's finite difference); a random direction's above 0.9
+    torch.testing.assert_close(cosine.abs(), torch.ones_like(cosine), rtol=0, atol=5e-3)
+
+
+def _float64_loss(model: nn.Module, batch: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """The cross entropy of a float64 :class:`TinyClassifier` in float64 (its own is fp32), at ``params`` when given;
+    the model pools every token, padding included."""
+    inputs = (batch["ids"], torch.ones_like(batch["attention_mask"]), batch["labels"])
+    logits = (model(*inputs) if params is None else torch.func.functional_call(model, params, inputs))[1]
+    return nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def test_vat_perturbation_is_eps_long_however_small_the_gradient(backend, seed):
+    """``d / ||d||`` exactly, as Miyato's scale-invariant ``_scale_l2``: with a head that barely reacts (its weights
+    scaled by 1e-2) the KL's gradient at ``xi`` is about 1e-9 long (measured: 2e-10 to 7e-9), where the PyTorch
+    ports' ``d / (||d|| + 1e-8)`` would shrink the perturbation to a fraction of ``eps``; the finite difference is
+    still well above fp32 rounding (a head scaled by 1e-4 gives examples whose gradient rounds to 0)."""
+    model = TinyClassifier(dropout=0.0)
+    with torch.no_grad():
+        model.head.weight.mul_(1e-2)
+        model.head.bias.zero_()
+    b = one_batch(seed)
+    seen, handle = _layer_norm_inputs(model)
+    FusedVAT(model, eps=0.5, backend=backend).step(input_forward(model, "vat", b), b["attention_mask"])
+    handle.remove()
+    torch.testing.assert_close((seen[-1] - seen[0]).flatten(1).norm(dim=1), torch.full((4,), 0.5, device=DEVICE),
+                               rtol=1e-5, atol=0)
+
+
+def _penalty(model: nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """||d loss / d e||^2 over the tokens of the batch's mask, at ``params``, by a first-order gradient (no double
+    backward)."""
+    outputs = []
+    grab = model.embeddings.word_embeddings.register_forward_hook(lambda module, args, out: outputs.append(out))
+    loss = _float64_loss(model, batch, params)
+    grab.remove()
+    (grad,) = torch.autograd.grad(loss, outputs[0])
+    return torch.where(batch["attention_mask"].bool().unsqueeze(-1), grad, 0.0).square().sum()
+
+
+def test_the_gradient_penalty_trains_on_the_gradient_of_the_penalty(seed):
+    """The parameters' gradient is the loss's plus epsilon / 2 times the penalty's, checked against central finite
+    differences of the penalty (computed from first-order gradients only) along a random direction; the model pools
+    padding too, so the penalty counting padding would show. bert4torch's version gets the loss's gradient twice
+    and none of the penalty's."""
+    model = TinyClassifier(dropout=0.0, dtype=torch.float64)
+    b = one_batch(seed)
+    epsilon = 3.0
+    FusedGradientPenalty(model, epsilon=epsilon).step(lambda: _float64_loss(model, b), b["attention_mask"])
+    plain = copy.deepcopy(model)
+    plain.zero_grad()
+    _float64_loss(plain, b).backward()
+    penalty_grad = {n: 2 / epsilon * (p.grad - q.grad)
+                    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters())}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    direction = {n: torch.randn_like(p) for n, p in params.items()}
+    h = 1e-5
+    shifted = [_penalty(model, {n: (p + sign * h * direction[n]).requires_grad_() for n, p in params.items()}, b)
+               for sign in (1, -1)]
+    finite_difference = (shifted[0] - shifted[1]) / (2 * h)
+    along = sum((penalty_grad[n] * direction[n]).sum() for n in params)
+    assert abs(finite_difference) > 1e-6, finite_difference  # the penalty does move with the weights here
+    torch.testing.assert_close(along, finite_difference, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["vat", "gradient_penalty"])
+def test_an_interrupt_anywhere_in_a_step_changes_nothing(kind, seed):
+    """Their one backward is their last act: a KeyboardInterrupt in any forward pass or in the backward leaves the
+    weights and their gradients as they were, no hook, and the next step is the step a fresh object makes."""
+    model = TinyClassifier(dropout=0.0, device="cpu")
+    b = input_batches(1, seed, device=torch.device("cpu"))[0]
+    forward, mask = input_forward(model, kind, b), b["attention_mask"]
+    cls, _, options = INPUT_CASES[kind]
+    attacker = cls(model, **options)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    places = [("pass", i) for i in range(1, _passes(attacker, forward, mask) + 1)] + [("backward", 1)]
+    model.zero_grad(set_to_none=True)
+    for where, at in places:
+        calls = []
+
+        def failing(calls=calls, where=where, at=at):
+            calls.append(1)
+            if where == "pass" and len(calls) == at:
+                raise KeyboardInterrupt
+            return forward()
+
+        def backward(loss, where=where):
+            if where == "backward":
+                raise KeyboardInterrupt
+            loss.backward()
+
+        with pytest.raises(KeyboardInterrupt):
+            attacker.run(failing, backward, mask)
+        assert not _fastadv_hooks() and not model.embeddings.word_embeddings._forward_hooks
+        assert all(p.grad is None for p in model.parameters()), (where, at)
+        assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    twin = copy.deepcopy(model)
+    for net, attack in ((model, attacker), (twin, cls(twin, **options))):
+        torch.manual_seed(seed)
+        attack.step(input_forward(net, kind, b), mask)
+    assert_close_params_grads(model, twin)
+
+
+def test_vat_and_the_gradient_penalty_errors_are_clear(seed):
+    model = TinyClassifier(classes=1)
+    b = one_batch(seed)
+    mask = b["attention_mask"]
+    one_logit = input_forward(model, "vat", {**b, "labels": b["labels"].float()})
+    assert "has size 1 here" in str(step_error(FusedVAT(model), one_logit, mask))
+
+    def not_through_the_embeddings():
+        model(b["ids"], mask, b["labels"].float())
+        return model.head.weight.sum()
+
+    assert "does not depend" in str(step_error(FusedGradientPenalty(model), not_through_the_embeddings, mask))
+
+
+def test_the_gradient_penalty_under_torch_compile_fails_loudly(seed):
+    """AOTAutograd has no double backward: the step raises (it does not train without the penalty's gradient), and
+    leaves no hook."""
+    torch._dynamo.reset()
+    model = TinyClassifier(dropout=0.0, device="cpu")
+    compiled = torch.compile(model)
+    b = input_batches(1, seed, device=torch.device("cpu"))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on global hooks and compiled modules
+        with pytest.raises(RuntimeError):
+            FusedGradientPenalty(model).step(input_forward(compiled, "gradient_penalty", b), b["attention_mask"])
+    assert not _fastadv_hooks()
+
+
+@pytest.mark.parametrize("kind", ["vat", "gradient_penalty"])
+def test_a_frozen_embedding_trains_the_rest_as_an_unfrozen_one(kind, seed):
+    """The perturbation and the penalty's gradient are the embedding output's (PEFT leaves the base embedding
+    frozen): every other parameter gets the gradient it gets with the embedding trainable."""
+    start = TinyClassifier(dropout=0.0)
+    b = one_batch(seed)
+    cls, _, options = INPUT_CASES[kind]
+    trained = []
+    for frozen in (False, True):
+        model = copy.deepcopy(start)
+        model.embeddings.word_embeddings.weight.requires_grad_(not frozen)
+        torch.manual_seed(seed)
+        cls(model, **options).step(input_forward(model, kind, b), b["attention_mask"])
+        trained.append(model)
+    assert trained[1].embeddings.word_embeddings.weight.grad is None
+    for (name, a), (_, b_) in zip(trained[1].named_parameters(), trained[0].named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b_.grad, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")

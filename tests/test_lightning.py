@@ -114,7 +114,7 @@ class ManualModule(Module):
 
 
 #: The input-space configurations the callback is tested with, and the random seed of each batch (both loops).
-INPUT_KINDS = ("freelb-l2", "smart-inf", "r3f")
+INPUT_KINDS = ("freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty")
 INPUT_SEED = 1000
 
 
@@ -187,8 +187,8 @@ def test_callback_matches_the_seed_loop(config):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_input_space_methods_match_their_reference_loop(config):
-    """FreeLB, SMART and R3F through the callback under each Trainer configuration, against the hand-written loop
-    around their reference steps (the same batches, noise and dropout masks)."""
+    """FreeLB, SMART, R3F, VAT and the gradient penalty through the callback under each Trainer configuration,
+    against the hand-written loop around their reference steps (the same batches, noise and dropout masks)."""
     trainer_options, loop_options = CONFIGS[config]
     accumulate = loop_options.get("accumulate", 1)
     batches = input_batches(STEPS * accumulate, device=torch.device("cpu"))

@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from fastadv import reference  # noqa: E402
 from fastadv.integrations.transformers import AdversarialTrainer  # noqa: E402
+from fastadv.methods import METHODS  # noqa: E402
 
 VOCAB, SEQ, BATCH, N = 100, 8, 4, 16  # 16 rows: 4 batches of 4
 LR = 1e-2
@@ -348,8 +349,11 @@ INPUT_PARAMS = {
     "freelb": {"adv_lr": 0.1, "adv_steps": 2, "adv_init_mag": 0.1, "adv_max_norm": 0.5},
     "smart": {"alpha": 1.0, "steps": 2, "step_size": 0.1, "noise_var": 1e-3, "adv_eps": 0.05},
     "r3f": {"r3f_lambda": 1.0, "eps": 1e-2},
+    "vat": {"eps": 1.0, "alpha": 2.0},
+    "gradient_penalty": {"epsilon": 10.0},
 }
-REFERENCE_STEPS = {"freelb": reference.freelb_step, "smart": reference.smart_step, "r3f": reference.r3f_step}
+REFERENCE_STEPS = {"freelb": reference.freelb_step, "smart": reference.smart_step, "r3f": reference.r3f_step,
+                   "vat": reference.vat_step, "gradient_penalty": reference.gradient_penalty_step}
 
 
 def masked_data() -> list[dict[str, torch.Tensor]]:
@@ -383,7 +387,7 @@ def input_hand_loop(model, method: str, ga: int, attack: bool = True) -> None:
 
         def forward(batch=batch):
             out = model(**batch)
-            return out.loss if method == "freelb" else (out.loss, out.logits)
+            return (out.loss, out.logits) if METHODS[method].needs_logits else out.loss
 
         if attack:
             REFERENCE_STEPS[method](model.bert.embeddings.word_embeddings, forward, batch["attention_mask"],
@@ -396,10 +400,10 @@ def input_hand_loop(model, method: str, ga: int, attack: bool = True) -> None:
 
 
 @pytest.mark.parametrize("ga", [1, 2])
-@pytest.mark.parametrize("method", ["freelb", "smart", "r3f"])
+@pytest.mark.parametrize("method", ["freelb", "smart", "r3f", "vat", "gradient_penalty"])
 def test_input_space_methods_match_their_reference_loop(tmp_path, method, ga):
-    """FreeLB, SMART and R3F on a BERT through the Trainer (its compute_loss, GA division and backward) against the
-    hand-written loop around their reference steps, with padded batches."""
+    """FreeLB, SMART, R3F, VAT and the gradient penalty on a BERT through the Trainer (its compute_loss, GA division
+    and backward) against the hand-written loop around their reference steps, with padded batches."""
     model = tiny_bert()
     model.accepts_loss_kwargs = False  # the Trainer divides by GA
     twin, plain = copy.deepcopy(model), copy.deepcopy(model)
@@ -474,6 +478,8 @@ def run_lm(tmp_path, method, batch: int, ga: int, gradient_checkpointing: bool =
     ("smart", {"alpha": 5.0}),
     ("r3f", {"r3f_lambda": 200.0, "eps": 0.05}),
     ("freelb", {"adv_init_mag": 0.1}),  # per-example steps (FGM's and PGD's whole-gradient norm do depend on it)
+    ("vat", {"eps": 2.0, "alpha": 20.0}),
+    ("gradient_penalty", {"epsilon": 0.1}),  # of the accumulated batch's loss: num_items_in_batch normalises it
 ])
 def test_a_causal_lm_update_does_not_depend_on_how_the_batch_is_split(tmp_path, method, options):
     """With a loss normalised by num_items_in_batch the Trainer does not divide by the accumulation steps; SMART's and
@@ -489,7 +495,7 @@ def test_a_causal_lm_update_does_not_depend_on_how_the_batch_is_split(tmp_path, 
     assert max((a - b).abs().max().item() for a, b in zip(one.parameters(), plain.parameters())) > 1e-4
 
 
-@pytest.mark.parametrize("method", ["fgm", "freelb", "smart", "r3f"])
+@pytest.mark.parametrize("method", ["fgm", "freelb", "smart", "r3f", "vat"])
 @pytest.mark.parametrize("loss", ["label_smoothing", "compute_loss_func"])
 def test_each_pass_gets_its_own_copy_of_the_batch(tmp_path, method, loss):
     """A label smoother or a compute_loss_func makes compute_loss pop the labels from the batch: every pass of a step
@@ -610,7 +616,7 @@ def test_lora_on_the_embedding_is_refused_for_weight_attacks(tmp_path):
     """PEFT LoRA targeting the embedding: FGM/PGD would attack lora_embedding_A/B; refused with what to take."""
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
-    with pytest.raises(ValueError, match="adapter weights.*FusedFreeLB, FusedSMART or FusedR3F"):
+    with pytest.raises(ValueError, match="adapter weights.*an input-space method: FusedFreeLB"):
         AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="pgd", emb_name="embed_tokens")
     frozen = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="frozen.*modules_to_save"):
