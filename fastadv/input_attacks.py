@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastadv._deepspeed import EngineSupport, is_engine
+from fastadv._deepspeed import EngineSupport, is_engine, refuse_zero_model
 from fastadv._util import (
     Hyperparameters,
     as_bool,
@@ -260,6 +260,8 @@ class _InputAttack(Hyperparameters, abc.ABC):
     def __init__(self, model: nn.Module, emb_name: str, backend: str) -> None:
         self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
+        if self.engine is None:  # its backwards would bypass engine.backward
+            refuse_zero_model(self.model.named_parameters(), type(self).__name__)
         self.emb_name = emb_name
         self._embedding = _EmbeddingOutput(self.model, emb_name)
         weight = next(self._embedding.module.parameters(), None)
