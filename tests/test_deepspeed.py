@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import KINDS, TinyClassifier, adversarial_step, input_batches, input_forward, make_attacker
+from _helpers import HYPER, KINDS, TinyClassifier, adversarial_step, input_batches, input_forward, make_attacker
 from conftest import TinyEncoder
 from torch import nn
 
@@ -85,14 +85,13 @@ def batches(kind: str, gas: int, rows: slice = slice(None)):
         yield [torch.randint(0, VOCAB, SIZE, generator=gen)[rows] for _ in range(gas)]
 
 
-def seed_noise(index: int, rank: int = 0, share: dict[str, torch.Tensor] | None = None) -> None:
+def seed_noise(index: int, skipped_tokens: int = 0) -> None:
     """The random state before micro-batch ``index``: the reference draws the whole batch's noise ``[B, T, D]`` from
-    it; rank ``rank`` (training on ``share``, its block of rows) skips the draws of the earlier ranks' blocks first,
-    so that its noise is its block of the whole batch's (every noise draw takes one 32-bit number per element, in
-    order: :func:`test_each_rank_draws_its_block_of_the_whole_batch_noise`)."""
+    it; a rank skips the draws of the earlier ranks' blocks of rows first (``skipped_tokens``: their tokens), so that
+    its noise is its block of the whole batch's (every noise draw takes one 32-bit number per element, in order:
+    :func:`test_each_rank_draws_its_block_of_the_whole_batch_noise`)."""
     torch.manual_seed(1000 + index)
-    if rank:
-        torch.rand(rank * share["ids"].numel() * INPUT_DIM)
+    torch.rand(skipped_tokens * INPUT_DIM)
 
 
 def reference_options(kind: str) -> dict[str, object]:
@@ -106,10 +105,12 @@ def reference_options(kind: str) -> dict[str, object]:
     return options
 
 
-def reference(kind: str, gas: int, dtype: str, attack: bool = True) -> tuple[dict[str, torch.Tensor], float]:
+def reference(kind: str, gas: int, dtype: str, attack: bool = True, steps: list | None = None
+              ) -> tuple[dict[str, torch.Tensor], float]:
     """The seed's classes or the input-space methods' reference steps (``kind``; ``attack=False``: its model and
-    batches without attack) in one process on whole batches; SGD steps fp32 master copies of the weights, which are
-    then rounded to ``dtype`` (what DeepSpeed's ZeRO optimizers do). AWP's usage code zeroes the gradients of earlier
+    batches without attack) in one process on whole batches (``steps``: the micro-batches of each step, by default
+    :func:`batches`); SGD steps fp32 master copies of the weights, which are then rounded to ``dtype`` (what
+    DeepSpeed's ZeRO optimizers do). AWP's usage code zeroes the gradients of earlier
     micro-batches, which ``FusedAWP.step`` keeps (a documented difference): they are set aside around it here.
 
     Returns the weights and how far bf16 gradients let the fp32 master weights drift from them: the rounding of a
@@ -120,7 +121,7 @@ def reference(kind: str, gas: int, dtype: str, attack: bool = True) -> tuple[dic
     opt = torch.optim.SGD(master, lr=LR)
     grad_sums = torch.zeros(len(master))
     attacker = make_attacker(kind, model, None) if attack and kind in KINDS else None
-    for step, micro_batches in enumerate(batches(kind, gas)):
+    for step, micro_batches in enumerate(batches(kind, gas) if steps is None else steps):
         for i, data in enumerate(micro_batches):
             if kind in INPUT_METHODS:
                 seed_noise(step * gas + i)
@@ -185,7 +186,7 @@ def _train(engine, kind: str, gas: int, rank: int) -> None:
         with engine.coalesce_grad_reduction() if gas > 1 or manual else contextlib.nullcontext():
             for i, ids in enumerate(micro_batches):
                 if kind in INPUT_METHODS:
-                    seed_noise(step * gas + i, rank, ids)
+                    seed_noise(step * gas + i, rank * ids["ids"].numel())
                     forward, mask = input_forward(engine, kind, ids), ids["attention_mask"]
                     if gas == 1:
                         attacker.step(forward, mask)
@@ -330,7 +331,7 @@ def test_each_rank_draws_its_block_of_the_whole_batch_noise(dtype):
         blocks = []
         for rank in range(WORLD):
             share = {key: value[rows_of(rank)] for key, value in data.items()}
-            seed_noise(0, rank, share)
+            seed_noise(0, rank * share["ids"].numel())
             blocks.append(draw((*share["ids"].shape, INPUT_DIM)))
         assert torch.equal(torch.cat(blocks), whole), name
 
@@ -362,12 +363,27 @@ class _TinyLM(TinyEncoder):
         return {"loss": super().forward(input_ids)}
 
 
+class _TinyTextClassifier(TinyClassifier):
+    """:class:`TinyClassifier` as the Trainer calls a model: keyword inputs, the loss and the logits in a dict."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss, logits = super().forward(input_ids, attention_mask, labels)
+        return {"loss": loss, "logits": logits}
+
+
 TRAINER_STAGE = 2
-HYPER_FGM_EPS = 0.5
+#: The methods the Trainer trains with under DeepSpeed, and their arguments (the hyperparameters of the references).
+TRAINER_METHODS = {"fgm": {"adv_eps": HYPER["fgm"]["eps"]},
+                   **{kind: {"adv_options": options} for kind, (_, _, options) in INPUT_METHODS.items()}}
 TRAINER_SAMPLES = 16  # 4 optimizer steps of 2 x 2 sequences
 
 
-def _trainer_data() -> list[dict[str, torch.Tensor]]:
+def _trainer_data(method: str) -> list[dict[str, torch.Tensor]]:
+    if method in INPUT_METHODS:
+        data = input_batches(TRAINER_SAMPLES // SIZE[0], seed=3, device=torch.device("cpu"))
+        return [{"input_ids": ids, "attention_mask": mask, "labels": label}
+                for b in data for ids, mask, label in zip(b["ids"], b["attention_mask"], b["labels"])]
     ids = torch.randint(0, VOCAB, (TRAINER_SAMPLES, SIZE[1]), generator=torch.Generator().manual_seed(3))
     return [{"input_ids": row, "labels": torch.tensor(0)} for row in ids]
 
@@ -384,39 +400,44 @@ def _trainer_worker(rank: int, init_file: str, out_dir: str, port: int) -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        seen = []
 
         class Recording(AdversarialTrainer):
             def training_step(self, model, inputs, num_items_in_batch=None):
-                seen.append(inputs["input_ids"].clone())
+                self.seen.append({key: value.clone() for key, value in inputs.items()})
+                seed_noise(len(self.seen) - 1, rank * inputs["input_ids"].numel())  # the reference's noise
                 return super().training_step(model, inputs, num_items_in_batch)
 
-        torch.manual_seed(0)
-        model = _TinyLM(vocab=VOCAB, device="cpu")
-        args = TrainingArguments(
-            output_dir=out_dir, report_to=[], save_strategy="no", max_grad_norm=0.0, lr_scheduler_type="constant",
-            learning_rate=LR, per_device_train_batch_size=SIZE[0] // WORLD, num_train_epochs=1, disable_tqdm=True,
-            dataloader_num_workers=0, seed=0, use_cpu=True,
-            # the optimizer in the config: under DeepSpeed the Trainer replaces one passed to it by AdamW
-            deepspeed={"zero_optimization": {"stage": TRAINER_STAGE}, "zero_allow_untested_optimizer": True,
-                       "optimizer": {"type": "SGD", "params": {"lr": LR}},
-                       "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                       "gradient_clipping": "auto"},
-        )
-        trainer = Recording(model=model, args=args, train_dataset=_trainer_data(),
-                            adversarial="fgm", adv_eps=HYPER_FGM_EPS)
-        trainer.train()
-        engine = trainer.model_wrapped
-        result = {"params": _full_params(engine), "seen": seen, "engine steps": engine.global_steps,
-                  "trainer steps": trainer.state.global_step}
-        torch.save(result, os.path.join(out_dir, f"trainer-{rank}.pt"))
+        results = {}
+        for method, options in TRAINER_METHODS.items():
+            torch.manual_seed(0)  # new_model's weights
+            model = (_TinyTextClassifier(dropout=0.0, device="cpu") if method in INPUT_METHODS
+                     else _TinyLM(vocab=VOCAB, device="cpu"))
+            args = TrainingArguments(
+                output_dir=out_dir, report_to=[], save_strategy="no", max_grad_norm=0.0, lr_scheduler_type="constant",
+                learning_rate=LR, per_device_train_batch_size=SIZE[0] // WORLD, num_train_epochs=1, disable_tqdm=True,
+                dataloader_num_workers=0, seed=0, use_cpu=True,
+                # the optimizer in the config: under DeepSpeed the Trainer replaces one passed to it by AdamW
+                deepspeed={"zero_optimization": {"stage": TRAINER_STAGE}, "zero_allow_untested_optimizer": True,
+                           "optimizer": {"type": "SGD", "params": {"lr": LR}},
+                           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                           "gradient_clipping": "auto"},
+            )
+            trainer = Recording(model=model, args=args, train_dataset=_trainer_data(method), adversarial=method,
+                                **options)
+            trainer.seen = []
+            trainer.train()
+            engine = trainer.model_wrapped
+            results[method] = {"params": _full_params(engine), "seen": trainer.seen,
+                               "engine steps": engine.global_steps, "trainer steps": trainer.state.global_step}
+        torch.save(results, os.path.join(out_dir, f"trainer-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_adversarial_trainer_steps_the_engine_once(tmp_path):
-    """AdversarialTrainer under DeepSpeed (ZeRO-2): one engine step per optimizer step (accelerate's backward would
-    step after every pass), and the weights of the seed's FGM loop in one process on the whole batches."""
+    """AdversarialTrainer under DeepSpeed (ZeRO-2) with FGM, FreeLB, SMART and R3F: one engine step per optimizer step
+    (accelerate's backward would step after every pass), and the weights of the reference (the seed's FGM loop, the
+    reference steps) in one process on the whole batches."""
     pytest.importorskip("transformers")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -424,19 +445,18 @@ def test_adversarial_trainer_steps_the_engine_once(tmp_path):
     mp.spawn(_trainer_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), port), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"trainer-{rank}.pt") for rank in range(WORLD)]
     steps = TRAINER_SAMPLES // SIZE[0]
-    for rank, result in enumerate(ranks):
-        assert result["trainer steps"] == steps and result["engine steps"] == steps, (rank, result)
-    model = new_model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    fgm = make_attacker("fgm", model, None, eps=HYPER_FGM_EPS)
-    for halves in zip(*(result["seen"] for result in ranks)):
-        ids = torch.cat(halves)
-        adversarial_step("fgm", fgm, model, lambda ids=ids: model(ids))
-        opt.step()
-        opt.zero_grad()
-    want = {name: p.detach() for name, p in model.named_parameters()}
-    for rank, result in enumerate(ranks):
-        got = {name.removeprefix("module."): value for name, value in result["params"].items()}
-        error = _max_error(got, want)
-        print(f"trainer rank {rank}: max error {error:.3g}")
-        assert error <= 1e-6, f"AdversarialTrainer ZeRO-{TRAINER_STAGE} rank {rank}: max error {error:.3g}"
+    for method in TRAINER_METHODS:
+        for rank, result in enumerate(ranks):
+            result = result[method]
+            assert result["trainer steps"] == steps and result["engine steps"] == steps, (method, rank, result)
+        whole = []  # the steps' batches, the ranks' halves put together, as the reference takes them
+        for halves in zip(*(result[method]["seen"] for result in ranks)):
+            batch = {key: torch.cat([half[key] for half in halves]) for key in halves[0]}
+            whole.append([{"ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                           "labels": batch["labels"]} if method in INPUT_METHODS else batch["input_ids"]])
+        want, _ = reference(method, 1, "fp32", steps=whole)
+        for rank, result in enumerate(ranks):
+            got = {name.removeprefix("module."): value for name, value in result[method]["params"].items()}
+            error = _max_error(got, want)
+            print(f"trainer {method} rank {rank}: max error {error:.3g}")
+            assert error <= 1e-6, f"AdversarialTrainer {method} ZeRO-{TRAINER_STAGE} rank {rank}: max error {error:.3g}"
