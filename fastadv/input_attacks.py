@@ -260,8 +260,6 @@ class _InputAttack(Hyperparameters, abc.ABC):
     def __init__(self, model: nn.Module, emb_name: str, backend: str) -> None:
         self.engine = EngineSupport(model) if is_engine(model) else None
         self.model = unwrap(model)
-        if self.engine is None:  # its backwards would bypass engine.backward
-            refuse_zero_model(self.model.named_parameters(), type(self).__name__)
         self.emb_name = emb_name
         self._embedding = _EmbeddingOutput(self.model, emb_name)
         weight = next(self._embedding.module.parameters(), None)
@@ -273,6 +271,8 @@ class _InputAttack(Hyperparameters, abc.ABC):
         """The perturbation of one step (:meth:`_EmbeddingOutput.installed`); under an engine, inside its window."""
         if self.engine is not None:
             self.engine.placement.ready()
+        else:  # a ZeRO model's backwards must go through its engine (at the step: the Trainer builds one to check)
+            refuse_zero_model(self.model.named_parameters(), type(self).__name__)
         return self._embedding.installed(attention_mask, share_noise=self.compares_passes, **options)
 
     def _forward(self, forward: Forward, hook: _EmbeddingOutput) -> Any:

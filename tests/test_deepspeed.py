@@ -110,8 +110,8 @@ def reference(kind: str, gas: int, dtype: str, attack: bool = True, steps: list 
     """The seed's classes or the input-space methods' reference steps (``kind``; ``attack=False``: its model and
     batches without attack) in one process on whole batches (``steps``: the micro-batches of each step, by default
     :func:`batches`); SGD steps fp32 master copies of the weights, which are then rounded to ``dtype`` (what
-    DeepSpeed's ZeRO optimizers do). AWP's usage code zeroes the gradients of earlier
-    micro-batches, which ``FusedAWP.step`` keeps (a documented difference): they are set aside around it here.
+    DeepSpeed's ZeRO optimizers do). AWP's usage code zeroes the gradients of earlier micro-batches, which
+    ``FusedAWP.step`` keeps (a documented difference): they are set aside around it here.
 
     Returns the weights and how far bf16 gradients let the fp32 master weights drift from them: the rounding of a
     gradient (8 significant bits) in each step, ``lr * 2**-8 * |g|`` summed over the steps, for the parameter with the
@@ -184,21 +184,21 @@ def _train(engine, kind: str, gas: int, rank: int) -> None:
     for step, micro_batches in enumerate(batches(kind, gas, rows_of(rank))):
         # with one micro-batch step() opens (and flushes) the block itself
         with engine.coalesce_grad_reduction() if gas > 1 or manual else contextlib.nullcontext():
-            for i, ids in enumerate(micro_batches):
+            for i, data in enumerate(micro_batches):
                 if kind in INPUT_METHODS:
-                    seed_noise(step * gas + i, rank * ids["ids"].numel())
-                    forward, mask = input_forward(engine, kind, ids), ids["attention_mask"]
+                    seed_noise(step * gas + i, rank * data["ids"].numel())
+                    forward, mask = input_forward(engine, kind, data), data["attention_mask"]
                     if gas == 1:
                         attacker.step(forward, mask)
                     else:  # the caller's block; run() with the loss divided by the micro-batches
                         attacker.run(forward, lambda loss: engine.backward(loss / gas), mask)
                 elif manual:
-                    engine.backward(engine(ids))
+                    engine.backward(engine(data))
                     attacker.attack()
-                    engine.backward(engine(ids))
+                    engine.backward(engine(data))
                     attacker.restore()
                 else:
-                    adversarial_step(kind, attacker, engine.module, lambda ids=ids: engine(ids), use_step=True)
+                    adversarial_step(kind, attacker, engine.module, lambda ids=data: engine(ids), use_step=True)
         engine.step()
 
 
@@ -232,7 +232,7 @@ def _misuse(stage: int, rank: int) -> dict[str, object]:
     # the model instead of its engine (the issue's case: seed-style calls after engine.backward)
     engine.backward(engine(ids))
     out["model, not engine"] = _error(FusedFGM(engine.module).attack)
-    out["input model, not engine"] = _error(lambda: FusedSMART(engine.module))
+    out["input model, not engine"] = _error(lambda: FusedFreeLB(engine.module).step(lambda: engine(ids)))
     engine.step()
     if stage == 1:
         out["gas 2"] = _error(lambda: make_attacker("pgd", _engine(1, gradient_accumulation_steps=2), "auto"))
@@ -310,7 +310,7 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
     assert "coalesce_grad_reduction" in misuse["input outside the block"], misuse
     assert "without engine.step()" in misuse["input two steps"], misuse
     assert "pass the engine (deepspeed.initialize's first return value) to FusedFGM" in misuse["model, not engine"]
-    assert "pass the engine (deepspeed.initialize's first return value) to FusedSMART" in misuse[
+    assert "pass the engine (deepspeed.initialize's first return value) to FusedFreeLB" in misuse[
         "input model, not engine"]
     if stage == 1:
         assert '"gradient_accumulation_steps": 2' in misuse["gas 2"], misuse
@@ -400,7 +400,6 @@ def _trainer_worker(rank: int, init_file: str, out_dir: str, port: int) -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-
         class Recording(AdversarialTrainer):
             def training_step(self, model, inputs, num_items_in_batch=None):
                 self.seen.append({key: value.clone() for key, value in inputs.items()})
