@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,22 @@ def is_engine(model: nn.Module) -> bool:
     return any(
         cls.__name__ == "DeepSpeedEngine" and cls.__module__.startswith("deepspeed.") for cls in type(model).__mro__
     )
+
+
+def refuse_zero_model(named: Iterable[tuple[str, nn.Parameter]], attack: str) -> None:
+    """A clear error for the parameters of a model a DeepSpeed ZeRO optimizer trains, given instead of its engine:
+    ZeRO moves their gradients out of ``.grad`` and overwrites them at each backward (stages 1/2), and at stage 3 holds
+    their weights in partitions, so an attack on the model sees no gradient, or empty weights (it would silently do
+    nothing), and a step's backwards bypass ``engine.backward``. ZeRO-3 marks its parameters with ``ds_id``; ZeRO 1/2
+    (and DeepSpeed's bf16 optimizer) link every parameter to the fp32 partitions with ``_hp_mapping`` (None where
+    another rank holds it)."""
+    for name, param in named:
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            raise RuntimeError(
+                f"parameter {name!r} is trained by a DeepSpeed ZeRO optimizer, which keeps its gradient (and at stage 3"
+                f" its weights) out of the parameter: pass the engine (deepspeed.initialize's first return value) to"
+                f" {attack} instead of the model"
+            )
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from fastadv._deepspeed import ZeroPlacement, refuse_zero_model
 from fastadv._hints import BatchRows, batch_rows
 from fastadv._rows import RowState
 from fastadv._sharding import Placement, Sharding, distributed, local
@@ -148,7 +149,10 @@ class RowPerturbation:
         """The parameters whose names contain ``name_part``, validated before anything is modified; zero-size ones
         are left out (nothing to perturb), and unless the rule ``needs_grad`` so are those without a gradient."""
         shape = self.placement.shape
-        named = [(n, p) for n, p in matching_parameters(self.model, name_part, rule.arg) if shape(p).numel()]
+        named = matching_parameters(self.model, name_part, rule.arg)
+        if not isinstance(self.placement, ZeroPlacement):  # before the size filter: ZeRO-3 leaves them empty
+            refuse_zero_model(named, "FusedFGM/FusedPGD/FusedAWP")
+        named = [(n, p) for n, p in named if shape(p).numel()]
         if not rule.needs_grad:
             named = [(n, p) for n, p in named if p.grad is not None]
             if not named:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastadv._deepspeed import EngineSupport, is_engine
+from fastadv._deepspeed import EngineSupport, is_engine, refuse_zero_model
 from fastadv._util import (
     DEFAULT_EMB_NAME,
     Hyperparameters,
@@ -293,6 +293,8 @@ class _InputAttack(Hyperparameters, abc.ABC):
         """The perturbation of one step (:meth:`_EmbeddingOutput.installed`); under an engine, inside its window."""
         if self.engine is not None:
             self.engine.placement.ready()
+        else:  # a ZeRO model's backwards must go through its engine (at the step: the Trainer builds one to check)
+            refuse_zero_model(self.model.named_parameters(), type(self).__name__)
         return self._embedding.installed(attention_mask, share_noise=self.compares_passes, **options)
 
     def _forward(self, forward: Forward, hook: _EmbeddingOutput) -> Any:

@@ -110,11 +110,6 @@ class AdversarialTrainingMixin:
         super().__init__(*args, **trainer_kwargs)
 
         if self._method is not None:
-            if getattr(self, "is_deepspeed_enabled", False) and self._method.input_space:
-                raise NotImplementedError(
-                    f"AdversarialTrainer does not support {self.adversarial!r} under DeepSpeed (untested): use"
-                    " 'fgm', 'pgd' or 'awp' there"
-                )
             if getattr(self, "is_deepspeed_enabled", False) and self.args.gradient_accumulation_steps != 1:
                 raise NotImplementedError(
                     "AdversarialTrainer with DeepSpeed supports gradient_accumulation_steps=1 only, got"
