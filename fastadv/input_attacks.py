@@ -749,6 +749,11 @@ class FusedGradientPenalty(_InputAttack):
                  backend: str = "auto") -> None:
         vars(self).update(self.checked({"epsilon": epsilon}))
         super().__init__(model, emb_name, backend)
+        if self.engine is not None and self.engine.placement.stage == 3:
+            raise NotImplementedError(
+                "FusedGradientPenalty does not run under DeepSpeed ZeRO stage 3: its double backward reads weights"
+                " that ZeRO-3 has released after the first; use stage 1 or 2, or another input-space method"
+            )
 
     def run(self, forward: Forward, backward: Backward,
             attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

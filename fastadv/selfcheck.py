@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastadv._bits import same_bits, ulp_distance
 from fastadv._util import user_stacklevel
 
 __all__ = ["DTYPES", "cache_clear", "check", "main", "passed"]
@@ -83,9 +84,6 @@ _BOUNDS = ("none", "l2", "inf")
 _INPUT_SHAPES = {False: ((2, 9, 768), (2, 5, 13)), True: ((2, 2, 768), (2, 2, 13))}
 _INPUT_LR = 1.0
 
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
-         torch.float64: torch.int64}
-
 # (name, device, dtype) -> None (passed) or the failure; guarded by _LOCK.
 _CACHE: dict[tuple[str, torch.device, torch.dtype], str | None] = {}
 # Keys used inside a CUDA graph capture before their check ran (see passed()); guarded by _LOCK.
@@ -110,26 +108,6 @@ class _Mismatch(Exception):
 # ---------------------------------------------------------------------------------------------- comparisons
 
 
-def _ordinal(t: Tensor) -> Tensor:
-    """Floats as integers that are consecutive for consecutive representable values (as tests/conftest.py)."""
-    i = t.contiguous().view(_BITS[t.dtype]).long()
-    sign_bit = 1 << (torch.finfo(t.dtype).bits - 1)
-    return torch.where(i < 0, -(i + sign_bit), i)
-
-
-def _ulps(actual: Tensor, expected: Tensor) -> Tensor:
-    return (_ordinal(actual) - _ordinal(expected)).abs()
-
-
-def _same_bits(actual: Tensor, expected: Tensor) -> bool:
-    if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        return False
-    bits = _BITS.get(actual.dtype)
-    if bits is None:  # bool, int64
-        return torch.equal(actual, expected)
-    return torch.equal(actual.contiguous().view(bits), expected.contiguous().view(bits))
-
-
 def _what(i: int) -> str:
     """Tensor ``i`` of the case, by its parameter's shape."""
     return f"tensor {i} ({'x'.join(map(str, _SHAPES[i]))})"
@@ -137,7 +115,7 @@ def _what(i: int) -> str:
 
 def _expect_bits(actual: list[Tensor], expected: list[Tensor], what: str) -> None:
     for i, (a, e) in enumerate(zip(actual, expected)):
-        if not _same_bits(a, e):
+        if not same_bits(a, e):
             raise _Mismatch(f"{what} of {_what(i)} differ")
 
 
@@ -173,7 +151,7 @@ def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[
         if written is not None:
             mask = torch.zeros(e.shape[0], dtype=torch.bool)
             mask[written[i].cpu()] = True
-            if not _same_bits(a[~mask], e[~mask]):
+            if not same_bits(a[~mask], e[~mask]):
                 raise _Mismatch(f"{which} outside the listed rows were written")
             a, e = a[mask], e[mask]
         if a.isnan().any():
@@ -183,9 +161,9 @@ def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[
                 worst = (a - e).abs().max().item()
                 raise _Mismatch(f"{which} differ by up to {worst:.3g} (rtol 1e-05, atol 1e-06)")
             continue
-        bad = (_ulps(a, e) > 1) & ((a.float() - e.float()).abs() > slack[i])
+        bad = (ulp_distance(a, e) > 1) & ((a.float() - e.float()).abs() > slack[i])
         if bad.any():
-            worst = int(_ulps(a, e)[bad].max())
+            worst = int(ulp_distance(a, e)[bad].max())
             raise _Mismatch(f"{which} differ by up to {worst} ulps")
 
 
@@ -194,7 +172,7 @@ def _expect_unchanged(inputs: dict[str, list[Tensor]], originals: dict[str, list
     """``which(i)``: what tensor ``i`` of a list is, for the message (default: the row ops' tensors)."""
     for what, tensors in inputs.items():
         for i, (t, o) in enumerate(zip(tensors, originals[what])):
-            if not _same_bits(t, o):
+            if not same_bits(t, o):
                 raise _Mismatch(f"wrote its input {what} ({which(i)})")
 
 

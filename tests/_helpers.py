@@ -1,7 +1,8 @@
 """What several test modules share: twin models and their comparisons, the attacker factory, the seed's usage loops;
 for the ops, the tensors of a case and poisoned buffers.
 
-Test modules import from here (and from conftest), never from one another.
+Test modules import from here, never from conftest (fixtures only) or from one another; the bit and ulp comparisons
+are :mod:`fastadv._bits`, the self-check's.
 """
 
 from __future__ import annotations
@@ -18,12 +19,67 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, TinyEncoder, assert_matches, batch
 from torch import nn
 
 from fastadv import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT, reference
+from fastadv._bits import ulp_distance
+from fastadv.backends import available_backends
 from fastadv.methods import method
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = available_backends()
+
+
+class TinyEncoder(nn.Module):
+    """A BERT-shaped toy: word/position embeddings, an embedding LayerNorm, a head; optionally tied to an LM head."""
+
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 16,
+        tied: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = DEVICE,
+    ):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
+        self.embeddings.position_embeddings = nn.Embedding(32, dim)
+        self.embeddings.LayerNorm = nn.LayerNorm(dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embeddings.word_embeddings.weight
+        self.to(device=device, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
+        h = torch.tanh(self.hidden(self.embeddings.LayerNorm(h)))
+        logits = self.lm_head(h).float()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def batch(vocab: int = 64, size: tuple[int, int] = (4, 6), low: int = 0) -> torch.Tensor:
+    return torch.randint(low, vocab, size, device=DEVICE)
+
+
+def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1) -> None:
+    assert actual.shape == expected.shape
+    assert torch.equal(actual.isnan(), expected.to(actual.dtype).isnan()), "NaN pattern differs"
+    finite = ~actual.isnan()
+    worst = int(ulp_distance(actual[finite], expected[finite]).max()) if finite.any() else 0
+    assert worst <= ulps, f"{worst} ulps apart (allowed {ulps})"
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32: tight tolerance; bf16/fp16: one ulp of the output (``expected`` may be a wider-precision oracle)."""
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-6)
+    else:
+        assert_ulps(actual, expected, 1)
+
 
 HALF = [torch.bfloat16, torch.float16]
 KINDS = ("fgm", "pgd", "awp")

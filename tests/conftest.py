@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models with seed-style parameter names, fresh random seeds, and ulp comparisons."""
+"""The fixtures (every available backend, each test's own seed) and the environment the tests run in (Triton's
+interpreter without a GPU). What the tests share besides is in ``_helpers.py``."""
 
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from torch import nn  # noqa: E402
-
-from fastadv import available_backends  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = available_backends()
+from _helpers import BACKENDS  # noqa: E402
 
 
 @pytest.fixture(params=BACKENDS)
@@ -42,64 +38,28 @@ def seed(request: pytest.FixtureRequest) -> int:
     return value
 
 
-class TinyEncoder(nn.Module):
-    """A BERT-shaped toy: word/position embeddings, an embedding LayerNorm, a head; optionally tied to an LM head."""
-
-    def __init__(
-        self,
-        vocab: int = 64,
-        dim: int = 16,
-        tied: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = DEVICE,
-    ):
-        super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
-        self.embeddings.position_embeddings = nn.Embedding(32, dim)
-        self.embeddings.LayerNorm = nn.LayerNorm(dim)
-        self.hidden = nn.Linear(dim, dim)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-        if tied:
-            self.lm_head.weight = self.embeddings.word_embeddings.weight
-        self.to(device=device, dtype=dtype)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
-        h = torch.tanh(self.hidden(self.embeddings.LayerNorm(h)))
-        logits = self.lm_head(h).float()
-        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+#: The test modules of the framework integrations (they need the extras; CI runs them in its second step).
+_INTEGRATION = {"test_transformers", "test_trl", "test_peft", "test_lightning", "test_accelerate", "test_deepspeed"}
+#: The modules and test names that start processes (gloo process groups).
+_DISTRIBUTED_MODULES = {"test_distributed", "test_deepspeed"}
+_DISTRIBUTED_NAMES = ("ddp", "two_processes", "two_ddp")
 
 
-def batch(vocab: int = 64, size: tuple[int, int] = (4, 6), low: int = 0) -> torch.Tensor:
-    return torch.randint(low, vocab, size, device=DEVICE)
-
-
-def ordinal(t: torch.Tensor) -> torch.Tensor:
-    """Floats mapped to integers that are consecutive for consecutive representable values."""
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype]
-    i = t.contiguous().view(bits).long()
-    sign_bit = 1 << (torch.finfo(t.dtype).bits - 1)
-    return torch.where(i < 0, -(i + sign_bit), i)
-
-
-def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """Per-element distance in units in the last place of ``actual.dtype``; ``expected`` is rounded to it first."""
-    return (ordinal(actual) - ordinal(expected.to(actual.dtype))).abs()
-
-
-def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1) -> None:
-    assert actual.shape == expected.shape
-    assert torch.equal(actual.isnan(), expected.to(actual.dtype).isnan()), "NaN pattern differs"
-    finite = ~actual.isnan()
-    worst = int(ulp_distance(actual[finite], expected[finite]).max()) if finite.any() else 0
-    assert worst <= ulps, f"{worst} ulps apart (allowed {ulps})"
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32: tight tolerance; bf16/fp16: one ulp of the output (``expected`` may be a wider-precision oracle)."""
-    if actual.dtype == torch.float32:
-        torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-6)
-    else:
-        assert_ulps(actual, expected, 1)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers by what a test needs, so that ``pytest -m "not slow"`` is the quick subset: ``integration`` (a
+    framework), ``distributed`` (starts processes), ``triton`` (Triton's kernels, interpreted without a GPU), and
+    ``slow``: any of those three."""
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        marks = set()
+        if module in _INTEGRATION:
+            marks.add("integration")
+        if module in _DISTRIBUTED_MODULES or any(name in item.name for name in _DISTRIBUTED_NAMES):
+            marks.add("distributed")
+        if module == "test_triton" or "triton" in params.values():
+            marks.add("triton")
+        if marks:
+            marks.add("slow")
+        for mark in sorted(marks):
+            item.add_marker(mark)

@@ -18,6 +18,7 @@ from _helpers import (  # noqa: E402
     FRAMEWORK_HYPER,
     FRAMEWORK_K,
     KINDS,
+    TinyEncoder,  # noqa: E402
     assert_matches_and_attacked,
     assert_toy_example_runs,
     flat_params,
@@ -29,7 +30,6 @@ from _helpers import (  # noqa: E402
 )
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from conftest import TinyEncoder  # noqa: E402
 
 STEPS = 4
 WORLD = 2

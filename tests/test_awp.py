@@ -8,8 +8,18 @@ import copy
 import _helpers
 import pytest
 import torch
-from _helpers import HALF, assert_same_params, assert_step_matches_the_seed, make_attacker, train, twins, widened
-from conftest import TinyEncoder, assert_matches, batch
+from _helpers import (
+    HALF,
+    TinyEncoder,
+    assert_matches,
+    assert_same_params,
+    assert_step_matches_the_seed,
+    batch,
+    make_attacker,
+    train,
+    twins,
+    widened,
+)
 from torch import nn
 
 from fastadv import FusedAWP

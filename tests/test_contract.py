@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from conftest import DEVICE
+from _helpers import DEVICE
 
 from fastadv.backends import _library, contract, torch_ops
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fastadv import selfcheck
+from fastadv._bits import same_bits
 from fastadv.backends import backend_for, resolve_backend, torch_ops
 
 if not torch.cuda.is_available():
@@ -119,11 +120,6 @@ def run_steps(ops, s: Step) -> None:
     # FreeLB: per example, the l2 ball; SMART: per token, the inf box
     s.freelb_norms.copy_(ops.input_step(s.delta, s.delta_grad, s.mask, 0.1, "l2", False, 0.0, 1e-8, "l2", 0.5))
     s.smart_norms.copy_(ops.input_step(s.noise, s.delta_grad, s.mask, 1e-3, "inf", True, 1e-6, 0.0, "inf", 1e-3))
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
 
 
 @pytest.fixture

@@ -20,13 +20,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import HYPER, KINDS, TinyClassifier, adversarial_step, input_batches, input_forward, make_attacker
-from conftest import TinyEncoder
+from _helpers import (
+    HYPER,
+    KINDS,
+    TinyClassifier,
+    TinyEncoder,
+    adversarial_step,
+    input_batches,
+    input_forward,
+    make_attacker,
+)
 from torch import nn
 
-from fastadv import FusedFGM, FusedFreeLB, FusedR3F, FusedSMART
+from fastadv import FusedFGM, FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT
 from fastadv.loops import earlier_grads_set_aside
-from fastadv.reference import freelb_step, r3f_step, smart_step
+from fastadv.reference import freelb_step, gradient_penalty_step, r3f_step, smart_step, vat_step
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the processes train on the CPU (gloo), GPU or not
 pytest.importorskip("deepspeed")
@@ -50,6 +58,9 @@ INPUT_METHODS = {
     "freelb": (FusedFreeLB, freelb_step, {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.5, "adv_max_norm": 0.3}),
     "smart": (FusedSMART, smart_step, {"alpha": 4.0, "steps": 2, "step_size": 10.0, "noise_var": 0.1}),
     "r3f": (FusedR3F, r3f_step, {"r3f_lambda": 4.0, "eps": 0.5}),
+    "vat": (FusedVAT, vat_step, {"eps": 1.0, "xi": 1.0, "alpha": 4.0}),  # xi: a power-iteration gradient above
+    # rounding level in bf16 (at the default 0.1 its direction is rounding noise there)
+    "gradient_penalty": (FusedGradientPenalty, gradient_penalty_step, {"epsilon": 10.0}),
 }
 CONFIGS = [(kind, gas, dtype) for kind in (*KINDS, *INPUT_METHODS) for gas in (1, 2) for dtype in DTYPES]
 MANUAL = ("fgm-manual", 1, "fp32")  # the seed's attack()/restore() calls inside the caller's block
@@ -95,13 +106,14 @@ def seed_noise(index: int, skipped_tokens: int = 0) -> None:
 
 
 def reference_options(kind: str) -> dict[str, object]:
-    """The options of the input-space ``kind`` for the one-process reference. SMART's mt-dnn update adds
-    ``step_size * g`` to the noise before normalising, and each rank's ``g`` is of the mean divergence over its own
-    rows, ``WORLD`` times the whole batch's: the reference gets ``WORLD`` times the step size (FreeLB's steps are
-    normalised per example; R3F has none)."""
+    """The options of the input-space ``kind`` for the one-process reference: the same, but the gradient penalty's. It
+    squares the gradient of each rank's mean loss, ``WORLD`` times the whole batch's per token: ``WORLD**2`` times the
+    square per rank, averaged over ``WORLD`` ranks, so the reference's ``epsilon`` is ``WORLD`` times larger (as for
+    plain DDP). (SMART's ascent divergence is a sum over the rows, whose gradient per token does not depend on how
+    many share the batch; FreeLB's and VAT's steps are normalised per example; R3F has none.)"""
     _, _, options = INPUT_METHODS[kind]
-    if kind == "smart":
-        return {**options, "step_size": options["step_size"] * WORLD}
+    if kind == "gradient_penalty":  # each rank's squared gradient is of its own mean loss: WORLD**2 times, averaged
+        return {**options, "epsilon": options["epsilon"] * WORLD}
     return options
 
 
@@ -289,17 +301,24 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
         # to the neighbouring bf16 value (one ulp, in _max_error), and the fp32 master weights drift apart by the
         # rounding of the bf16 gradients (computed on half the rows, averaged over the ranks in bf16): the drift
         limit = 1e-6 if config[2] == "fp32" else drift
+        if config[0] == "vat" and config[2] == "bf16":
+            # VAT's perturbation is a unit direction from a bf16 gradient of the KL on each rank's rows: its rounding
+            # turns the direction, and the whole eps-sized step with it (fp32 agrees to 1e-6)
+            limit *= 3
         for rank, result in enumerate(ranks):
             got = result[config]
+            if stage == 3 and config[0] == "gradient_penalty":  # refused: its double backward needs released weights
+                assert isinstance(got, str) and "ZeRO stage 3" in got, got
+                continue
             assert not isinstance(got, str), f"stage {stage} {config} rank {rank}: {got}"
             errors[config, rank] = _max_error(got, want, config[2]), limit
     print({f"{c[0]} gas={c[1]} {c[2]}": "{:.2g} (limit {:.2g})".format(*max(errors[c, r] for r in range(WORLD)))
-           for c in [*CONFIGS, MANUAL]})
+           for c in [*CONFIGS, MANUAL] if (c, 0) in errors})
     for (config, rank), (error, limit) in errors.items():
         assert error <= limit, f"stage {stage} {config} rank {rank}: max error {error:.3g} > {limit:.3g}"
     # DeepSpeed#5667: an FGM step that changes nothing would match the run without attack; so would an input-space
     # step whose perturbation was lost
-    for kind in ("fgm", *INPUT_METHODS):
+    for kind in ("fgm", *(kind for kind in INPUT_METHODS if stage != 3 or kind != "gradient_penalty")):
         plain = references["no input attack" if kind in INPUT_METHODS else "no attack"]
         moved = _max_error(ranks[0][kind, 1, "fp32"], plain)
         assert moved > 5e-4, f"stage {stage}: {kind} changed the weights by {moved:.3g} only"

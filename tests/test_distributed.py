@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import KINDS, flat_params, framework_batches, make_attacker, seed_loop
+from _helpers import BACKENDS, KINDS, TinyEncoder, flat_params, framework_batches, make_attacker, seed_loop
 from _helpers import train as train_loop
-from conftest import BACKENDS, TinyEncoder
 
 from fastadv import FusedFGM
 from fastadv.backends import resolve_backend

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyEncoder, batch
+from _helpers import TinyEncoder, batch
 
 from fastadv import FusedFGM, FusedPGD
 from fastadv.reference import FGM, PGD

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import make_tensors, nonzero_rows
-from conftest import assert_matches
+from _helpers import assert_matches, make_tensors, nonzero_rows
 
 from fastadv import ext
 

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _helpers import (
+    BACKENDS,
+    DEVICE,
     INPUT_CASES,
     TinyClassifier,
     assert_toy_example_runs,
@@ -24,7 +26,6 @@ from _helpers import (
     input_forward,
     input_train,
 )
-from conftest import BACKENDS, DEVICE
 from torch import nn
 
 from fastadv import reference

@@ -24,6 +24,7 @@ from _helpers import (  # noqa: E402
     INPUT_CASES,
     KINDS,
     TinyClassifier,
+    TinyEncoder,  # noqa: E402
     assert_matches_and_attacked,
     assert_toy_example_runs,
     flat_params,
@@ -35,7 +36,6 @@ from _helpers import (  # noqa: E402
     make_attacker,
     seed_loop,
 )
-from conftest import TinyEncoder  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 

@@ -16,8 +16,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _helpers import adversarial_step, assert_same_params, make_attacker, train
-from conftest import DEVICE, TinyEncoder, assert_matches, batch
+from _helpers import (
+    DEVICE,
+    TinyEncoder,
+    adversarial_step,
+    assert_matches,
+    assert_same_params,
+    batch,
+    make_attacker,
+    train,
+)
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx

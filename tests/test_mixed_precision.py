@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import KINDS, assert_same_params, make_attacker, train, twins, widened
-from conftest import DEVICE, TinyEncoder, batch
+from _helpers import DEVICE, KINDS, TinyEncoder, assert_same_params, batch, make_attacker, train, twins, widened
 
 SCALE = 2.0**14  # a power of two: scaling is exact, so directions are exactly the unscaled ones
 

@@ -19,8 +19,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from _helpers import clones, make_tensors, nonzero_rows, poisoned_buffers
-from conftest import BACKENDS, assert_matches
+from _helpers import BACKENDS, assert_matches, clones, make_tensors, nonzero_rows, poisoned_buffers
 
 from fastadv.backends import resolve_backend, torch_ops
 

@@ -11,16 +11,18 @@ import pytest
 import torch
 from _helpers import (
     HALF,
+    TinyEncoder,
+    assert_matches,
     assert_same_grads,
     assert_same_params,
     assert_step_matches_the_seed,
+    batch,
     make_attacker,
     train,
     twins,
     twins_with_grads,
     widened,
 )
-from conftest import TinyEncoder, assert_matches, batch
 from torch import nn
 
 from fastadv import FusedFGM, FusedPGD

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from _helpers import widened
-from conftest import BACKENDS, DEVICE, assert_matches
+from _helpers import BACKENDS, DEVICE, assert_matches, widened
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

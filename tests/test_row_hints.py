@@ -8,8 +8,7 @@ import gc
 
 import pytest
 import torch
-from _helpers import assert_same_params, assert_step_matches_the_seed, make_attacker, train, twins
-from conftest import TinyEncoder, batch
+from _helpers import TinyEncoder, assert_same_params, assert_step_matches_the_seed, batch, make_attacker, train, twins
 
 from fastadv import FusedFGM, FusedPGD
 

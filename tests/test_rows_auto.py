@@ -11,8 +11,7 @@ import warnings
 
 import pytest
 import torch
-from _helpers import HALF, assert_same_params, make_attacker, train, twins, widened
-from conftest import DEVICE, TinyEncoder, batch
+from _helpers import DEVICE, HALF, TinyEncoder, assert_same_params, batch, make_attacker, train, twins, widened
 from torch import nn
 
 import fastadv._driver

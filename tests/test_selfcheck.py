@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE
+from _helpers import BACKENDS, DEVICE
 
 try:
     import triton

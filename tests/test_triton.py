@@ -29,8 +29,13 @@ import pytest  # noqa: E402
 triton_backend = pytest.importorskip("fastadv.backends.triton_ops", reason="triton does not import here")
 
 import triton  # noqa: E402
-from _helpers import clones, make_tensors, nonzero_rows  # noqa: E402
-from conftest import assert_matches  # noqa: E402
+from _helpers import (  # noqa: E402
+    assert_matches,  # noqa: E402
+    clones,
+    make_tensors,
+    nonzero_rows,
+)
+
 from fastadv.kernels import _common  # noqa: E402
 from fastadv.kernels._common import col_block, plan, row_block  # noqa: E402
 
