@@ -734,7 +734,9 @@ class FusedGradientPenalty(_InputAttack):
     gradients summed. The two differ only there.) Padding positions are not penalised.
 
     ``epsilon`` (default 1, as bert4keras's examples) weighs the penalty of the loss ``forward()`` returns, the mean
-    over its batch: with gradient accumulation by division that is each micro-batch's.
+    over its batch: with gradient accumulation by division that is each micro-batch's; under data parallelism (DDP,
+    DeepSpeed) each process squares the gradient of its own mean loss, so on N processes the penalty is the whole
+    batch's with N times ``epsilon``. Not under DeepSpeed ZeRO-3 (its double backward reads released weights).
 
     Example::
 
