@@ -114,8 +114,9 @@ class Method:
             backward: backpropagates a loss as the framework does.
             attention_mask: the input-space methods: the batch's ``[batch, tokens]`` mask (``None``: every token).
             k: FGM/PGD/AWP: the number of attack steps (default :attr:`default_k`).
-            logit_rows, logit_total: SMART/R3F/VAT: which rows of the logits count in the divergence and what their sum
-                is divided by (see :meth:`fastadv.FusedSMART.run`).
+            logit_rows: SMART/R3F/VAT: which rows of the logits count in the divergence (see
+                :meth:`fastadv.FusedSMART.run`).
+            logit_total: SMART/R3F/VAT: what their summed divergence is divided by.
         """
         if self.input_space:
             extra = {"logit_rows": logit_rows, "logit_total": logit_total} if self.needs_logits else {}

@@ -56,8 +56,13 @@ class AdversarialTraining(pl.Callback):
 
     Args:
         method: ``"fgm"``, ``"pgd"``, ``"awp"``, ``"freelb"``, ``"smart"`` or ``"r3f"``.
-        eps, alpha, emb_name, adv_param, adv_lr, adv_eps: options of the method's class (:class:`fastadv.FusedFGM`,
-            ...); one the method does not have is an error. Left ``None``: the class's default.
+        eps: an option of the method's class (:class:`fastadv.FusedFGM`, ...), as the next five are; one the method
+            does not have is an error. Left ``None``: the class's default.
+        alpha: PGD's (SMART's, VAT's) ``alpha``.
+        emb_name: the embedding the method attacks (default: the model's input embedding).
+        adv_param: AWP's ``adv_param``.
+        adv_lr: AWP's and FreeLB's ``adv_lr``.
+        adv_eps: AWP's and SMART's ``adv_eps``.
         k: FGM/PGD/AWP: the number of attack steps (PGD 3, the others 1 by default).
         start_epoch: plain steps while ``trainer.current_epoch`` is below this, adversarial from then on.
         backend: the fastadv backend (``"auto"`` or a name from :func:`fastadv.available_backends`).

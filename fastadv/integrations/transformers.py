@@ -301,18 +301,22 @@ class AdversarialTrainer(AdversarialTrainingMixin, Trainer):
     """A ``transformers.Trainer`` whose training step is a fastadv method's (:mod:`fastadv.methods`).
 
     Args:
-        *args, **trainer_kwargs: passed to ``transformers.Trainer`` unchanged.
-        adversarial: ``"fgm"``, ``"pgd"``, ``"awp"``, ``"freelb"``, ``"smart"``, ``"r3f"``, or ``None`` for the
-            plain Trainer step.
-        adv_eps, adv_alpha, adv_lr, emb_name, adv_param: shorthands for the method's options: ``adv_X`` sets its
-            option ``X`` where it has one (``adv_eps``: FGM's/PGD's ``eps``, R3F's ``eps``), else ``adv_X`` (AWP's
-            ``adv_eps`` and ``adv_lr``, FreeLB's ``adv_lr``, SMART's ``adv_eps``); one it has neither of is an error.
-            Left ``None``: the class's default.
+        *args: passed to ``transformers.Trainer`` unchanged.
+        adversarial: a name of :data:`fastadv.methods.METHODS` (``"fgm"``, ``"pgd"``, ``"awp"``, ``"freelb"``,
+            ``"smart"``, ``"r3f"``, ``"vat"``, ``"gradient_penalty"``), or ``None`` for the plain Trainer step.
+        adv_eps: a shorthand for one of the method's options: ``adv_X`` sets its option ``X`` where it has one
+            (``adv_eps``: FGM's/PGD's/R3F's ``eps``), else ``adv_X`` (AWP's and SMART's ``adv_eps``); one it has
+            neither of is an error. Left ``None``: the class's default. So are the next four.
+        adv_alpha: PGD's (and SMART's, VAT's) ``alpha``.
+        adv_lr: AWP's and FreeLB's ``adv_lr``.
+        emb_name: the embedding the method attacks (default: the model's input embedding).
+        adv_param: AWP's ``adv_param``.
         adv_k: FGM/PGD/AWP: the number of attack steps (PGD 3, the others 1 by default).
         adv_start_epoch: plain steps while ``state.epoch`` (fractional) is below this (``awp_start_epoch``, its 0.3
             name, is the same).
         adv_backend: the fastadv backend (``"auto"`` or a name from :func:`fastadv.available_backends`).
         adv_options: any keyword arguments of the method's class (:class:`fastadv.FusedSMART`'s ``steps``, ...).
+        **trainer_kwargs: passed to ``transformers.Trainer`` unchanged.
 
     One call of ``training_step`` (one micro-batch) runs the method's step (:meth:`fastadv.methods.Method.step`):
     FGM and PGD as in the seed (``.grad`` gets the clean and the last adversarial gradient; with accumulation the
