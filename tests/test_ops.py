@@ -190,6 +190,10 @@ def assert_weights(case: Case, start: list[torch.Tensor], expected: list[torch.T
 @pytest.mark.parametrize("density", [0.3, 1.0], ids=["rows", "every-row"])
 @pytest.mark.parametrize("with_params", [False, True], ids=["grads", "grads+params"])
 def test_scan(target, layout, seed, density, with_params):
+    check_scan(target, layout, density, with_params)
+
+
+def check_scan(target: Target, layout: str, density: float, with_params: bool) -> None:
     params, grads = tensors(target, layout, density)
     touched = [torch.rand(g.shape[0], device=target.device) < 0.5 for g in grads]
     fresh = [torch.ones(g.shape[0], dtype=torch.bool, device=target.device) for g in grads]  # poison: all flagged
@@ -243,6 +247,10 @@ def test_scan_counts_rows_whose_squares_underflow(target, seed, request):
 
 @table([layout for layout in LAYOUTS if layout != "mixed-grads"])
 def test_row_sumsq(target, layout, seed):
+    check_row_sumsq(target, layout)
+
+
+def check_row_sumsq(target: Target, layout: str) -> None:
     params, _ = tensors(target, layout)
     # Rows in no particular order, every row of one tensor (in order), none of another.
     rows = [torch.randperm(p.shape[0], device=target.device)[: max(1, p.shape[0] // 2)] for p in params]
@@ -379,17 +387,29 @@ def test_restore_is_bit_exact(target, layout, seed, density):
 # ---- the torch backend's own path ----
 
 
-@pytest.mark.parametrize("layout", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("layout", ["f32", "bf16", "f16", "mixed-grads"])
 @pytest.mark.parametrize("bound", ["step", "box", "ball"])
-def test_torch_every_row_path_in_chunks(seed, layout, bound, monkeypatch):
-    """On the CPU the torch backend walks a whole matrix in row chunks; a tiny chunk size makes it take many."""
+@pytest.mark.parametrize("density", [0.3, 1.0], ids=["rows", "every-row"])
+def test_torch_ops_in_chunks(seed, layout, bound, density, monkeypatch):
+    """On the CPU the torch backend walks a whole matrix, and a long list of rows, in chunks through buffers reused
+    from chunk to chunk; a tiny chunk size makes it take many, with last chunks shorter than the buffers."""
     monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)  # 3 rows of the widest tensor per chunk
     target = Target("torch", CPU)
-    case = step_case(target, layout, 1.0, moved=True)
+    case = step_case(target, layout, density, moved=True)
     if bound == "ball":
         check_measure_then_project(target, case, 0.05)
     else:
         check_perturb(target, case, 0.02 if bound == "box" else None, moved=True)
+
+
+@pytest.mark.parametrize("layout", ["f32", "bf16", "f16", "mixed"])
+def test_torch_reductions_in_chunks(seed, layout, monkeypatch):
+    """scan and row_sumsq widen bf16/fp16 rows chunk by chunk on the CPU (a matrix, a list of rows)."""
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)
+    target = Target("torch", CPU)
+    for density, with_params in [(0.3, True), (1.0, False)]:
+        check_scan(target, layout, density, with_params)
+    check_row_sumsq(target, layout)
 
 
 # ---- input_step ----
