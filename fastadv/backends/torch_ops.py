@@ -221,7 +221,7 @@ def project(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backu
         if on_cpu and not keep:
             continue
         norm = delta_sumsq[i].to(_math_dtype(param)).sqrt()
-        outside, factor = norm > eps, eps / norm
+        outside, factor = norm > eps, torch.div(norm.new_tensor(eps), norm)  # eps / norm rounded once
         buffers = _buffers(param, idx)
         for piece, new, origin in _steps(param, grad, idx, saved, len(idx), scales[i], buffers):  # all backed up
             if not on_cpu or outside:  # the check is free on the CPU, and the ball is rarely left
@@ -264,7 +264,7 @@ def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm
     new = torch.where(norms.isfinite(), delta.to(wide) + step, delta.to(wide))
     if bound == "l2":
         size = torch.linalg.vector_norm(new, dim=dims, keepdim=True)
-        new = torch.where(size > radius, new * (radius / size), new)
+        new = torch.where(size > radius, new * torch.div(size.new_tensor(radius), size), new)  # one rounding
     elif bound == "inf":
         new = new.clamp_(-radius, radius)
     delta.copy_(new)
