@@ -413,7 +413,7 @@ def test_restore_is_bit_exact(target, layout, seed, density):
 def test_torch_ops_in_chunks(seed, layout, bound, density, monkeypatch):
     """On the CPU the torch backend walks a whole matrix, and a long list of rows, in chunks through buffers reused
     from chunk to chunk; a tiny chunk size makes it take many, with last chunks shorter than the buffers."""
-    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)  # 3 rows of the widest tensor per chunk
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)  # 3 rows of the widest tensor per chunk and thread
     target = Target("torch", CPU)
     case = step_case(target, layout, density, moved=True)
     if bound == "ball":

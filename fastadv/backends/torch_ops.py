@@ -16,12 +16,15 @@ from torch import Tensor
 
 __all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
-# On the CPU the ops walk rows in chunks of about this many fp32 bytes, through buffers made once per tensor of a call
-# and reused by its chunks. Temporaries of the touched rows' size were fresh memory at every call (page faults: 6000
-# per FGM attack at 250002x768 fp32, 41000 at 32000x4096 bf16, where converting rows then cost more than moving them);
-# chunks stay in cache and allocate nothing new after the first call. 0.5-1 MB chunks were fastest on a 2-core CPU,
-# 4 MB ones 30% slower. Elsewhere a tensor is one chunk.
+# On the CPU the ops walk rows in chunks, through buffers made once per tensor of a call and reused by its chunks.
+# Temporaries of the touched rows' size were fresh memory at every call (page faults: 6000 per FGM attack at 250002x768
+# fp32, 41000 at 32000x4096 bf16, where converting rows then cost more than moving them); chunks stay in cache and
+# allocate nothing new after the first call. A chunk is about this many fp32 bytes per thread (an op splits its rows
+# over the threads; single-threaded, 0.5-1 MB was fastest on a 2-core CPU, 4 MB 30% slower), at most _MAX_CHUNK_BYTES
+# (larger buffers would be fresh pages at each call: glibc maps allocations above 32 MB anew). Elsewhere a tensor is
+# one chunk.
 _CHUNK_BYTES = 1 << 20
+_MAX_CHUNK_BYTES = 16 << 20
 
 
 def _math_dtype(tensor: Tensor) -> torch.dtype:
@@ -33,7 +36,8 @@ def _chunk_rows(tensor: Tensor, count: int) -> int:
     """Rows per chunk when walking ``count`` rows of ``tensor``."""
     if tensor.device.type != "cpu":
         return max(1, count)
-    return max(1, _CHUNK_BYTES // (4 * max(1, tensor.shape[1])))
+    chunk = min(_MAX_CHUNK_BYTES, _CHUNK_BYTES * torch.get_num_threads())
+    return max(1, chunk // (4 * max(1, tensor.shape[1])))
 
 
 def _spans(tensor: Tensor, count: int) -> list[slice]:
