@@ -20,11 +20,11 @@ __all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "rest
 # Temporaries of the touched rows' size were fresh memory at every call (page faults: 6000 per FGM attack at 250002x768
 # fp32, 41000 at 32000x4096 bf16, where converting rows then cost more than moving them); chunks stay in cache and
 # allocate nothing new after the first call. A chunk is about this many fp32 bytes per thread (an op splits its rows
-# over the threads; single-threaded, 0.5-1 MB was fastest on a 2-core CPU, 4 MB 30% slower), at most _MAX_CHUNK_BYTES
-# (larger buffers would be fresh pages at each call: glibc maps allocations above 32 MB anew). Elsewhere a tensor is
-# one chunk.
+# over the threads; single-threaded, 0.5-1 MB was fastest on a 2-core CPU, 4 MB 30% slower), at most _MAX_CHUNK_BYTES:
+# an op's few buffers must stay well below glibc's 32 MB mmap threshold, or they are fresh pages at every call
+# (unmeasured on CPUs with more than 2 cores). Elsewhere a tensor is one chunk.
 _CHUNK_BYTES = 1 << 20
-_MAX_CHUNK_BYTES = 16 << 20
+_MAX_CHUNK_BYTES = 4 << 20
 
 
 def _math_dtype(tensor: Tensor) -> torch.dtype:
