@@ -6,6 +6,10 @@
 Each backend's ``extra_info`` holds its speed-up over the seed measured in the same run (``vs_seed``); the summary
 table groups the seed and the backends of one case together. ``python -m fastadv.bench`` prints the same comparison
 and the extra peak memory of each call (measured apart from the timings, which it would disturb on the CPU).
+
+At full scale (no ``FASTADV_BENCH_SCALE``) and with timings on, the targets fail their cases: every backend at least
+``bench.MIN_SPEEDUP`` times the seed, FGM's scan on the CPU within ``bench.SCAN_TARGET`` of one read of the gradient,
+and the LLM embedding's targets (``bench.llm_measures``). Shrunk, fixed costs dominate, so only the results count.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ SEED_SECONDS: dict[str, float] = {}
 @functools.lru_cache(maxsize=1)  # one case's tensors alive at a time: the XLM-R ones take 1.5 GB
 def model_for(case: bench.Case) -> torch.nn.Module:
     return bench.build_model(case, DEVICE)
+
+
+def checked(benchmark) -> bool:
+    """Whether this run checks the targets: full scale, timings on."""
+    return bench.full_scale() and not benchmark.disabled
 
 
 @pytest.mark.parametrize(
@@ -47,6 +56,42 @@ def test_attack(benchmark, case: bench.Case, impl: str) -> None:
             benchmark.extra_info["vs_seed"] = round(SEED_SECONDS[case.group] / mean, 2)
     assert torch.equal(param, weight), "weights not restored"
     param.grad = grad
+    if checked(benchmark) and "vs_seed" in benchmark.extra_info:
+        assert benchmark.extra_info["vs_seed"] >= bench.MIN_SPEEDUP, f"{impl} under {bench.MIN_SPEEDUP}x the seed"
+
+
+@pytest.mark.parametrize("backend", [impl for impl in IMPLS if bench.is_fastadv(impl) and "+" not in impl])
+def test_scan_vs_read(benchmark, backend: str) -> None:
+    """FGM attack + restore with ``rows="scan"`` (XLM-R fp32, 4000 rows) against one read of the gradient."""
+    benchmark.group = "fgm-scan-vs-read"
+    repeats = 1 if benchmark.disabled else 5
+    ((_, seconds, read),) = benchmark.pedantic(lambda: bench.scan_vs_read(DEVICE, [backend], repeats), rounds=1,
+                                              iterations=1)
+    benchmark.extra_info.update(ms=round(seconds * 1e3, 2), read_ms=round(read * 1e3, 2),
+                                ratio=round(seconds / read, 3))
+    if checked(benchmark) and DEVICE.type == "cpu":
+        assert seconds / read <= bench.SCAN_TARGET
+
+
+@pytest.mark.parametrize("case", bench.llm_cases(), ids=lambda case: case.group)
+def test_llm_embedding(benchmark, case: bench.Case) -> None:
+    """FGM with the defaults on a Llama-3-sized bf16 embedding, untied and tied, against the seed (and tied, against
+    the floor of 3.5 copies of the weight), with its memory."""
+    benchmark.group = case.group
+    repeats = 1 if benchmark.disabled else 3
+
+    def measure() -> dict[str, tuple[float, str, float]]:
+        results = bench.time_case(case, DEVICE, [bench.DEFAULT, "seed"], repeats)
+        floor = bench.tied_floor(case, DEVICE, repeats) if case.gradient == "tied" else None
+        bench.measure_peaks(case, DEVICE, results)
+        default, seed = results
+        return bench.llm_measures(default, seed, floor)
+
+    measures = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(measures)
+    if checked(benchmark):
+        missed = [name for name, measure in measures.items() if not bench.meets(*measure)]
+        assert not missed, f"missed: {measures}"
 
 
 @pytest.mark.parametrize("method", ["fgm", "pgd3", "awp"])

@@ -17,7 +17,10 @@ class RowState:
 
     Rows found by an attack step are first *pending* (``n_backed <= i < n_rows``); they count for ``restore()`` only
     once their backups are written (``backed_up()``), so an attack interrupted at any point never restores a backup
-    that was not written. The buffers keep their capacity across restores: steady-state training allocates nothing.
+    that was not written. Buffers of some of the rows keep their capacity across restores, so steady-state training
+    allocates nothing; a backup of every row (a tied embedding, whose LM head gives every row a gradient; AWP's dense
+    weights) is inherently a copy of the whole weight, and is freed at ``clear()`` rather than held between steps
+    (1 GiB for a 128256x4096 bf16 embedding), at the cost of allocating it again at the next attack.
     """
 
     def __init__(self, param: Tensor) -> None:
@@ -58,7 +61,7 @@ class RowState:
         new_rows = torch.nonzero_static(self.fresh, size=count).view(-1)
         needed = self.n_rows + count
         if needed > len(self._rows):
-            capacity = max(needed, 2 * len(self._rows))
+            capacity = min(len(self.touched), max(needed, 2 * len(self._rows)))
             rows = self._rows.new_empty(capacity)
             rows[: self.n_rows] = self.rows
             backup = self._backup.new_empty((capacity, self._backup.shape[1]))
@@ -92,3 +95,6 @@ class RowState:
         self.touched.index_fill_(0, self.rows, False)
         self.n_rows = self.n_backed = 0
         self.in_order = self._in_order_backed = True
+        if len(self._rows) == len(self.touched):  # room for every row: a whole copy of the weight, not kept
+            self._rows = self._rows.new_empty(0)
+            self._backup = self._backup.new_empty((0, self._backup.shape[1]))

@@ -1,10 +1,12 @@
 """Benchmarks: the seed's classes against every available backend on the same shapes.
 
-``python -m fastadv.bench`` prints, per case, the time per call, the speed-up over the seed and the extra peak memory
-of the call; ``--quick`` runs the BERT-base shapes only, ``--e2e`` adds whole training steps of a ``transformers`` BERT
-with a 250002-token vocabulary (and FreeLB, SMART and R3F steps against a plain step), ``--plot FILE.png`` draws the
-speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``) shrinks every shape, for CI. The pytest-benchmark suite in
-``benchmarks/`` uses the same cases.
+``python -m fastadv.bench`` prints, per case, the time per call, the speed-up over the seed, the extra peak memory of
+the call and the memory still held after it (at full scale a row of fastadv under 1.5x the seed is red); then FGM's
+scan against one read of the gradient, and FGM with the defaults on a Llama-3-sized bf16 embedding, untied and tied,
+against their targets. ``--quick`` runs the BERT-base shapes only, ``--e2e`` adds whole training steps of a
+``transformers`` BERT with a 250002-token vocabulary (and FreeLB, SMART and R3F steps against a plain step),
+``--plot FILE.png`` draws the speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``) shrinks every shape, for CI. The
+pytest-benchmark suite in ``benchmarks/`` uses the same cases and checks the targets at full scale.
 
 A "call" is what an attack costs besides the forward/backward passes: FGM ``attack`` + ``restore``; PGD k=3
 ``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``; AWP ``attack`` + ``restore``. An implementation
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import math
 import os
 import statistics
 import sys
@@ -38,6 +41,20 @@ TOUCHED_ROWS = 4000
 PGD_K = 3
 #: The GPU target for each op: this fraction of the bandwidth of a device copy moving as many bytes.
 COPY_TARGET = 0.85
+#: At full scale every row of a fastadv backend must be at least this much faster than the seed (issue 20).
+MIN_SPEEDUP = 1.5
+#: FGM with ``rows="scan"`` on the CPU: attack + restore within this factor of one read of the gradient, the floor of
+#: any scan.
+SCAN_TARGET = 1.2
+#: A Llama-3-sized embedding, for the LLM cases (:func:`llm_cases`).
+LLM_SHAPES = {"llama3": (128256, 4096)}
+#: The LLM cases' targets: untied, the defaults at least this much faster than the seed, with at most this share of
+#: the seed's extra peak memory (tied: one backup of the weight plus that share).
+LLM_SPEEDUP, LLM_PEAK_SHARE = 50.0, 0.02
+#: Tied, FGM with an exact restore moves at least 7 passes over the weight's bytes (the backup written, G read for its
+#: norm, W and G read and W written, the backup read and W written): 3.5 copies of the weight, timed in the same run.
+#: Target: within TIED_TARGET of that floor.
+TIED_FLOOR_COPIES, TIED_TARGET = 3.5, 1.2
 
 
 def bench_scale() -> float:
@@ -45,11 +62,17 @@ def bench_scale() -> float:
     return float(os.environ.get("FASTADV_BENCH_SCALE", "1"))
 
 
+def full_scale() -> bool:
+    """Whether the shapes are the real ones: the targets hold there (shrunk, fixed costs dominate)."""
+    return bench_scale() >= 1
+
+
 @dataclass(frozen=True)
 class Case:
     shape: str
     dtype: torch.dtype
-    gradient: str  # "rows": a batch touched TOUCHED_ROWS rows; "dense": every row (a tied LM head)
+    gradient: str  # "rows": a batch touched TOUCHED_ROWS rows; "dense": every row; "tied": every row, the weight
+    # shared with an LM head (as a model ties it: rows="auto" then scans)
     method: str  # "fgm", "pgd3" or "awp"
 
     @property
@@ -58,9 +81,9 @@ class Case:
 
     def size(self) -> tuple[int, int, int]:
         """(rows, dim, touched rows) after scaling."""
-        rows, dim = SHAPES[self.shape]
+        rows, dim = {**SHAPES, **LLM_SHAPES}[self.shape]
         rows = max(2, int(rows * bench_scale()))
-        touched = rows if self.gradient == "dense" else max(1, min(rows // 2, int(TOUCHED_ROWS * bench_scale())))
+        touched = rows if self.gradient != "rows" else max(1, min(rows // 2, int(TOUCHED_ROWS * bench_scale())))
         return rows, dim, touched
 
 
@@ -73,6 +96,12 @@ def cases(quick: bool = False) -> list[Case]:
         for dtype in (torch.float32, torch.bfloat16)
         for gradient in ("rows", "dense")
     ]
+
+
+def llm_cases() -> list[Case]:
+    """FGM on a Llama-3-sized bf16 embedding, the batch's rows untied and every row tied to the LM head, run with the
+    defaults (:data:`DEFAULT`) against the seed."""
+    return [Case(shape, torch.bfloat16, gradient, "fgm") for shape in LLM_SHAPES for gradient in ("rows", "tied")]
 
 
 def implementations(device: torch.device) -> list[str]:
@@ -98,6 +127,11 @@ def runs(case: Case, impl: str) -> bool:
     return not (impl == COMPILED_SEED and case.method == "awp")
 
 
+def is_fastadv(impl: str) -> bool:
+    """Whether ``impl`` is fastadv's (a backend, with or without hints, or the defaults), not the seed or a peer."""
+    return impl not in _PEERS
+
+
 def build_model(case: Case, device: torch.device) -> nn.Module:
     """A module holding one ``word_embeddings`` embedding with the case's gradient already set; ``model.ids`` are the
     rows the batch looked up (every row for a dense gradient)."""
@@ -108,9 +142,12 @@ def build_model(case: Case, device: torch.device) -> nn.Module:
     weight = model.word_embeddings.weight
     with torch.no_grad():
         weight.copy_(torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen))
-    if case.gradient == "dense":
+    if case.gradient != "rows":
         model.ids = torch.arange(rows, device=device)
         weight.grad = torch.randn(rows, dim, device=device, dtype=case.dtype, generator=gen)
+        if case.gradient == "tied":
+            model.lm_head = nn.Module()
+            model.lm_head.weight = weight
     else:
         model.ids = torch.randperm(rows, device=device, generator=gen)[:touched]
         weight.grad = torch.zeros(rows, dim, device=device, dtype=case.dtype)
@@ -128,6 +165,8 @@ def _record_lookup(model: nn.Module) -> None:
 
 #: The peer a user would try first: the seed's classes with their per-tensor math compiled by torch.compile.
 COMPILED_SEED = "compiled"
+#: fastadv's classes with their defaults (``backend="auto"``, ``rows="auto"``).
+DEFAULT = "default"
 
 
 def _fgm_math(weight: torch.Tensor, grad: torch.Tensor, eps: float) -> None:
@@ -175,11 +214,13 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def make_attacker(impl: str, method: str, model: nn.Module):
-    """The attack object of ``method`` for ``impl``: "seed", ``COMPILED_SEED``, a backend (``rows="scan"``), or
-    "<backend>+<rows>" (``rows="batch"``, or ``"auto"``, the default)."""
+    """The attack object of ``method`` for ``impl``: "seed", ``COMPILED_SEED``, ``DEFAULT``, a backend
+    (``rows="scan"``), or "<backend>+<rows>" (``rows="batch"``, or ``"auto"``, the default)."""
     which = _METHODS.index(method)
     if impl in _PEERS:
         return _PEERS[impl][which](model)
+    if impl == DEFAULT:
+        return _FUSED[which](model)
     backend, _, rows = impl.partition("+")
     return _FUSED[which](model, backend=backend, **({"rows": rows or "scan"} if which != 2 else {}))
 
@@ -187,7 +228,7 @@ def make_attacker(impl: str, method: str, model: nn.Module):
 def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
     """One call of ``method`` through ``impl`` on ``model``."""
     attacker = make_attacker(impl, method, model)
-    record = _record_lookup if impl.endswith("+batch") else lambda model: None
+    record = _record_lookup if impl.endswith("+batch") or impl == DEFAULT else lambda model: None
     record(model)  # construction registered the hooks; the first attack needs a recorded lookup
     if method in ("fgm", "awp"):
 
@@ -244,23 +285,25 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def extra_peak_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
-    """Peak memory ``fn`` needs above what was live before it (CUDA allocator stats; resident set size on Linux)."""
+def memory_of(fn: Callable[[], None], device: torch.device) -> tuple[int | None, int | None]:
+    """Peak memory ``fn`` needs above what was live before it, and what it still holds when it returns (CUDA
+    allocator stats; resident set size on Linux, with freed memory given back to the OS)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return torch.cuda.max_memory_allocated(device) - base, torch.cuda.memory_allocated(device) - base
     if not sys.platform.startswith("linux"):
-        return None
+        return None, None
     _return_freed_memory_to_the_os()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM, the peak resident set size, to the current one
     base = _proc_status_kib("VmRSS")
     fn()
-    return (_proc_status_kib("VmHWM") - base) * 1024
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return (_proc_status_kib("VmHWM") - base) * 1024, (_proc_status_kib("VmRSS") - base) * 1024
 
 
 @dataclass
@@ -268,7 +311,8 @@ class Result:
     case: Case
     impl: str
     seconds: float
-    extra_bytes: int | None = None
+    extra_bytes: int | None = None  # peak memory of a first call above what was live before it
+    held_bytes: int | None = None  # memory still held after it
 
 
 def time_case(case: Case, device: torch.device, impls: list[str], repeats: int) -> list[Result]:
@@ -291,12 +335,67 @@ def time_case(case: Case, device: torch.device, impls: list[str], repeats: int) 
 
 
 def measure_peaks(case: Case, device: torch.device, results: list[Result]) -> None:
-    """Fill in the extra peak memory of each result's first call on a fresh model (after all timings: on the CPU
-    this switches glibc to returning freed memory at once, which would slow later timings)."""
+    """Fill in the extra peak memory and the memory held after each result's first call on a fresh model (after all
+    timings: on the CPU this switches glibc to returning freed memory at once, which would slow later timings)."""
     for result in results:
         model = build_model(case, device)
-        result.extra_bytes = extra_peak_bytes(attack_call(result.impl, case.method, model), device)
+        result.extra_bytes, result.held_bytes = memory_of(attack_call(result.impl, case.method, model), device)
         del model
+
+
+def scan_vs_read(device: torch.device, backends: list[str], repeats: int) -> list[tuple[str, float, float]]:
+    """FGM attack + restore with ``rows="scan"`` on each backend at XLM-R size (fp32, TOUCHED_ROWS non-zero rows)
+    against one read of the gradient (``torch.linalg.vector_norm``), the floor of any scan: rows of (backend,
+    attack seconds, read seconds), the two timed alternately (see :func:`_alternating`)."""
+    model = build_model(Case("xlm-r", torch.float32, "rows", "fgm"), device)
+    grad = model.word_embeddings.weight.grad
+    out = []
+    for name in backends:
+        read, seconds = _alternating(lambda: torch.linalg.vector_norm(grad), attack_call(name, "fgm", model), device,
+                                     repeats)
+        out.append((name, seconds, read))
+    return out
+
+
+def tied_floor(case: Case, device: torch.device, repeats: int) -> tuple[float, float]:
+    """The defaults' FGM attack + restore on ``case`` (a tied weight) and a copy of the weight into a buffer that
+    exists already, timed alternately: (attack seconds, copy seconds). :data:`TIED_FLOOR_COPIES` copies are the
+    floor."""
+    model = build_model(case, device)
+    weight = model.word_embeddings.weight.detach()
+    target = torch.empty_like(weight)
+    return _alternating(lambda: target.copy_(weight), attack_call(DEFAULT, case.method, model), device, repeats)[::-1]
+
+
+def llm_measures(default: Result, seed: Result, floor: tuple[float, float] | None
+                 ) -> dict[str, tuple[float, str, float]]:
+    """An LLM case's measures against their targets, ``name -> (value, "<=" or ">=", target)``: untied, the speed-up
+    over the seed and the extra peak memory as a share of the seed's; tied (``floor``: :func:`tied_floor`'s times),
+    the time over the floor, the extra peak as a share of the seed's (one backup of the weight allowed on top) and
+    the memory held after restore as a share of one backup."""
+    rows, dim, _ = default.case.size()
+    backup = rows * dim * default.case.dtype.itemsize
+    known = default.extra_bytes is not None and seed.extra_bytes
+    share = default.extra_bytes / seed.extra_bytes if known else math.nan
+    if floor is None:
+        return {"x seed": (seed.seconds / default.seconds, ">=", LLM_SPEEDUP),
+                "peak/seed's": (share, "<=", LLM_PEAK_SHARE)}
+    seconds, copy = floor
+    return {
+        "x floor": (seconds / (TIED_FLOOR_COPIES * copy), "<=", TIED_TARGET),
+        "peak/seed's": (share, "<=", backup / seed.extra_bytes + LLM_PEAK_SHARE if known else math.nan),
+        "held/backup": (default.held_bytes / backup if default.held_bytes is not None else math.nan, "<=", 0.02),
+    }
+
+
+def meets(value: float, how: str, target: float) -> bool:
+    """Whether ``value`` meets ``target`` (unknown values, NaN, do)."""
+    return not (value > target if how == "<=" else value < target)
+
+
+def _red(text: str, miss: bool) -> str:
+    """``text`` in red on a terminal where it misses its target."""
+    return f"\033[31m{text}\033[0m" if miss and sys.stdout.isatty() else text
 
 
 class NoAttack:
@@ -556,21 +655,50 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"fastadv.bench on {device} ({name}), torch {torch.__version__}, scale {bench_scale()}")
     results = []
-    for case in cases(args.quick):
-        results.extend(time_case(case, device, impls, args.repeats))
+    matrix = cases(args.quick) + ([] if args.quick else llm_cases())
+    for case in matrix:
+        results.extend(time_case(case, device, [DEFAULT, "seed"] if case.shape in LLM_SHAPES else impls,
+                                 args.repeats))
         print(f"timed {case.group}", file=sys.stderr, flush=True)
+    backends = [i for i in impls if is_fastadv(i) and "+" not in i]
+    scans = [] if args.quick else scan_vs_read(device, backends, args.repeats)
+    floors = {case: tied_floor(case, device, args.repeats) for case in matrix if case.gradient == "tied"}
     e2e = end_to_end(device, impls, args.repeats) if args.e2e else []
-    backends = [i for i in impls if i not in ("seed", COMPILED_SEED) and "+" not in i]
     input_e2e = input_end_to_end(device, backends, args.repeats) if args.e2e else []
-    for case in cases(args.quick):  # memory last: see measure_peaks
+    for case in matrix:  # memory last: see measure_peaks
         measure_peaks(case, device, [r for r in results if r.case == case])
 
-    header = f"{'case':<32} {'impl':<11} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11}"
+    header = f"{'case':<32} {'impl':<11} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11} {'held after':>11}"
     print(header + "\n" + "-" * len(header))
-    seed = {r.case: r.seconds for r in results if r.impl == "seed"}
+    seed = {r.case: r for r in results if r.impl == "seed"}
+    slow = 0
     for r in results:
-        print(f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {seed[r.case] / r.seconds:>7.1f}x"
-              f" {_fmt_bytes(r.extra_bytes):>11}")
+        speedup = seed[r.case].seconds / r.seconds
+        miss = is_fastadv(r.impl) and full_scale() and speedup < MIN_SPEEDUP
+        slow += miss
+        print(_red(f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {speedup:>7.1f}x"
+                   f" {_fmt_bytes(r.extra_bytes):>11} {_fmt_bytes(r.held_bytes):>11}", miss))
+    if slow:
+        print(_red(f"{slow} rows of fastadv under {MIN_SPEEDUP}x the seed", True))
+    if scans:
+        print(f"\n{'FGM scan (xlm-r fp32 rows)':<32} {'backend':<11} {'ms/call':>10} {'read G':>8} {'ratio':>7}"
+              f" {f'<= {SCAN_TARGET}x':>7}")
+    for name, seconds, read in scans:
+        checked = device.type == "cpu" and full_scale()  # the target is the CPU's; shrunk, fixed costs dominate
+        miss = checked and seconds / read > SCAN_TARGET
+        verdict = ("no" if miss else "yes") if checked else "-"
+        print(_red(f"{'attack+restore / one read of G':<32} {name:<11} {seconds * 1e3:>10.2f} {read * 1e3:>8.2f}"
+                   f" {seconds / read:>6.2f}x {verdict:>7}", miss))
+    if any(case.shape in LLM_SHAPES for case in matrix):
+        print("\nLLM embedding (fgm, defaults): measure = value (target)")
+    for case in matrix:
+        if case.shape in LLM_SHAPES:
+            by_impl = {r.impl: r for r in results if r.case == case}
+            measures = llm_measures(by_impl[DEFAULT], by_impl["seed"], floors.get(case))
+            floor = f"floor {TIED_FLOOR_COPIES * floors[case][1] * 1e3:.1f} ms, " if case in floors else ""
+            print(f"{case.group:<32} {floor}" + ", ".join(
+                _red(f"{name} = {value:.3g} ({how} {target:.3g})", full_scale() and not meets(value, how, target))
+                for name, (value, how, target) in measures.items()))
     if e2e:
         print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ no-op':>8}")
         for method, impl, seconds, ratio in e2e:

@@ -147,7 +147,7 @@ def test_interrupt_at_every_op_boundary(backend, seed, kind, emb_name, after):
 
 
 @pytest.mark.parametrize("kind", ["fgm", "pgd", "awp"])
-@pytest.mark.parametrize("helper", ["_store", "_gather"])
+@pytest.mark.parametrize("helper", ["_rows_in", "_index_copy"])
 def test_interrupt_inside_the_torch_backend(seed, kind, helper):
     """An interrupt between two tensors of one op (the torch backend loops over them in Python)."""
     with CallCounter(torch_ops, helper) as counter:

@@ -189,6 +189,10 @@ def assert_weights(case: Case, start: list[torch.Tensor], expected: list[torch.T
 @pytest.mark.parametrize("density", [0.3, 1.0], ids=["rows", "every-row"])
 @pytest.mark.parametrize("with_params", [False, True], ids=["grads", "grads+params"])
 def test_scan(target, layout, seed, density, with_params):
+    check_scan(target, layout, density, with_params)
+
+
+def check_scan(target: Target, layout: str, density: float, with_params: bool) -> None:
     params, grads = tensors(target, layout, density)
     touched = [torch.rand(g.shape[0], device=target.device) < 0.5 for g in grads]
     fresh = [torch.ones(g.shape[0], dtype=torch.bool, device=target.device) for g in grads]  # poison: all flagged
@@ -242,6 +246,10 @@ def test_scan_counts_rows_whose_squares_underflow(target, seed, request):
 
 @table([layout for layout in LAYOUTS if layout != "mixed-grads"])
 def test_row_sumsq(target, layout, seed):
+    check_row_sumsq(target, layout)
+
+
+def check_row_sumsq(target: Target, layout: str) -> None:
     params, _ = tensors(target, layout)
     # Rows in no particular order, every row of one tensor (in order), none of another.
     rows = [torch.randperm(p.shape[0], device=target.device)[: max(1, p.shape[0] // 2)] for p in params]
@@ -320,6 +328,26 @@ def test_measure_then_project(target, layout, seed, ball_eps, density, moved):
 
 
 @every_target
+def test_projection_factor_is_rounded_once(target, seed):
+    """``eps / norm`` is one fp32 division (the contract), not ``eps * (1 / norm)``, which is one ulp off about a
+    quarter of the time. From zero weights and a power-of-two step the projected rows are exactly ``factor * G``, so
+    the factor's every bit shows, whatever the order or fusing of the rest of the math: compared bit for bit. Half the
+    tensors have every row listed, half some."""
+    dev, count = target.device, 64
+    eps = torch.rand(()).item()  # an fp32 value: no question of how a double rounds
+    params = [torch.zeros(4, 8, device=dev) for _ in range(count)]
+    grads = [torch.randint(-3, 4, (4, 8), device=dev).float().exp2() * torch.randn(4, 8, device=dev).sign()
+             for _ in range(count)]
+    rows = [torch.arange(4, device=dev) if i % 2 else torch.tensor([0, 2], device=dev) for i in range(count)]
+    backups = [torch.zeros(len(r), 8, device=dev) for r in rows]
+    delta_sumsq = eps**2 * (1 + 100 * torch.rand(count, device=dev))  # every norm outside the ball
+    target.ops.project(params, grads, rows, backups, torch.ones(count, device=dev), delta_sumsq, eps)
+    factors = torch.div(torch.tensor(eps, device=dev), delta_sumsq.sqrt())
+    for p, g, r, factor in zip(params, grads, rows, factors):
+        assert torch.equal(p[r], factor * g[r])
+
+
+@every_target
 def test_box_propagates_nan_and_zero_backups_pin_the_weight(target):
     dev = target.device
     params = [torch.tensor([[0.0, 1.0, 2.0, -3.0]], device=dev)]
@@ -378,17 +406,29 @@ def test_restore_is_bit_exact(target, layout, seed, density):
 # ---- the torch backend's own path ----
 
 
-@pytest.mark.parametrize("layout", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("layout", ["f32", "bf16", "f16", "mixed-grads"])
 @pytest.mark.parametrize("bound", ["step", "box", "ball"])
-def test_torch_every_row_path_in_chunks(seed, layout, bound, monkeypatch):
-    """On the CPU the torch backend walks a whole matrix in row chunks; a tiny chunk size makes it take many."""
-    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)  # 3 rows of the widest tensor per chunk
+@pytest.mark.parametrize("density", [0.3, 1.0], ids=["rows", "every-row"])
+def test_torch_ops_in_chunks(seed, layout, bound, density, monkeypatch):
+    """On the CPU the torch backend walks a whole matrix, and a long list of rows, in chunks through buffers reused
+    from chunk to chunk; a tiny chunk size makes it take many, with last chunks shorter than the buffers."""
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)  # 3 rows of the widest tensor per chunk and thread
     target = Target("torch", CPU)
-    case = step_case(target, layout, 1.0, moved=True)
+    case = step_case(target, layout, density, moved=True)
     if bound == "ball":
         check_measure_then_project(target, case, 0.05)
     else:
         check_perturb(target, case, 0.02 if bound == "box" else None, moved=True)
+
+
+@pytest.mark.parametrize("layout", ["f32", "bf16", "f16", "mixed"])
+def test_torch_reductions_in_chunks(seed, layout, monkeypatch):
+    """scan and row_sumsq widen bf16/fp16 rows chunk by chunk on the CPU (a matrix, a list of rows)."""
+    monkeypatch.setattr(torch_ops, "_CHUNK_BYTES", 3 * 4 * 130)
+    target = Target("torch", CPU)
+    for density, with_params in [(0.3, True), (1.0, False)]:
+        check_scan(target, layout, density, with_params)
+    check_row_sumsq(target, layout)
 
 
 # ---- input_step ----
@@ -422,6 +462,26 @@ def input_case(target: Target, shape: tuple[int, int, int], dtype: torch.dtype, 
     return delta, grad.to(dtype), mask
 
 
+def input_step_oracle(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, lr: float, norm: str,
+                      per_token: bool, denom_eps: float, denom_floor: float, bound: str, radius: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of ``input_step`` (:class:`fastadv.backends.contract.Backend`) in float64: the new ``delta`` and
+    the group norms ``n``, neither rounded to the backend's precision."""
+    dims = (-1,) if per_token else (-2, -1)
+    g = grad.double()
+    if mask is not None:
+        g = torch.where(mask.unsqueeze(-1), g, 0.0)
+    n = g.abs().amax(dims, keepdim=True) if norm == "inf" else g.square().sum(dims, keepdim=True).sqrt()
+    step = lr * g.sign() if norm == "sign" else lr * g / torch.clamp(n + denom_eps, min=denom_floor)
+    new = torch.where(n.isfinite(), delta.double() + step, delta.double())
+    if bound == "l2":
+        size = new.square().sum(dims, keepdim=True).sqrt()
+        new = torch.where(size > radius, new * (radius / size), new)
+    elif bound == "inf":
+        new = new.clamp(-radius, radius)
+    return new, n.reshape(delta.shape[:2] if per_token else delta.shape[:1])
+
+
 def group_norms(values: torch.Tensor, per_token: bool) -> torch.Tensor:
     return torch.linalg.vector_norm(values, dim=(-1,) if per_token else (-2, -1))
 
@@ -433,22 +493,20 @@ def group_norms(values: torch.Tensor, per_token: bool) -> torch.Tensor:
 @pytest.mark.parametrize("bound", ["none", "l2", "inf"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padded"])
 def test_input_step(target, seed, dtype, per_token, norm, bound, masked):
-    """Against the torch op on the same inputs in fp32 (rounded once to ``dtype``): norms to rtol 1e-5, ``delta`` fp32
-    tight and bf16/fp16 within one ulp (or a few fp32 ulps of its terms where the step nearly cancels ``delta``). The
-    radius is the median group norm (l2) or element magnitude (inf) of the unbounded step, so the bound moves some
-    values and not others."""
+    """Against the contract in float64 (:func:`input_step_oracle`), rounded once to ``dtype``: norms to rtol 1e-5,
+    ``delta`` fp32 tight and bf16/fp16 within one ulp (or a few fp32 ulps of its terms where the step nearly cancels
+    ``delta``). The radius is the median group norm (l2) or element magnitude (inf) of the unbounded step, so the
+    bound moves some values and not others."""
     if not target.ops.supports(target.device, dtype, dtype):
         pytest.skip(f"{target.name} does not take {dtype}")
     for shape in INPUT_SHAPES:
         delta, grad, mask = input_case(target, shape, dtype, masked)
-        unbounded = delta.to(F32, copy=True)
-        torch_ops.input_step(unbounded, grad.float(), mask, norm=norm, per_token=per_token, bound="none", radius=0.0,
-                             **INPUT_ARGS)
+        unbounded, _ = input_step_oracle(delta, grad, mask, norm=norm, per_token=per_token, bound="none", radius=0.0,
+                                         **INPUT_ARGS)
         radius = {"none": 0.0, "l2": group_norms(unbounded, per_token).median().item(),
                   "inf": unbounded.abs().median().item()}[bound]
         args = dict(norm=norm, per_token=per_token, bound=bound, radius=radius, **INPUT_ARGS)
-        expected = delta.to(F32, copy=True)
-        expected_norms = torch_ops.input_step(expected, grad.float(), mask, **args)
+        expected, expected_norms = input_step_oracle(delta, grad, mask, **args)
         if bound != "none":
             assert not torch.equal(expected, unbounded)
         start, address = delta.clone(), delta.data_ptr()
@@ -457,12 +515,12 @@ def test_input_step(target, seed, dtype, per_token, norm, bound, masked):
 
         assert delta.data_ptr() == address and delta.dtype == dtype
         assert norms.dtype == F32 and norms.shape == (shape[:2] if per_token else shape[:1])
-        torch.testing.assert_close(norms, expected_norms, rtol=1e-5, atol=0.0, equal_nan=True)
+        torch.testing.assert_close(norms.double(), expected_norms, rtol=1e-5, atol=0.0, equal_nan=True)
         assert not norms.isfinite().all()  # the NaN and inf groups
         actual = delta
         if dtype != F32:  # where delta + step nearly cancels, the fp32 rounding of its terms exceeds an ulp of it
-            terms = start.float().abs() + (expected - start.float()).abs()
-            cancelled = (delta.float() - expected).abs() <= 4 * torch.finfo(F32).eps * terms
+            terms = start.double().abs() + (expected - start.double()).abs()
+            cancelled = (delta.double() - expected).abs() <= 4 * torch.finfo(F32).eps * terms
             actual = torch.where(cancelled, expected.to(dtype), delta)
         assert_matches(actual, expected)
         if bound == "none":  # kept bit for bit: the groups whose norm is not finite, the padded tokens
@@ -471,3 +529,23 @@ def test_input_step(target, seed, dtype, per_token, norm, bound, masked):
             if mask is not None:
                 kept = kept | ~mask
             assert torch.equal(delta[kept], start[kept])
+
+
+@every_target
+def test_input_step_bound_factor_is_rounded_once(target, seed):
+    """The l2 bound's ``radius / ||new||`` is one fp32 division, not ``radius * (1 / ||new||)`` (one ulp off about a
+    quarter of the time): from ``delta = 0`` a sign step of a power of two makes ``new`` exactly ``+-lr`` or 0 and its
+    norm ``lr * sqrt(m)`` one rounding of an exact sum, so the bounded values are exactly ``+-lr * factor`` and show
+    the factor's every bit (compared bit for bit). Each example steps a different number ``m`` of elements."""
+    dev, (batch, tokens, cols) = target.device, (16, 5, 24)
+    lr = 0.25
+    grad = torch.randn(batch, tokens, cols, device=dev)
+    counts = torch.randperm(tokens * cols, device=dev)[:batch] + 1
+    grad.view(batch, -1)[torch.arange(tokens * cols, device=dev) >= counts[:, None]] = 0.0
+    sizes = torch.sqrt(torch.square(torch.tensor(lr)) * counts.float())
+    for _ in range(4):
+        radius = (torch.rand(()) * sizes.min()).item()  # an fp32 value below every group's norm
+        delta = torch.zeros(batch, tokens, cols, device=dev)
+        target.ops.input_step(delta, grad, None, lr, "sign", False, 0.0, 0.0, "l2", radius)
+        factors = torch.div(torch.tensor(radius, device=dev), sizes)
+        assert torch.equal(delta, lr * grad.sign() * factors[:, None, None])
