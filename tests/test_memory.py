@@ -4,7 +4,7 @@ backups of some rows keep their buffers, reused step after step. (Sizes and peak
 from __future__ import annotations
 
 import torch
-from conftest import TinyEncoder, batch
+from _helpers import TinyEncoder, batch
 
 from fastadv import FusedFGM, FusedPGD
 
