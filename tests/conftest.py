@@ -43,23 +43,25 @@ _INTEGRATION = {"test_transformers", "test_trl", "test_peft", "test_lightning", 
 #: The modules and test names that start processes (gloo process groups).
 _DISTRIBUTED_MODULES = {"test_distributed", "test_deepspeed"}
 _DISTRIBUTED_NAMES = ("ddp", "two_processes", "two_ddp")
+#: Others that take seconds each: property search, compilers (torch.compile, nvcc, g++ in a fresh directory).
+_SLOW_MODULES = {"test_properties"}
+_SLOW_NAMES = ("compile", "cuda", "split", "grids_take", "box_radius", "no_compiler", "setup_records")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers by what a test needs, so that ``pytest -m "not slow"`` is the quick subset: ``integration`` (a
     framework), ``distributed`` (starts processes), ``triton`` (Triton's kernels, interpreted without a GPU), and
-    ``slow``: any of those three."""
+    ``slow``: any of those three, or a test that takes seconds of its own (property search, compilers)."""
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
-        params = getattr(getattr(item, "callspec", None), "params", {})
         marks = set()
         if module in _INTEGRATION:
             marks.add("integration")
         if module in _DISTRIBUTED_MODULES or any(name in item.name for name in _DISTRIBUTED_NAMES):
             marks.add("distributed")
-        if module == "test_triton" or "triton" in params.values():
+        if module == "test_triton" or "triton" in item.name:  # the test, or its parameters' ids
             marks.add("triton")
-        if marks:
+        if marks or module in _SLOW_MODULES or any(name in item.name for name in _SLOW_NAMES):
             marks.add("slow")
         for mark in sorted(marks):
             item.add_marker(mark)
