@@ -1,9 +1,11 @@
 """What the small examples share: a synthetic task (is token 7 in the sequence?), a tiny classifier, its evaluation
-clean and under an FGM attack on the embeddings, and the results table."""
+clean and under an FGM attack on the embeddings, the command-line options and the results table."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,6 +14,25 @@ from torch.utils.data import TensorDataset
 from fastadv import FusedFGM
 
 VOCAB, TARGET = 100, 7
+
+
+def arguments(description: str, methods: Sequence[str]) -> argparse.ArgumentParser:
+    """The options every example on this task takes; each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--methods", nargs="+", choices=list(methods), default=list(methods))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--eval-eps", type=float, default=0.5, help="FGM eps of the attacked evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def datasets(args: argparse.Namespace) -> tuple[TensorDataset, TensorDataset]:
+    """The training and test sets the options ask for (and one thread: the fastest for so small a model)."""
+    torch.set_num_threads(1)
+    return make_data(args.train_size, args.seq_len, seed=args.seed + 1), make_data(512, args.seq_len, args.seed + 2)
 
 
 def make_data(n: int, seq_len: int, seed: int) -> TensorDataset:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from _toy import Classifier, evaluate, make_data, print_table
+from _toy import Classifier, arguments, datasets, evaluate, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -71,20 +71,11 @@ def train_one(method: str, args: argparse.Namespace, train: TensorDataset) -> tu
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Train with each method; print a table (on the main process) and return ``{method: {metric: value}}``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=16)
+    parser = arguments(__doc__.split("\n\n")[0], SETTINGS)
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--accumulate", type=int, default=1, help="gradient_accumulation_steps")
-    parser.add_argument("--eval-eps", type=float, default=0.5, help="FGM eps of the attacked evaluation")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # fastest for so small a model
-    train = make_data(args.train_size, args.seq_len, seed=args.seed + 1)
-    test = make_data(512, args.seq_len, seed=args.seed + 2)
+    train, test = datasets(args)
     results = {}
     for method in args.methods:
         model, loss, adv_loss = train_one(method, args, train)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from _toy import Classifier, evaluate, make_data, print_table
+from _toy import Classifier, arguments, datasets, evaluate, print_table
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -59,18 +59,9 @@ def train_one(name: str, args: argparse.Namespace, train) -> tuple[Classifier, f
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Train with each method; print a table and return ``{method: {metric: value}}``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=16)
-    parser.add_argument("--eval-eps", type=float, default=0.5, help="FGM eps of the attacked evaluation")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = arguments(__doc__.split("\n\n")[0], SETTINGS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # fastest for so small a model
-    train = make_data(args.train_size, args.seq_len, seed=args.seed + 1)
-    test = make_data(512, args.seq_len, seed=args.seed + 2)
+    train, test = datasets(args)
     results = {}
     for name in args.methods:
         model, loss, adv = train_one(name, args, train)

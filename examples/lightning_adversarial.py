@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from _toy import Classifier, evaluate, make_data, print_table
+from _toy import Classifier, arguments, datasets, evaluate, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -76,22 +76,13 @@ def train_one(method: str, args: argparse.Namespace, train: TensorDataset, test:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Train with each method; print a table and return ``{method: {metric: value}}``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=16)
+    parser = arguments(__doc__.split("\n\n")[0], SETTINGS)
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
-    parser.add_argument("--eval-eps", type=float, default=0.5, help="FGM eps of the attacked evaluation")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")  # advice on DataLoader workers and the like
-    torch.set_num_threads(1)  # fastest for so small a model
-    train = make_data(args.train_size, args.seq_len, seed=args.seed + 1)
-    test = make_data(512, args.seq_len, seed=args.seed + 2)
+    train, test = datasets(args)
     results = {method: train_one(method, args, train, test) for method in args.methods}
     print_table(results)
     return results

@@ -14,7 +14,7 @@ import importlib.util
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -364,6 +364,34 @@ def assert_toy_example_runs(example: str, methods: set[str], monkeypatch: pytest
         assert math.isnan(r["adv_loss"]) == (name == "none")
     out = capsys.readouterr().out
     assert "FGM-attacked loss" in out and "nan" not in out
+
+
+def ddp_start(rank: int, world: int, steps: int, accumulate: int
+              ) -> tuple[list[torch.Tensor], nn.Module, torch.Tensor]:
+    """What a framework's two-process test starts from, in each process: this rank's share of ``steps * accumulate``
+    batches, the model every run starts from, and the weights of the hand-written loop without attack over them on
+    the DDP-wrapped model."""
+    batches = framework_batches(steps * accumulate, rows=slice(rank, None, world))
+    torch.manual_seed(0)
+    start = TinyEncoder(device="cpu")
+    plain = copy.deepcopy(start)
+    seed_loop(nn.parallel.DistributedDataParallel(plain), None, batches, accumulate=accumulate)
+    return batches, start, flat_params(plain)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """One thread (much faster for models this small) and transformers' logs at errors only, for the block."""
+    from transformers.utils import logging as hf_logging
+
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
 
 
 def free_port() -> int:

@@ -24,9 +24,10 @@ from _helpers import (  # noqa: E402
     INPUT_CASES,
     KINDS,
     TinyClassifier,
-    TinyEncoder,  # noqa: E402
+    TinyEncoder,
     assert_matches_and_attacked,
     assert_toy_example_runs,
+    ddp_start,
     flat_params,
     framework_batches,
     free_port,
@@ -258,12 +259,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     try:
         for accumulate in (1, 2):
-            batches = framework_batches(STEPS * accumulate, rows=slice(rank, None, WORLD))
-            torch.manual_seed(0)
-            start = TinyEncoder(device="cpu")
-            plain = copy.deepcopy(start)
-            seed_loop(torch.nn.parallel.DistributedDataParallel(plain), None, batches, accumulate=accumulate)
-            results[accumulate, "plain"] = flat_params(plain)
+            batches, start, results[accumulate, "plain"] = ddp_start(rank, WORLD, STEPS, accumulate)
             for kind in KINDS:
                 model, manual, want = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start)
                 fit(model, batches, [AdversarialTraining(kind, **OPTIONS[kind])], devices=WORLD,

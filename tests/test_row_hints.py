@@ -89,19 +89,24 @@ def test_bad_rows_value():
         FusedFGM(TinyEncoder(), rows="every")
 
 
-def test_other_use_of_the_weight_is_caught_on_the_first_attack(backend, seed):
-    """A gradient the lookup does not explain (here a penalty on the whole weight): a clear error, nothing modified."""
-    model = TinyEncoder()
-    fgm = FusedFGM(model, backend=backend, rows="batch")
-    (model(batch()) + 1e-3 * model.embeddings.word_embeddings.weight.square().sum()).backward()
+def assert_attack_refused_untouched(model: torch.nn.Module, fgm: FusedFGM, match: str) -> None:
+    """``fgm.attack()`` raises (``match``) having modified no weight and no gradient, and leaves no attack active."""
     before = copy.deepcopy(model.state_dict())
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    with pytest.raises(RuntimeError, match="no recorded lookup"):
+    with pytest.raises(RuntimeError, match=match):
         fgm.attack()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and torch.equal(p.grad, grads[n]), n
     with pytest.raises(RuntimeError, match="without an active attack"):
         fgm.restore()
+
+
+def test_other_use_of_the_weight_is_caught_on_the_first_attack(backend, seed):
+    """A gradient the lookup does not explain (here a penalty on the whole weight): a clear error, nothing modified."""
+    model = TinyEncoder()
+    fgm = FusedFGM(model, backend=backend, rows="batch")
+    (model(batch()) + 1e-3 * model.embeddings.word_embeddings.weight.square().sum()).backward()
+    assert_attack_refused_untouched(model, fgm, "no recorded lookup")
 
 
 def test_a_use_switched_on_later_is_an_error_at_the_first_attack_after_it(backend, seed):
@@ -119,14 +124,7 @@ def test_a_use_switched_on_later_is_an_error_at_the_first_attack_after_it(backen
     penalty = True
     model.zero_grad()
     loss(batch()).backward()
-    before = copy.deepcopy(model.state_dict())
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    with pytest.raises(RuntimeError, match="rows='batch'.*no recorded lookup explains"):
-        fgm.attack()
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) and torch.equal(p.grad, grads[n]), n
-    with pytest.raises(RuntimeError, match="without an active attack"):
-        fgm.restore()
+    assert_attack_refused_untouched(model, fgm, "rows='batch'.*no recorded lookup explains")
 
 
 def test_attack_without_a_recorded_lookup(backend, seed):

@@ -15,10 +15,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _helpers import run_example  # noqa: E402
+from _helpers import quiet_transformers, run_example  # noqa: E402
 from torch.utils.data import SequentialSampler, default_collate  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from fastadv import reference  # noqa: E402
 from fastadv.integrations.transformers import AdversarialTrainer  # noqa: E402
@@ -35,13 +34,8 @@ PARAMS = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_and_single_threaded():
-    """One thread is much faster for a model this small; the Trainer's info logs are noise here."""
-    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        yield
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
@@ -546,20 +540,16 @@ class _ScheduleFreeLike(torch.optim.SGD):
     training = True
 
     def eval(self):
-        if self.training:
-            with torch.no_grad():
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        p.mul_(2.0)
-            self.training = False
+        self._switch(False, 2.0)
 
     def train(self):
-        if not self.training:
+        self._switch(True, 0.5)
+
+    def _switch(self, training: bool, scale: float) -> None:
+        if self.training != training:
             with torch.no_grad():
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        p.div_(2.0)
-            self.training = True
+                torch._foreach_mul_([p for group in self.param_groups for p in group["params"]], scale)
+            self.training = training
 
 
 class _Unchecked(AdversarialTrainer):

@@ -13,11 +13,11 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+from _helpers import quiet_transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fastadv.integrations.transformers import AdversarialTrainer  # noqa: E402
@@ -38,12 +38,8 @@ METHODS = list(SETTINGS)
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_and_single_threaded():
-    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        yield
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
