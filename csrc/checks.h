@@ -143,8 +143,8 @@ inline InputModes check_input_step(const at::Tensor& delta, const at::Tensor& gr
                                    const std::optional<at::Tensor>& mask, double lr, c10::string_view norm,
                                    double denom_eps, double denom_floor, c10::string_view bound, double radius) {
   const auto dtype = delta.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "fastadv::input_step: delta is ", dtype, "; expected float32, bfloat16 or float16");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fastadv::input_step: delta is ",
+              dtype, "; expected float32, bfloat16 or float16");
   TORCH_CHECK(delta.dim() == 3 && delta.is_contiguous(), "fastadv::input_step: delta must be a contiguous [B, T, D] ",
               "tensor (it is written in place), got sizes ", delta.sizes(), " and strides ", delta.strides());
   TORCH_CHECK(grad.device() == delta.device(), "fastadv::input_step: grad is on ", grad.device(), ", delta on ",
@@ -174,8 +174,7 @@ inline InputModes check_input_step(const at::Tensor& delta, const at::Tensor& gr
   } else if (bound == "l2") {
     modes.bound = InputBound::kL2;
   } else {
-    TORCH_CHECK(bound == "inf", "fastadv::input_step: bound must be \"none\", \"l2\" or \"inf\", got \"", bound,
-                "\"");
+    TORCH_CHECK(bound == "inf", "fastadv::input_step: bound must be \"none\", \"l2\" or \"inf\", got \"", bound, "\"");
     modes.bound = InputBound::kInf;
   }
   TORCH_CHECK(std::isfinite(lr), "fastadv::input_step: lr must be finite, got ", lr);

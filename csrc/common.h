@@ -21,11 +21,10 @@
 
 // The dtypes every op accepts (no double: fp32 accumulation is the contract); inside the body `scalar_t` is the
 // element type (float, at::BFloat16 or at::Half).
-#define FASTADV_DISPATCH_FLOATING(TYPE, NAME, ...)                \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#define FASTADV_DISPATCH_FLOATING(TYPE, NAME, ...)                                                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                                            \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace fastadv {
 
@@ -113,7 +112,7 @@ FASTADV_HD inline V lerp(V start, V end, float weight) {
 
 // ---- input_step ----
 
-enum class InputNorm { kL2, kInf, kSign };     // the group norm n (kSign: the l2 norm, the step lr * sign(g))
+enum class InputNorm { kL2, kInf, kSign };   // the group norm n (kSign: the l2 norm, the step lr * sign(g))
 enum class InputBound { kNone, kL2, kInf };  // what bounds the new perturbation
 
 // How input_step's passes run. A group is cut into slices of consecutive tokens (a token group is one slice); every

@@ -63,8 +63,8 @@ struct Device {
   // `work`, and writes the sums of the first `sums` shares it returns to out[i][0..sums) (out: float64 or float32,
   // undefined without sums).
   template <template <typename> class Rows, typename T, typename Args>
-  static void apply(const at::Device& /*device: the CPU*/, const std::vector<Work<T>>& work,
-                    const Args& args, int sums, const at::Tensor& out) {
+  static void apply(const at::Device& /*device: the CPU*/, const std::vector<Work<T>>& work, const Args& args, int sums,
+                    const at::Tensor& out) {
     const size_t n = work.size();
     std::vector<int64_t> rows(n), row_bytes(n);
     for (size_t i = 0; i < n; ++i) {

@@ -37,7 +37,7 @@ inline void prefetch_row(const void* p, int64_t bytes, bool for_write = false) {
 // prefetch(next): rows listed in any order defeat the hardware prefetcher at each row start.
 template <typename OutOfRange, typename Prefetch, typename F>
 FASTADV_INLINE inline void for_each_row(const int64_t* index, int64_t begin, int64_t end, int64_t n_rows,
-                         const OutOfRange& out_of_range, const Prefetch& prefetch, const F& fn) {
+                                        const OutOfRange& out_of_range, const Prefetch& prefetch, const F& fn) {
   for (int64_t j = begin; j < end; ++j) {
     if (!index) {
       fn(j, j);

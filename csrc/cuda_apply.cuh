@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(Segments segment
 template <typename out_t>
 inline void sum_partials(const Segments& segments, const at::Tensor& partial, int columns, out_t* out,
                          cudaStream_t stream) {
-  sum_partials_kernel<out_t><<<dim3(segments.n, columns), kThreads, 0, stream>>>(
-      segments, partial.const_data_ptr<double>(), out);
+  sum_partials_kernel<out_t>
+      <<<dim3(segments.n, columns), kThreads, 0, stream>>>(segments, partial.const_data_ptr<double>(), out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -91,8 +91,7 @@ struct input_step_kernel {
   // Calls fn(p, now, count) with the new fp32 values `now` of the `count` elements at p, block by block; the same
   // bits on every call.
   template <typename F>
-  FASTADV_INLINE static void for_each_new(Slice s, GroupStep step, const InputStepArgs& args,
-                                          const F& fn) {
+  FASTADV_INLINE static void for_each_new(Slice s, GroupStep step, const InputStepArgs& args, const F& fn) {
     for (int64_t token = 0; token < s.tokens; ++token) {
       const bool reading = step.finite && s.selected(token);  // g is 0 outside the mask (not read)
       scalar_t* row = s.delta + token * s.cols;
@@ -145,7 +144,8 @@ struct input_step_kernel {
 
   static void whole_group(const InputStepTensor& t, const InputStepArgs& args, int64_t group) {
     float total = 0.0f;
-    for (int64_t k = 0; k < t.slices; ++k) total = with_partial(total, partial_norm(slice_of(t, group, k), args), args.norm);
+    for (int64_t k = 0; k < t.slices; ++k)
+      total = with_partial(total, partial_norm(slice_of(t, group, k), args), args.norm);
     const GroupStep step = group_step(total, args.norm, args.denom_eps, args.denom_floor);
     t.norms[group] = step.n;
     if (args.bound != InputBound::kL2) {

@@ -38,7 +38,8 @@ struct input_step_kernel {
         return;
       }
       // per token: warp w of block rank b takes groups w + kWarps * b, then strides by all the warps; per example: the
-      // block takes groups b, then strides by the blocks (the same trip count in every thread, for the block's barriers)
+      // block takes groups b, then strides by the blocks (the same trip count in every thread, for the block's
+      // barriers)
       const int64_t first = args.per_token ? place.rank * kWarps + warp : place.rank;
       const int64_t stride = args.per_token ? place.blocks * kWarps : place.blocks;
       for (int64_t group = first; group < t.groups; group += stride) whole_group<N>(t, args, group, warp);
@@ -158,8 +159,7 @@ struct input_step_kernel {
   }
 
   template <int N>
-  __device__ static void stored_scaled(Slice s, GroupStep step, const InputStepArgs& args,
-                                       float factor) {
+  __device__ static void stored_scaled(Slice s, GroupStep step, const InputStepArgs& args, float factor) {
     for_each_new<N>(s, step, args, [&](scalar_t* p, float (&now)[N]) {
 #pragma unroll
       for (int k = 0; k < N; ++k) now[k] *= factor;

@@ -82,8 +82,8 @@ at::Tensor scan(at::TensorList grads, at::TensorList touched, at::TensorList fre
     if (params) dense_params[i] = (*params)[i].contiguous();
     const at::Tensor& param = params ? dense_params[i] : grad;
     work[i] = {{grad.const_data_ptr(), params ? param.const_data_ptr() : nullptr, nullptr,
-                dense_touched[i].const_data_ptr<bool>(), fresh[i].mutable_data_ptr<bool>(), grad.size(0),
-                grad.size(0), grad.size(1)},
+                dense_touched[i].const_data_ptr<bool>(), fresh[i].mutable_data_ptr<bool>(), grad.size(0), grad.size(0),
+                grad.size(1)},
                grad.scalar_type(),
                grad.size(0),
                grad.size(1) * grad.element_size() * (params ? 2 : 1),
@@ -277,8 +277,8 @@ struct InputStepArgs {
 // Slicing, the device's policy (input_step.cpp, input_step.cu): slice_tokens(cols, element_size), the tokens of an
 // example's slice; split(groups), whether examples of several slices are split between teams.
 template <typename Device, template <typename> class Rows, typename Slicing>
-at::Tensor input_step(const at::Tensor& delta, const at::Tensor& grad, const std::optional<at::Tensor>& mask,
-                      double lr, c10::string_view norm, bool per_token, double denom_eps, double denom_floor,
+at::Tensor input_step(const at::Tensor& delta, const at::Tensor& grad, const std::optional<at::Tensor>& mask, double lr,
+                      c10::string_view norm, bool per_token, double denom_eps, double denom_floor,
                       c10::string_view bound, double radius) {
   const InputModes modes = check_input_step(delta, grad, mask, lr, norm, denom_eps, denom_floor, bound, radius);
   const int64_t batch = delta.size(0), tokens = delta.size(1), cols = delta.size(2);

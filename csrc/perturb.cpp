@@ -27,9 +27,7 @@ struct perturb_kernel {
     float delta_sumsq = 0;
     for_each_row(
         t.rows, begin, end, t.param_rows,
-        [&](int64_t row) {
-          TORCH_CHECK(false, "fastadv::", op, ": row ", row, " is outside [0, ", t.param_rows, ")");
-        },
+        [&](int64_t row) { TORCH_CHECK(false, "fastadv::", op, ": row ", row, " is outside [0, ", t.param_rows, ")"); },
         [&](int64_t next) FASTADV_INLINE {
           prefetch_row(param + next * cols, cols * sizeof(scalar_t), pass != Pass::kMeasure);
           if (step != 0.0f) prefetch_row(grad + next * cols, cols * sizeof(scalar_t));
@@ -37,7 +35,7 @@ struct perturb_kernel {
         [&](int64_t j, int64_t row) FASTADV_INLINE {
           scalar_t* weights = param + row * cols;
           scalar_t* saved = backup + j * cols;
-          const bool backing = j >= t.n_backed;  // project: never (n_backed is every row)
+          const bool backing = j >= t.n_backed;                               // project: never (n_backed is every row)
           if (backing) std::memcpy(saved, weights, cols * sizeof(scalar_t));  // bit-exact; the row stays in L1
           if (step == 0.0f) return;
           FloatVec row_delta(0.0f);

@@ -29,7 +29,7 @@ struct perturb_kernel {
       scalar_t* weights = param + row * t.cols;
       const scalar_t* g = grad + row * t.cols;
       scalar_t* saved = backup + j * t.cols;
-      const bool backing = j >= t.n_backed;  // project: never (n_backed is every row)
+      const bool backing = j >= t.n_backed;   // project: never (n_backed is every row)
       if (!backing && scale == 0.0f) return;  // nothing to back up, nothing to change
       // whether this pass needs B, and whether from the backup (else from the read of W)
       const bool uses_origin = pass != Pass::kStep && (pass != Pass::kProject || projection.outside);

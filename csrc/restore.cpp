@@ -21,9 +21,8 @@ struct restore_kernel {
           TORCH_CHECK(false, "fastadv::restore: rows[", i, "] holds ", row, ", outside [0, ", t.param_rows, ")");
         },
         [&](int64_t next) FASTADV_INLINE { prefetch_row(param + next * cols, cols * sizeof(scalar_t), true); },
-        [&](int64_t j, int64_t row) FASTADV_INLINE {
-          std::memcpy(param + row * cols, backup + j * cols, cols * sizeof(scalar_t));
-        });
+        [&](int64_t j, int64_t row)
+            FASTADV_INLINE { std::memcpy(param + row * cols, backup + j * cols, cols * sizeof(scalar_t)); });
     return {};
   }
 };
