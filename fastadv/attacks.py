@@ -319,4 +319,4 @@ class FusedAWP(_Attack):
         gradient accumulation) are kept: set aside for the attack, they are put back before the last adversarial
         backward, which adds to them (and under DDP all-reduces them).
         """
-        return awp_loop(self, run_pass, k)
+        return awp_loop(self, run_pass, k, placement=self._placement)
