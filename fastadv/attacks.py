@@ -103,7 +103,7 @@ class _GradStash:
     backward writes into in place).
     """
 
-    def __init__(self, copy: bool) -> None:
+    def __init__(self, *, copy: bool) -> None:
         self.copy = copy
         self._grads: dict[str, tuple[Tensor, int]] | None = None
 
@@ -238,11 +238,11 @@ class FusedPGD(_Attack):
         emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({"eps": eps, "alpha": alpha, "emb_name": emb_name}))
         super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
-        self._grads = _GradStash(copy_grads)
+        self._grads = _GradStash(copy=copy_grads)
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._rows.attack(emb_name or self.emb_name, is_first_attack, pgd_rule(self.alpha, self.eps))
+        self._rows.attack(emb_name or self.emb_name, is_first_attack, pgd_rule(alpha=self.alpha, eps=self.eps))
 
     def backup_grad(self) -> None:
         """Remember the clean gradients (by reference unless ``copy_grads``)."""
@@ -304,7 +304,8 @@ class FusedAWP(_Attack):
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
-        self._rows.attack(self.adv_param, self._rows.active_name is None, awp_rule(self.adv_lr, self.adv_eps))
+        self._rows.attack(self.adv_param, self._rows.active_name is None,
+                          awp_rule(adv_lr=self.adv_lr, adv_eps=self.adv_eps))
 
     def restore(self) -> None:
         """Put the original weights back, bit-exact and in place."""
