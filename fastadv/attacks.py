@@ -44,13 +44,14 @@ class _Attack(Hyperparameters, abc.ABC):
         self.model = unwrap(model)
         named = matching_parameters(self.model, target, arg)  # what can fail before the first pass fails here
         resolve_backend(backend, named[0][1].device)
-        self._rows = RowPerturbation(self.model, backend, rows, target, self.engine and self.engine.placement)
+        self._rows = RowPerturbation(self.model, backend=backend, rows=rows, target=target,
+                                     placement=self.engine and self.engine.placement)
         self._placement = self._rows.placement  # where the loops and the gradient backup put gradients back
 
     @property
     def nonfinite_skips(self) -> int:
         """How many parameter attacks were skipped because the gradient (or, for AWP, weight) norm was inf or NaN."""
-        return self._rows.nonfinite_skips
+        return self._rows.skips.count
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put the original rows back, bit-exact and in place."""
@@ -64,7 +65,7 @@ class _Attack(Hyperparameters, abc.ABC):
     def remove_hooks(self) -> None:
         """Take this object's hooks off the model (the row hints' lookup recorders; they also go when the object
         is garbage-collected): nothing of fastadv is left on it. Attacks scan the gradient from then on."""
-        self._rows.remove_hooks()
+        self._rows.row_source.remove_hooks()
 
     @contextlib.contextmanager
     def _passes(self, closure: Callable[[], Tensor]) -> Iterator[Pass]:
@@ -183,7 +184,7 @@ class FusedFGM(_Attack):
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
-        self._rows.attack(emb_name or self.emb_name, True, fgm_rule(self.eps))
+        self._rows.attack(emb_name or self.emb_name, first=True, rule=fgm_rule(self.eps))
 
     @staticmethod
     def check_k(k: object, name: str = "k") -> int:
@@ -242,7 +243,8 @@ class FusedPGD(_Attack):
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._rows.attack(emb_name or self.emb_name, is_first_attack, pgd_rule(alpha=self.alpha, eps=self.eps))
+        self._rows.attack(emb_name or self.emb_name, first=is_first_attack,
+                          rule=pgd_rule(alpha=self.alpha, eps=self.eps))
 
     def backup_grad(self) -> None:
         """Remember the clean gradients (by reference unless ``copy_grads``)."""
@@ -304,12 +306,12 @@ class FusedAWP(_Attack):
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
-        self._rows.attack(self.adv_param, self._rows.active_name is None,
-                          awp_rule(adv_lr=self.adv_lr, adv_eps=self.adv_eps))
+        self._rows.attack(self.adv_param, first=self._rows.active_name is None,
+                          rule=awp_rule(adv_lr=self.adv_lr, adv_eps=self.adv_eps))
 
     def restore(self) -> None:
         """Put the original weights back, bit-exact and in place."""
-        self._rows.restore(None, "adv_param")
+        self._rows.restore(None, arg="adv_param")
 
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
         """Clean pass, then ``k`` times: attack, ``zero_grad``, adversarial pass; restore
