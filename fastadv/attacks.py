@@ -96,6 +96,19 @@ class _Attack(Hyperparameters, abc.ABC):
             return (self.run(run_pass) if k is None else self.run(run_pass, k))[0].detach()
 
 
+class _EmbeddingAttack(_Attack):
+    """FGM and PGD: attacks on the embedding weights that ``emb_name`` names (``None``: the model's input
+    embedding's), with their other hyperparameters checked."""
+
+    emb_name: str
+
+    def __init__(self, model: nn.Module, emb_name: str | None, hyperparameters: dict[str, float], *, backend: str,
+                 rows: str) -> None:
+        emb_name = embedding_weights_name(unwrap(model), emb_name)
+        vars(self).update(self.checked({**hyperparameters, "emb_name": emb_name}))
+        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
+
+
 class _GradStash:
     """PGD's gradient backup: references to the clean ``.grad`` tensors, guarded by ``_version``, not copies.
 
@@ -141,7 +154,7 @@ class _GradStash:
         self._grads = None
 
 
-class FusedFGM(_Attack):
+class FusedFGM(_EmbeddingAttack):
     """Drop-in for the seed's ``FGM``: ``W += eps * G / ||G||`` on the embedding rows the batch touched.
 
     Args:
@@ -168,7 +181,6 @@ class FusedFGM(_Attack):
 
     CHECKS = {"eps": check_positive}
     eps: float
-    emb_name: str
 
     def __init__(
         self,
@@ -178,9 +190,7 @@ class FusedFGM(_Attack):
         backend: str = "auto",
         rows: str = "auto",
     ) -> None:
-        emb_name = embedding_weights_name(unwrap(model), emb_name)
-        vars(self).update(self.checked({"eps": eps, "emb_name": emb_name}))
-        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
+        super().__init__(model, emb_name, {"eps": eps}, backend=backend, rows=rows)
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
@@ -199,7 +209,7 @@ class FusedFGM(_Attack):
         return fgm_loop(self, run_pass)
 
 
-class FusedPGD(_Attack):
+class FusedPGD(_EmbeddingAttack):
     """Drop-in for the seed's ``PGD``: ``k`` steps of ``alpha * G / ||G||`` projected onto the ``eps`` ball.
 
     Args:
@@ -224,7 +234,6 @@ class FusedPGD(_Attack):
     CHECKS = {"eps": check_positive, "alpha": check_positive}
     eps: float
     alpha: float
-    emb_name: str
 
     def __init__(
         self,
@@ -236,9 +245,7 @@ class FusedPGD(_Attack):
         copy_grads: bool = False,
         rows: str = "auto",
     ) -> None:
-        emb_name = embedding_weights_name(unwrap(model), emb_name)
-        vars(self).update(self.checked({"eps": eps, "alpha": alpha, "emb_name": emb_name}))
-        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
+        super().__init__(model, emb_name, {"eps": eps, "alpha": alpha}, backend=backend, rows=rows)
         self._grads = _GradStash(copy=copy_grads)
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
