@@ -442,7 +442,8 @@ class RowSource:
         return stats
 
     def _inexact(self, hints: BatchRows, reason: str) -> None:
-        """The hints missed gradient rows (``reason``): an error for ``rows="batch"``; for ``"auto"`` scans."""
+        """The hints missed gradient rows (``reason``): an error for ``rows="batch"``; for ``"auto"`` a scan, quietly
+        once where no lookup was recorded yet (built after the forward pass), else from now on with one warning."""
         if self.mode == "batch":
             raise RuntimeError(f"rows='batch': {reason}; use rows='scan'")
         if not (hints.lookups.masks or self._built_late):
