@@ -19,6 +19,7 @@ import contextlib
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -103,7 +104,7 @@ class EngineSupport:
                 " engine.coalesce_grad_reduction() (DeepSpeed's ZeRO 1-3 optimizers do), which fastadv needs"
             )
         self.engine = engine
-        self.placement = ZeroPlacement(engine, stage)
+        self.placement = ZeroPlacement(engine, stage=stage)
 
     def backward_pass(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
         """The pass of ``closure()`` (forward, returns the loss) through ``engine.backward``."""
@@ -135,11 +136,20 @@ class EngineSupport:
         _flushed_at[engine] = engine.global_steps
 
 
+class _Partition(NamedTuple):
+    """This rank's partition of a ZeRO-3 parameter: its start and length in the flattened parameter, and the widest
+    row length (a divisor of the parameter's) in which the partition is whole rows."""
+
+    start: int
+    length: int
+    width: int
+
+
 class ZeroPlacement(Placement):
     """The gradients in ``.grad`` (inside ``coalesce_grad_reduction``), averaged over the data-parallel group before
     an attack; the weights where the next forward reads them (see the module's docstring)."""
 
-    def __init__(self, engine: nn.Module, stage: int) -> None:
+    def __init__(self, engine: nn.Module, *, stage: int) -> None:
         self.engine = engine
         self.stage = stage
         self.group = engine.data_parallel_group
@@ -167,26 +177,25 @@ class ZeroPlacement(Placement):
             dist.all_reduce(param.grad.data, group=self.group)
             param.grad.data.div_(world)
 
-    def _slice(self, param: nn.Parameter) -> tuple[int, int, int]:
-        """This rank's partition of a ZeRO-3 parameter: its start and length in the flattened parameter, and the
-        widest row length (a divisor of the parameter's) in which the partition is whole rows."""
+    @staticmethod
+    def _partition(param: nn.Parameter) -> _Partition:
         size = param.ds_tensor.ds_numel
         start = size * dist.get_rank(param.ds_process_group)
         length = max(0, min(size, param.ds_numel - start))
         width = param.ds_numel // param.ds_shape[0] if len(param.ds_shape) > 1 else param.ds_numel
-        return start, length, math.gcd(start, length, width)
+        return _Partition(start=start, length=length, width=math.gcd(start, length, width))
 
     def weights(self, param: nn.Parameter) -> Tensor:
         if self.stage != 3:
             return super().weights(param)
-        _, length, width = self._slice(param)
-        return param.ds_tensor.narrow(0, 0, length).view(-1, width)
+        part = self._partition(param)
+        return param.ds_tensor.narrow(0, 0, part.length).view(-1, part.width)
 
     def grad(self, param: nn.Parameter) -> Tensor:
         if self.stage != 3:
             return super().grad(param)
-        start, length, width = self._slice(param)
-        return param.grad.contiguous().view(-1).narrow(0, start, length).view(-1, width)
+        part = self._partition(param)
+        return param.grad.contiguous().view(-1).narrow(0, part.start, part.length).view(-1, part.width)
 
     def sharding(self, named: list[tuple[str, nn.Parameter]]) -> Sharding:
         if self.stage != 3:

@@ -1,9 +1,9 @@
-"""Row hints (``rows="batch"``, and ``rows="auto"`` where they are exact): the rows of each target embedding looked
-up since the last attack, recorded by forward hooks, so an attack reads only those rows instead of scanning the
-whole gradient.
+"""Where an attack's rows come from (:class:`RowSource`): a scan of the gradient, or row hints (``rows="batch"``, and
+``rows="auto"`` where they are exact): the rows of each target embedding looked up since the last attack, recorded by
+forward hooks (:class:`BatchRows`), so an attack reads only those rows instead of scanning the whole gradient.
 
 Hints are exact while every non-zero row of the gradient was looked up. Three checks keep that proved, each read at
-the attack's one host sync (:meth:`fastadv._driver.RowPerturbation._hinted_rows`):
+the attack's one host sync (:meth:`RowSource.find`):
 
 - a *scan* (the whole gradient) at the first attack, and at any attack before which a lookup went unrecorded or a
   backward pass gave the weight gradient that its lookup does not explain (the next two);
@@ -24,14 +24,21 @@ the attack's one host sync (:meth:`fastadv._driver.RowPerturbation._hinted_rows`
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 import weakref
-from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from fastadv._rows import RowState
+from fastadv._sharding import Sharding, distributed
+from fastadv._targets import NonfiniteSkips, StepTargets
+from fastadv._util import user_stacklevel
+
+#: How an attack finds its rows: ``"auto"`` (row hints where exact, else a scan), ``"scan"``, ``"batch"`` (hints).
+ROWS = ("auto", "scan", "batch")
 
 #: Every row of a hinted gradient is read once every this many attacks (the sweep).
 _SWEEP_ATTACKS = 256
@@ -39,6 +46,9 @@ _SWEEP_ATTACKS = 256
 _SWEEP_MIN_ROWS = 32
 #: Autograd nodes searched from an embedding's output back to its lookup (a scaled embedding, an added noise).
 _LOOKUP_DEPTH = 4
+#: Below this gradient sum of squares, a row whose squares all underflow to zero in fp32 (|g| < 4e-23) could still get
+#: a perturbation above 1e-12 * eps, so the attack covers every row instead of the rows the scan found non-zero.
+_UNDERFLOW_SUMSQ = 1e-20
 
 
 class _Lookups:
@@ -198,7 +208,7 @@ def _hinted_modules(model: nn.Module, emb_name: str) -> tuple[list[tuple[str, nn
     return hinted, None
 
 
-def batch_rows(model: nn.Module, emb_name: str, required: bool) -> BatchRows | None:
+def batch_rows(model: nn.Module, emb_name: str, *, required: bool) -> BatchRows | None:
     """Row hints for the weights matching ``emb_name``, or ``None`` where they would not be exact (with ``required``,
     ``rows="batch"``, an error saying why)."""
     hinted, blocker = _hinted_modules(model, emb_name)
@@ -213,12 +223,12 @@ class BatchRows:
     """The rows of each target embedding looked up since the last attack, recorded by forward hooks on its
     ``nn.Embedding`` (only where autograd records, so evaluation passes add nothing), and the checks that keep them
     exact (see the module's docstring): :meth:`needs_check` says when an attack must scan, :meth:`sweep` is the
-    slice every other attack reads."""
+    slice every other attack reads, :meth:`confirm` takes a scan's proof."""
 
     def __init__(self, emb_name: str, hinted: list[tuple[str, nn.Embedding]]) -> None:
         self.emb_name = emb_name
         self.lookups = _Lookups()
-        self.verified = False
+        self.verified = False  # a scan proved the hints (confirm)
         self._modules = hinted
         self._sweep_at: dict[str, int] = {}
         self._install()
@@ -256,6 +266,14 @@ class BatchRows:
         """Whether provenance flagged any of ``names`` since the last attack (asked before :meth:`take`)."""
         return not self.lookups.foreign.isdisjoint(names)
 
+    def confirm(self, *, unpaired: bool) -> None:
+        """A scan found the hints exact (at an attack :meth:`needs_check` asked it for): from now on the sweep and
+        provenance suffice; ``unpaired`` (provenance could not pair the gradients, :meth:`unpaired`) switches
+        provenance off, which would only cost scans."""
+        self.verified = True
+        if unpaired:
+            self.stop_tracking()
+
     def take(self, name: str, state: RowState) -> None:
         """Flag in ``state.fresh`` the rows looked up since the last call and not yet perturbed; forget them."""
         lookups = self.lookups
@@ -269,12 +287,12 @@ class BatchRows:
         torch.logical_and(mask, state.touched.logical_not(), out=state.fresh)
         mask.zero_()
 
-    def sweep(self, backend: ModuleType, names: list[str], grads: list[Tensor], states: list[RowState]) -> Tensor:
+    def sweep(self, step: StepTargets) -> Tensor:
         """float64 ``[n]``: the rows of this attack's slice of each gradient that are non-zero but neither looked up
         (``state.fresh``, after :meth:`take`) nor perturbed (``state.touched``); the next attack reads the next
         slice. One scan of the slices: about ``1/_SWEEP_ATTACKS`` of a full scan's reads."""
         slices, explained, found = [], [], []
-        for name, grad, state in zip(names, grads, states):
+        for name, grad, state in zip(step.names, step.grads, step.states):
             n_rows = len(state.touched)
             start = self._sweep_at.get(name, 0) % n_rows
             stop = min(start + max(_SWEEP_MIN_ROWS, -(-n_rows // _SWEEP_ATTACKS)), n_rows)
@@ -282,7 +300,7 @@ class BatchRows:
             slices.append(grad[start:stop])
             explained.append(state.fresh[start:stop] | state.touched[start:stop])
             found.append(torch.empty(stop - start, dtype=torch.bool, device=grad.device))
-        return backend.scan(slices, explained, found)[:, 1]
+        return step.backend.scan(slices, explained, found)[:, 1]
 
     def stop_tracking(self) -> None:
         """Provenance off: a model it cannot pair (two lookups per backward, a hook that replaces the gradient, a
@@ -294,7 +312,7 @@ class BatchRows:
         self._checks = []
 
     @staticmethod
-    def unexplained(missed: list[str], looked_up: set[str]) -> str:
+    def unexplained(missed: list[str], *, looked_up: set[str]) -> str:
         """Why gradients of ``missed`` have rows that no recorded lookup explains."""
         silent = [name for name in missed if name not in looked_up]
         if silent:
@@ -314,3 +332,147 @@ class BatchRows:
         self.stop_tracking()
         for handle in self._handles:
             handle.remove()
+
+
+class RowSource:
+    """How an attack object finds the rows to perturb (``rows``): a scan of the gradient (``"scan"``), the row hints
+    (``"batch"``), or ``"auto"``: the hints where they are exact, kept checked at every attack (see the module's
+    docstring), falling back to scans with one warning when they are not. The hooks go with this object."""
+
+    def __init__(self, model: nn.Module, *, rows: str, emb_name: str | None) -> None:
+        if rows not in ROWS:
+            raise ValueError(
+                f"rows must be 'auto' (row hints where exact, else a scan), 'scan' (from the gradient) or 'batch'"
+                f" (the looked-up ids), got {rows!r}"
+            )
+        hinted = rows != "scan" and emb_name is not None
+        self.hints = batch_rows(model, emb_name, required=rows == "batch") if hinted else None
+        # rows="auto" scans where hints would not be exact (not an embedding's weight, a tied head)
+        self.mode = rows if self.hints is not None else "scan"
+        self._built_late = False  # rows="auto": the first attack found no lookup recorded at all
+        self._remove_hooks_with_self()
+
+    def _remove_hooks_with_self(self) -> None:
+        if self.hints is not None:
+            weakref.finalize(self, self.hints.remove)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._remove_hooks_with_self()
+
+    def check_target(self, name_part: str) -> None:
+        """``rows="batch"`` attacks only the embedding whose lookups it records."""
+        if self.mode == "batch" and name_part != self.hints.emb_name:
+            raise ValueError(
+                f"rows='batch' records lookups of emb_name={self.hints.emb_name!r} (given to the constructor),"
+                f" not {name_part!r}"
+            )
+
+    def hints_for(self, name_part: str, sharding: Sharding) -> BatchRows | None:
+        """The row hints for this attack, or ``None`` to scan. ``rows="auto"`` scans other targets than the
+        constructor's, and from now on scans sharded (FSDP2) or all-reduced (several processes) gradients."""
+        if self.hints is None or name_part != self.hints.emb_name:
+            return None
+        if sharding.groups:
+            if self.mode == "batch":
+                raise RuntimeError("rows='batch' does not support sharded (FSDP2) parameters; use rows='scan'")
+            self._stop_hints()
+            return None
+        if self.mode == "auto" and distributed():
+            self._stop_hints()
+            return None
+        return self.hints
+
+    def remove_hooks(self) -> None:
+        """Take the row-hint hooks off the model; attacks scan from then on."""
+        if self.hints is not None:
+            self._stop_hints()
+
+    def _stop_hints(self) -> None:
+        self.hints.remove()
+        self.hints, self.mode = None, "scan"
+
+    def find(
+        self, step: StepTargets, *, hints: BatchRows | None, reads_weights: bool, skips: NonfiniteSkips
+    ) -> Tensor:
+        """Adds each target's new rows (pending) and returns the ``[n, 3]`` stats the step sizes come from: from
+        ``hints`` (:meth:`hints_for`) where they prove exact, else from a scan (of the weights too with
+        ``reads_weights``). A target whose norm is inf or NaN gets no rows and counts in ``skips``."""
+        if hints is not None:
+            stats = self._hinted(step, hints, skips)
+            if stats is not None:
+                return stats
+        return _scanned(step, reads_weights=reads_weights, skips=skips)
+
+    def _hinted(self, step: StepTargets, hints: BatchRows, skips: NonfiniteSkips) -> Tensor | None:
+        """The recorded rows instead of a scan, and the gradient norms over those rows only (the skip decisions stay
+        on the device, deferred in ``skips``). Proved at the same sync by a scan where :meth:`BatchRows.needs_check`
+        asks for one, else by the sweep of a slice of the gradient. ``None`` when ``rows="auto"`` found the hints
+        inexact: the caller scans, as every later attack will."""
+        names, states = step.names, step.states
+        check = hints.needs_check(names)
+        unpaired = hints.unpaired(names)
+        looked_up = set(hints.lookups.seen)
+        for name, state in zip(names, states):
+            hints.take(name, state)
+        counts = torch.stack([s.fresh.sum() for s in states]).double()
+        if check:  # every non-zero gradient row must be recorded (or perturbed already)
+            scanned = [torch.empty_like(s.fresh) for s in states]
+            step.backend.scan(step.grads, [s.touched for s in states], scanned)
+            unexplained = torch.stack([(found & ~s.fresh).sum() for found, s in zip(scanned, states)]).double()
+        else:  # the same, on this attack's slice of each gradient
+            unexplained = hints.sweep(step)
+        deferred = skips.deferred()
+        host = torch.cat([counts, unexplained] + [flags.double() for flags in deferred]).tolist()  # the one host sync
+        n = len(states)
+        if deferred:
+            skips.read(host[2 * n :])
+        missed = [name for name, extra in zip(names, host[n : 2 * n]) if extra]
+        if missed:
+            self._inexact(hints, hints.unexplained(missed, looked_up=looked_up))
+            return None
+        if check:
+            hints.confirm(unpaired=unpaired)
+        for state, count in zip(states, host[:n]):
+            state.add_fresh(int(count))
+        grad_sumsq = step.backend.row_sumsq(step.grads, [s.rows for s in states])
+        skips.defer(names, ~torch.isfinite(grad_sumsq))
+        stats = torch.zeros(n, 3, dtype=torch.float64, device=grad_sumsq.device)
+        stats[:, 0] = grad_sumsq
+        return stats
+
+    def _inexact(self, hints: BatchRows, reason: str) -> None:
+        """The hints missed gradient rows (``reason``): an error for ``rows="batch"``; for ``"auto"`` a scan, quietly
+        once where no lookup was recorded yet (built after the forward pass), else from now on with one warning."""
+        if self.mode == "batch":
+            raise RuntimeError(f"rows='batch': {reason}; use rows='scan'")
+        if not (hints.lookups.masks or self._built_late):
+            # no lookup since the hooks were added: likely built after this batch's forward pass; scan this
+            # attack and check the hints again at the next (a compiled model stays silent: warned then)
+            self._built_late = True
+            return
+        self._stop_hints()
+        warnings.warn(
+            f"rows='auto': {reason}. Row hints are not exact for this model, so this attack object scans"
+            " the gradient from now on (pass rows='scan' to skip the hints and this warning)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+def _scanned(step: StepTargets, *, reads_weights: bool, skips: NonfiniteSkips) -> Tensor:
+    """The rows of a scan: each gradient's non-zero rows not perturbed yet, read with the one host sync."""
+    states = step.states
+    stats = step.backend.scan(step.grads, [s.touched for s in states], [s.fresh for s in states],
+                              step.weights if reads_weights else None)
+    if step.sharding.groups:  # the sums of squares are global; the row counts stay local
+        sums = stats[:, 0::2].contiguous()
+        step.sharding.all_reduce(sums)
+        stats[:, 0::2] = sums
+    host = stats.tolist()  # the one host sync
+    for name, state, (grad_sumsq, n_fresh, param_sumsq) in zip(step.names, states, host):
+        if not (math.isfinite(grad_sumsq) and math.isfinite(param_sumsq)):
+            skips.skip(name)
+        elif grad_sumsq > 0:
+            state.add_fresh(state.mark_all_fresh() if grad_sumsq < _UNDERFLOW_SUMSQ else int(n_fresh))
+    return stats

@@ -32,11 +32,16 @@ class RowState:
         self._backup = param.new_empty((0, n_cols))
         self.n_rows = 0
         self.n_backed = 0
-        self.in_order = True  # rows[:n_rows] ascending: true after one scan, which finds rows in order
+        self._in_order = True  # rows[:n_rows] ascending: true after one scan, which finds rows in order
         self._in_order_backed = True
 
     def fits(self, param: Tensor) -> bool:
         return param.shape == self.param.shape and param.device == self.param.device and param.dtype == self.param.dtype
+
+    def attach(self, param: Tensor) -> None:
+        """Write into ``param`` from this attack on: the view the driver takes at each attack, of the same storage
+        while rows are perturbed (the driver refuses a rebound one then), else of any tensor this state :meth:`fits`."""
+        self.param = param
 
     def writes_into(self, param: Tensor) -> bool:
         """Whether ``param`` is the storage this state's rows were written into (not rebound or converted since)."""
@@ -69,8 +74,8 @@ class RowState:
             self._rows, self._backup = rows, backup
         self._rows[self.n_rows : needed] = new_rows
         self.touched.index_fill_(0, new_rows, True)
-        self._in_order_backed = self.in_order
-        self.in_order = self.n_rows == 0
+        self._in_order_backed = self._in_order
+        self._in_order = self.n_rows == 0
         self.n_rows = needed
 
     def drop_pending(self) -> None:
@@ -78,23 +83,24 @@ class RowState:
         if self.n_rows > self.n_backed:
             self.touched.index_fill_(0, self._rows[self.n_backed : self.n_rows], False)
             self.n_rows = self.n_backed
-            self.in_order = self._in_order_backed
+            self._in_order = self._in_order_backed
 
     def backed_up(self) -> None:
         """Every row has its backup now: commit them. A complete row list is put in order first (backends use slices
         for it), swapping in sorted copies in one assignment so that an interrupt never leaves rows and backups
         out of step."""
-        if not self.in_order and self.n_rows == len(self.touched):
+        if not self._in_order and self.n_rows == len(self.touched):
             order = torch.argsort(self.rows)
             self._rows, self._backup = self.rows[order], self.backup[order]
-            self.in_order = True
+            self._in_order = True
         self.n_backed = self.n_rows
-        self._in_order_backed = self.in_order
+        self._in_order_backed = self._in_order
 
     def clear(self) -> None:
         self.touched.index_fill_(0, self.rows, False)
         self.n_rows = self.n_backed = 0
-        self.in_order = self._in_order_backed = True
+        self._in_order = self._in_order_backed = True
         if len(self._rows) == len(self.touched):  # room for every row: a whole copy of the weight, not kept
             self._rows = self._rows.new_empty(0)
             self._backup = self._backup.new_empty((0, self._backup.shape[1]))
+

@@ -44,13 +44,14 @@ class _Attack(Hyperparameters, abc.ABC):
         self.model = unwrap(model)
         named = matching_parameters(self.model, target, arg)  # what can fail before the first pass fails here
         resolve_backend(backend, named[0][1].device)
-        self._rows = RowPerturbation(self.model, backend, rows, target, self.engine and self.engine.placement)
+        self._rows = RowPerturbation(self.model, backend=backend, rows=rows, target=target,
+                                     placement=self.engine and self.engine.placement)
         self._placement = self._rows.placement  # where the loops and the gradient backup put gradients back
 
     @property
     def nonfinite_skips(self) -> int:
         """How many parameter attacks were skipped because the gradient (or, for AWP, weight) norm was inf or NaN."""
-        return self._rows.nonfinite_skips
+        return self._rows.skips.count
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put the original rows back, bit-exact and in place."""
@@ -64,7 +65,7 @@ class _Attack(Hyperparameters, abc.ABC):
     def remove_hooks(self) -> None:
         """Take this object's hooks off the model (the row hints' lookup recorders; they also go when the object
         is garbage-collected): nothing of fastadv is left on it. Attacks scan the gradient from then on."""
-        self._rows.remove_hooks()
+        self._rows.row_source.remove_hooks()
 
     @contextlib.contextmanager
     def _passes(self, closure: Callable[[], Tensor]) -> Iterator[Pass]:
@@ -95,6 +96,19 @@ class _Attack(Hyperparameters, abc.ABC):
             return (self.run(run_pass) if k is None else self.run(run_pass, k))[0].detach()
 
 
+class _EmbeddingAttack(_Attack):
+    """FGM and PGD: attacks on the embedding weights that ``emb_name`` names (``None``: the model's input
+    embedding's), with their other hyperparameters checked."""
+
+    emb_name: str
+
+    def __init__(self, model: nn.Module, emb_name: str | None, hyperparameters: dict[str, float], *, backend: str,
+                 rows: str) -> None:
+        emb_name = embedding_weights_name(unwrap(model), emb_name)
+        vars(self).update(self.checked({**hyperparameters, "emb_name": emb_name}))
+        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
+
+
 class _GradStash:
     """PGD's gradient backup: references to the clean ``.grad`` tensors, guarded by ``_version``, not copies.
 
@@ -103,7 +117,7 @@ class _GradStash:
     backward writes into in place).
     """
 
-    def __init__(self, copy: bool) -> None:
+    def __init__(self, *, copy: bool) -> None:
         self.copy = copy
         self._grads: dict[str, tuple[Tensor, int]] | None = None
 
@@ -140,7 +154,7 @@ class _GradStash:
         self._grads = None
 
 
-class FusedFGM(_Attack):
+class FusedFGM(_EmbeddingAttack):
     """Drop-in for the seed's ``FGM``: ``W += eps * G / ||G||`` on the embedding rows the batch touched.
 
     Args:
@@ -167,7 +181,6 @@ class FusedFGM(_Attack):
 
     CHECKS = {"eps": check_positive}
     eps: float
-    emb_name: str
 
     def __init__(
         self,
@@ -177,13 +190,11 @@ class FusedFGM(_Attack):
         backend: str = "auto",
         rows: str = "auto",
     ) -> None:
-        emb_name = embedding_weights_name(unwrap(model), emb_name)
-        vars(self).update(self.checked({"eps": eps, "emb_name": emb_name}))
-        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
+        super().__init__(model, emb_name, {"eps": eps}, backend=backend, rows=rows)
 
     def attack(self, emb_name: str | None = None) -> None:
         """Perturb the matching embeddings along their gradient; raises if an attack is already active."""
-        self._rows.attack(emb_name or self.emb_name, True, fgm_rule(self.eps))
+        self._rows.attack(emb_name or self.emb_name, first=True, rule=fgm_rule(self.eps))
 
     @staticmethod
     def check_k(k: object, name: str = "k") -> int:
@@ -198,7 +209,7 @@ class FusedFGM(_Attack):
         return fgm_loop(self, run_pass)
 
 
-class FusedPGD(_Attack):
+class FusedPGD(_EmbeddingAttack):
     """Drop-in for the seed's ``PGD``: ``k`` steps of ``alpha * G / ||G||`` projected onto the ``eps`` ball.
 
     Args:
@@ -223,7 +234,6 @@ class FusedPGD(_Attack):
     CHECKS = {"eps": check_positive, "alpha": check_positive}
     eps: float
     alpha: float
-    emb_name: str
 
     def __init__(
         self,
@@ -235,14 +245,13 @@ class FusedPGD(_Attack):
         copy_grads: bool = False,
         rows: str = "auto",
     ) -> None:
-        emb_name = embedding_weights_name(unwrap(model), emb_name)
-        vars(self).update(self.checked({"eps": eps, "alpha": alpha, "emb_name": emb_name}))
-        super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
-        self._grads = _GradStash(copy_grads)
+        super().__init__(model, emb_name, {"eps": eps, "alpha": alpha}, backend=backend, rows=rows)
+        self._grads = _GradStash(copy=copy_grads)
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._rows.attack(emb_name or self.emb_name, is_first_attack, pgd_rule(self.alpha, self.eps))
+        self._rows.attack(emb_name or self.emb_name, first=is_first_attack,
+                          rule=pgd_rule(alpha=self.alpha, eps=self.eps))
 
     def backup_grad(self) -> None:
         """Remember the clean gradients (by reference unless ``copy_grads``)."""
@@ -304,11 +313,12 @@ class FusedAWP(_Attack):
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
-        self._rows.attack(self.adv_param, self._rows.active_name is None, awp_rule(self.adv_lr, self.adv_eps))
+        self._rows.attack(self.adv_param, first=self._rows.active_name is None,
+                          rule=awp_rule(adv_lr=self.adv_lr, adv_eps=self.adv_eps))
 
     def restore(self) -> None:
         """Put the original weights back, bit-exact and in place."""
-        self._rows.restore(None, "adv_param")
+        self._rows.restore(None, arg="adv_param")
 
     def run(self, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
         """Clean pass, then ``k`` times: attack, ``zero_grad``, adversarial pass; restore
@@ -319,4 +329,4 @@ class FusedAWP(_Attack):
         gradient accumulation) are kept: set aside for the attack, they are put back before the last adversarial
         backward, which adds to them (and under DDP all-reduces them).
         """
-        return awp_loop(self, run_pass, k)
+        return awp_loop(self, run_pass, k, placement=self._placement)

@@ -4,30 +4,58 @@ A *pass* runs one forward and backward pass and returns the loss: ``closure().ba
 :meth:`fastadv.FusedFGM.step`; ``Trainer.training_step`` (autocast, loss scaling and the division for gradient
 accumulation included) in :class:`fastadv.integrations.transformers.AdversarialTrainer`; a framework's own backward
 elsewhere. Each loop returns ``(clean loss, loss of the last adversarial pass)`` and, if any pass or attack raises,
-puts the weights (and PGD's clean gradients) back before the error propagates.
+puts the weights (and PGD's clean gradients) back before the error propagates. A loop takes any attack object with
+the calls it makes (:class:`Attack`, :class:`PGDAttack`: those of :mod:`fastadv.attacks` have them).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import Tensor, nn
 
 from fastadv._sharding import Placement
 from fastadv._util import check_steps
 
-if TYPE_CHECKING:
-    from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
-
 __all__ = [
-    "Pass", "backward_pass", "fgm_loop", "pgd_loop", "awp_loop", "earlier_grads_set_aside", "set_grads_aside",
-    "add_grads", "replayed_pass",
+    "Pass", "Attack", "PGDAttack", "backward_pass", "fgm_loop", "pgd_loop", "awp_loop", "earlier_grads_set_aside",
+    "set_grads_aside", "add_grads", "replayed_pass",
 ]
 
 #: One forward and backward pass; returns the loss.
 Pass = Callable[[], Tensor]
+
+
+class _Restorable(Protocol):
+    model: nn.Module
+
+    def restore(self) -> None:
+        """Put the original weights back."""
+
+    def cleanup(self) -> None:
+        """After a failed pass: put back whatever an attack left changed."""
+
+
+class Attack(_Restorable, Protocol):
+    """What :func:`fgm_loop` and :func:`awp_loop` call (:class:`fastadv.FusedFGM`, :class:`fastadv.FusedAWP`)."""
+
+    def attack(self) -> None:
+        """One attack step (AWP's first after a restore saves the original weights)."""
+
+
+class PGDAttack(_Restorable, Protocol):
+    """What :func:`pgd_loop` calls (:class:`fastadv.FusedPGD`)."""
+
+    def attack(self, *, is_first_attack: bool) -> None:
+        """One PGD step; the first backs up the rows it touches."""
+
+    def backup_grad(self) -> None:
+        """Remember the clean gradients."""
+
+    def restore_grad(self) -> None:
+        """Put the clean gradients back."""
 
 
 def backward_pass(closure: Callable[[], Tensor]) -> Pass:
@@ -60,7 +88,7 @@ def replayed_pass(loss: Tensor, run_pass: Pass, replay: Callable[[], None] | Non
 
 
 @contextlib.contextmanager
-def _undone_on_error(attack: FusedFGM | FusedPGD | FusedAWP) -> Iterator[None]:
+def _undone_on_error(attack: _Restorable) -> Iterator[None]:
     try:
         yield
     except BaseException:
@@ -68,7 +96,7 @@ def _undone_on_error(attack: FusedFGM | FusedPGD | FusedAWP) -> Iterator[None]:
         raise
 
 
-def fgm_loop(fgm: FusedFGM, run_pass: Pass) -> tuple[Tensor, Tensor]:
+def fgm_loop(fgm: Attack, run_pass: Pass) -> tuple[Tensor, Tensor]:
     """The seed's FGM step: clean pass, attack, adversarial pass, restore. ``.grad`` gets both gradients."""
     loss = run_pass()
     with _undone_on_error(fgm):
@@ -78,7 +106,7 @@ def fgm_loop(fgm: FusedFGM, run_pass: Pass) -> tuple[Tensor, Tensor]:
     return loss, adv_loss
 
 
-def pgd_loop(pgd: FusedPGD, run_pass: Pass, k: int = 3) -> tuple[Tensor, Tensor]:
+def pgd_loop(pgd: PGDAttack, run_pass: Pass, k: int = 3) -> tuple[Tensor, Tensor]:
     """The seed's PGD step with ``pgd_k = k``: clean pass, ``backup_grad()``, ``k`` times attack and adversarial pass
     (``zero_grad`` between them, ``restore_grad()`` before the last), restore. ``.grad``: clean + last adversarial."""
     check_steps("k", k)
@@ -96,14 +124,15 @@ def pgd_loop(pgd: FusedPGD, run_pass: Pass, k: int = 3) -> tuple[Tensor, Tensor]
     return loss, adv_loss
 
 
-def awp_loop(awp: FusedAWP, run_pass: Pass, k: int = 1) -> tuple[Tensor, Tensor]:
+def awp_loop(awp: Attack, run_pass: Pass, k: int = 1, *, placement: Placement | None = None) -> tuple[Tensor, Tensor]:
     """The AWP class's step with ``adv_step = k``: clean pass, then ``k`` times (attack, ``zero_grad``, adversarial
     pass), restore. The adversarial passes replace the clean gradient; gradients already in ``.grad`` (earlier
     micro-batches of gradient accumulation) are set aside for the step, so the attack sees this batch's alone, and
     put back before the last adversarial pass, whose backward adds to them (under DDP, the backward that all-reduces
-    them: put back after it, each rank would keep its own)."""
+    them: put back after it, each rank would keep its own), through ``placement`` (see
+    :func:`earlier_grads_set_aside`)."""
     check_steps("k", k)
-    with earlier_grads_set_aside(awp.model, awp._placement) as put_back:
+    with earlier_grads_set_aside(awp.model, placement) as put_back:
         loss = run_pass()
         with _undone_on_error(awp):
             for t in range(k):

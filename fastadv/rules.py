@@ -21,7 +21,7 @@ __all__ = ["Rule", "fgm_rule", "pgd_rule", "awp_rule"]
 AWP_E = 1e-6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Rule:
     """One attack step of a method.
 
@@ -46,20 +46,20 @@ class Rule:
 
 def fgm_rule(eps: float) -> Rule:
     """FGM: ``W += eps * G / ||G||``, unbounded."""
-    return Rule("emb_name", lambda stats: eps / stats[:, 0].sqrt())
+    return Rule(arg="emb_name", step_size=lambda stats: eps / stats[:, 0].sqrt())
 
 
-def pgd_rule(alpha: float, eps: float) -> Rule:
+def pgd_rule(*, alpha: float, eps: float) -> Rule:
     """One PGD step: ``W += alpha * G / ||G||``, then the total perturbation projected onto the ``eps`` ball."""
-    return Rule("emb_name", lambda stats: alpha / stats[:, 0].sqrt(), ball=eps)
+    return Rule(arg="emb_name", step_size=lambda stats: alpha / stats[:, 0].sqrt(), ball=eps)
 
 
-def awp_rule(adv_lr: float, adv_eps: float) -> Rule:
+def awp_rule(*, adv_lr: float, adv_eps: float) -> Rule:
     """One AWP step: ``W += adv_lr * G / (||G|| + e) * (||W|| + e)``, clamped into the ``adv_eps`` box around ``W0``;
     parameters without a gradient are left out."""
     return Rule(
-        "adv_param",
-        lambda stats: adv_lr * (stats[:, 2].sqrt() + AWP_E) / (stats[:, 0].sqrt() + AWP_E),
+        arg="adv_param",
+        step_size=lambda stats: adv_lr * (stats[:, 2].sqrt() + AWP_E) / (stats[:, 0].sqrt() + AWP_E),
         box=adv_eps,
         reads_weights=True,
         needs_grad=False,

@@ -1,7 +1,7 @@
 """CUDA graphs and streams with the compiled backends (GPU only: skipped without CUDA).
 
 What of an attack a graph can capture: ``attack()`` reads on the host how many rows the batch touched (a scan's stats
-with ``rows="scan"``, the hinted rows' count with row hints: the one sync of ``fastadv._driver``'s ``_find_rows``), to
+with ``rows="scan"``, the hinted rows' count with row hints: the one sync of ``fastadv._hints.RowSource.find``), to
 size the row list, and ``nonfinite_skips`` reads the skip flags; so a whole ``attack()`` is not capturable, and
 neither is the self-check (it syncs) at a backend's first use. What follows the sync is: with the row lists fixed (their
 length, hence the grid, is baked into the graph; their contents, the gradients, the weights and the step sizes are

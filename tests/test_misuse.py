@@ -428,7 +428,7 @@ def test_row_hints_on_a_model_compiled_before_the_attack_object(seed):
     model.zero_grad()
     compiled(ids).backward()
     before = snapshot(model)
-    if fgm._rows.batch_rows.lookups.seen:  # this torch runs hooks added after compiling: the hints just work
+    if fgm._rows.row_source.hints.lookups.seen:  # this torch runs hooks added after compiling: the hints just work
         fgm.attack()
         fgm.restore()
         return
@@ -605,7 +605,7 @@ def assert_trains_as_the_seed_quietly(model: nn.Module, attacker, ref: nn.Module
 def recorded(attacker) -> tuple:
     """Everything the row-hint recorders of ``attacker`` hold, comparable: each mask's rows (and that it is a real
     tensor, not a fake one), the names looked up, looked up unrecorded, and unexplained by provenance."""
-    lookups = attacker._rows.batch_rows.lookups
+    lookups = attacker._rows.row_source.hints.lookups
     masks = {name: (type(mask), mask.nonzero().view(-1).tolist()) for name, mask in lookups.masks.items()}
     return masks, set(lookups.seen), set(lookups.unrecorded), set(lookups.foreign), dict(lookups.arrivals)
 
@@ -679,7 +679,7 @@ def test_a_partly_recorded_batch_is_found(backend, seed, tracking):
     train(model, attacker, "fgm", steps=1)
     train(ref, oracle, "fgm", steps=1)
     if not tracking:
-        attacker._rows.batch_rows.stop_tracking()
+        attacker._rows.row_source.hints.stop_tracking()
 
     def partly_vmapped(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return m(ids[:2]) + torch.func.vmap(m)(ids[2:, None] + 1000).sum()
@@ -730,7 +730,7 @@ def test_copies_of_the_model_carry_inert_recorders(backend, seed, how):
     twin.zero_grad()
     twin(batch()).backward()
     assert recorded(attacker) == before
-    lookups = weakref.ref(attacker._rows.batch_rows.lookups)
+    lookups = weakref.ref(attacker._rows.row_source.hints.lookups)
     del model, attacker, copies
     gc.collect()
     assert lookups() is None  # the copy kept nothing of the original
@@ -744,8 +744,8 @@ def test_a_copied_attack_object_records_for_its_own_model(backend, seed):
     before = recorded(attacker)
     clone.model(batch()).backward()
     assert recorded(attacker) == before
-    lookups = clone._rows.batch_rows.lookups
-    assert lookups.seen and lookups is not attacker._rows.batch_rows.lookups
+    lookups = clone._rows.row_source.hints.lookups
+    assert lookups.seen and lookups is not attacker._rows.row_source.hints.lookups
     (recorder,) = clone.model.embeddings.word_embeddings._forward_hooks.values()
     assert recorder.lookups is lookups
     assert len(clone.model.embeddings.word_embeddings.weight._backward_hooks) == 1
@@ -777,7 +777,7 @@ def test_an_interrupted_backward_pass_leaves_provenance_on(backend, seed):
         model(batch()).backward()
     model.zero_grad()
     assert_trains_as_the_seed_quietly(model, attacker, ref, oracle)
-    assert attacker._rows.batch_rows.lookups.tracking and not attacker._rows.batch_rows.lookups.arrivals
+    assert attacker._rows.row_source.hints.lookups.tracking and not attacker._rows.row_source.hints.lookups.arrivals
 
 
 def test_row_hints_on_a_model_compiled_after_the_attack_object(seed):
@@ -793,5 +793,5 @@ def test_row_hints_on_a_model_compiled_after_the_attack_object(seed):
     want = train(ref, oracle, "pgd", steps=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
-    hints = attacker._rows.batch_rows
-    assert attacker._rows.rows == "auto" and hints.verified and not hints.lookups.tracking
+    hints = attacker._rows.row_source.hints
+    assert attacker._rows.row_source.mode == "auto" and hints.verified and not hints.lookups.tracking

@@ -14,7 +14,7 @@ import torch
 from _helpers import DEVICE, HALF, TinyEncoder, assert_same_params, batch, make_attacker, train, twins, widened
 from torch import nn
 
-import fastadv._driver
+import fastadv._hints
 from fastadv._hints import _SWEEP_MIN_ROWS, BatchRows
 
 #: What rows="auto" says when it finds rows that the hints do not explain.
@@ -78,14 +78,14 @@ def pair(kind: str, model, backend: str, **options):
 def test_default_takes_the_rows_from_the_lookups_and_matches_the_seed(backend, seed, kind, micro_batches):
     model = TinyEncoder()
     attacker, oracle, ref = pair(kind, model, backend)
-    assert attacker._rows.rows == "auto"
+    assert attacker._rows.row_source.mode == "auto"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exact hints: no fallback, no warning
         got = train(model, attacker, kind, steps=3, micro_batches=micro_batches)
     want = train(ref, oracle, kind, steps=3, micro_batches=micro_batches)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
-    assert attacker._rows.batch_rows.verified  # the hints were used, checked once
+    assert attacker._rows.row_source.hints.verified  # the hints were used, checked once
 
 
 @pytest.mark.parametrize(("model", "emb_name"), [(TinyEncoder(tied=True), "word_embeddings"),
@@ -94,7 +94,7 @@ def test_targets_without_exact_hints_are_scanned_without_a_warning(backend, seed
     model = copy.deepcopy(model)
     hooks = dict(model.embeddings.word_embeddings._forward_hooks)
     attacker, oracle, ref = pair("pgd", model, backend, emb_name=emb_name)
-    assert attacker._rows.rows == "scan" and model.embeddings.word_embeddings._forward_hooks == hooks
+    assert attacker._rows.row_source.mode == "scan" and model.embeddings.word_embeddings._forward_hooks == hooks
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ids = batch(size=(3, 5))
@@ -114,7 +114,7 @@ def test_another_use_of_the_weight_warns_once_and_scans_from_then_on(backend, se
     want = train(ref, oracle, kind, steps=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
-    assert attacker._rows.rows == "scan" and not model.embeddings.word_embeddings._forward_hooks
+    assert attacker._rows.row_source.mode == "scan" and not model.embeddings.word_embeddings._forward_hooks
 
 
 def attack_with_set_gradients(attacker, oracle, model, ref) -> None:
@@ -146,10 +146,10 @@ def test_built_after_the_forward_pass_scans_once_quietly_then_uses_the_hints(bac
         oracle.restore()
         model.zero_grad()
         ref.zero_grad()
-        assert not attacker._rows.batch_rows.verified
+        assert not attacker._rows.row_source.hints.verified
         train(model, attacker, "fgm", steps=1)
         train(ref, oracle, "fgm", steps=1)
-    assert attacker._rows.batch_rows.verified
+    assert attacker._rows.row_source.hints.verified
     assert_same_params(model, ref)
 
 
@@ -162,7 +162,7 @@ def test_hooks_that_never_run_warn_once_and_scan(backend, seed):
         attack_with_set_gradients(attacker, oracle, model, ref)  # could be a late build: quiet
     with pytest.warns(RuntimeWarning, match="rows='auto': no lookup .* was recorded"):
         attack_with_set_gradients(attacker, oracle, model, ref)
-    assert attacker._rows.rows == "scan"
+    assert attacker._rows.row_source.mode == "scan"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attack_with_set_gradients(attacker, oracle, model, ref)
@@ -170,7 +170,7 @@ def test_hooks_that_never_run_warn_once_and_scan(backend, seed):
 
 def test_several_processes_are_scanned(backend, seed, monkeypatch):
     """Under DDP, FSDP or DeepSpeed the gradients are all-reduced: other ranks' rows, which no local lookup explains."""
-    monkeypatch.setattr(fastadv._driver, "distributed", lambda: True)
+    monkeypatch.setattr(fastadv._hints, "distributed", lambda: True)
     model = TinyEncoder()
     attacker, oracle, ref = pair("fgm", model, backend)
     with warnings.catch_warnings():
@@ -178,7 +178,7 @@ def test_several_processes_are_scanned(backend, seed, monkeypatch):
         train(model, attacker, "fgm", steps=2)
     train(ref, oracle, "fgm", steps=2)
     assert_same_params(model, ref)
-    assert attacker._rows.rows == "scan" and not model.embeddings.word_embeddings._forward_hooks
+    assert attacker._rows.row_source.mode == "scan" and not model.embeddings.word_embeddings._forward_hooks
 
 
 def test_another_emb_name_is_scanned_and_the_hints_stay(backend, seed):
@@ -191,7 +191,7 @@ def test_another_emb_name_is_scanned_and_the_hints_stay(backend, seed):
     assert_same_params(model, ref)
     attacker.restore("position_embeddings")
     oracle.restore("position_embeddings")
-    assert attacker._rows.rows == "auto" and attacker._rows.batch_rows is not None
+    assert attacker._rows.row_source.mode == "auto" and attacker._rows.row_source.hints is not None
 
 
 def switch_on(use: str, *models: LateUses) -> None:
@@ -228,7 +228,7 @@ def test_a_use_switched_on_later_warns_at_once_and_matches_the_seed(backend, see
     switch_on(use, model, ref)
     with pytest.warns(RuntimeWarning, match=FALLBACK) as caught:
         got += train(model, attacker, kind, steps=1, seed=5)
-        assert attacker._rows.rows == "scan"
+        assert attacker._rows.row_source.mode == "scan"
         got += train(model, attacker, kind, steps=2, seed=6)
     assert len([w for w in caught if "rows='auto'" in str(w.message)]) == 1
     want += train(ref, oracle, kind, steps=1, seed=5) + train(ref, oracle, kind, steps=2, seed=6)
@@ -299,7 +299,7 @@ def test_the_sweep_finds_a_dense_gradient_written_outside_autograd_at_once(backe
         edit.on = True
     with pytest.warns(RuntimeWarning, match=FALLBACK):
         train(model, attacker, "fgm", steps=1, seed=5, size=(2, 6))
-        assert attacker._rows.rows == "scan"
+        assert attacker._rows.row_source.mode == "scan"
     train(ref, oracle, "fgm", steps=1, seed=5, size=(2, 6))
     assert_same_params(model, ref)
 
@@ -317,9 +317,9 @@ def test_the_sweep_finds_a_sparse_gradient_written_outside_autograd_within_its_p
     with pytest.warns(RuntimeWarning, match=FALLBACK):
         for attacks in range(1, -(-1100 // _SWEEP_MIN_ROWS) + 1):
             train(model, attacker, "fgm", steps=1, seed=attacks)
-            if attacker._rows.rows == "scan":
+            if attacker._rows.row_source.mode == "scan":
                 break
-    assert attacker._rows.rows == "scan" and attacks > 1  # not by chance at the first: by the sweep's slice
+    assert attacker._rows.row_source.mode == "scan" and attacks > 1  # not by chance at the first: by the sweep's slice
 
 
 def test_two_lookups_per_backward_pass_keep_the_hints_and_the_sweep(backend, seed, checks):
@@ -332,13 +332,13 @@ def test_two_lookups_per_backward_pass_keep_the_hints_and_the_sweep(backend, see
         got = train(model, attacker, "pgd", steps=3)
     want = train(ref, oracle, "pgd", steps=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    hints = attacker._rows.batch_rows
-    assert hints.verified and not hints.lookups.tracking and attacker._rows.rows == "auto"
+    hints = attacker._rows.row_source.hints
+    assert hints.verified and not hints.lookups.tracking and attacker._rows.row_source.mode == "auto"
     assert checks == [True] + [False] * 8
     switch_on("decode", model, ref)
     with pytest.warns(RuntimeWarning, match=FALLBACK):
         train(model, attacker, "pgd", steps=1, seed=5)
-        assert attacker._rows.rows == "scan"
+        assert attacker._rows.row_source.mode == "scan"
     train(ref, oracle, "pgd", steps=1, seed=5)
     assert_same_params(model, ref)
 
@@ -379,4 +379,4 @@ def test_a_long_normal_run_keeps_the_hints_quietly_and_scans_only_once(backend, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_same_params(model, ref)
     assert checks == [True] + [False] * (8 * 2 * (3 if kind == "pgd" else 1) - 1)
-    assert attacker._rows.rows == "auto" and attacker._rows.batch_rows.lookups.tracking
+    assert attacker._rows.row_source.mode == "auto" and attacker._rows.row_source.hints.lookups.tracking
