@@ -11,11 +11,12 @@ import importlib
 import types
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import torch
 from _helpers import DEVICE
 
-from fastadv.backends import _library, contract, torch_ops
+from fastadv.backends import _library, _registry, contract, torch_ops
 
 if TYPE_CHECKING:  # what a type checker sees; the test below checks the same at run time, every backend included
     _: contract.Backend = torch_ops
@@ -46,22 +47,41 @@ def runnable(name: str) -> types.ModuleType:
 
 @pytest.mark.parametrize("name", ["torch", "triton", "ext"])
 def test_backend_modules_conform(name):
-    assert contract.mismatches(backend_module(name)) == []
+    """The torch backend's module has every op; a compiled backend's every required one (the others are the torch
+    backend's: the loaded backend has every op)."""
+    assert contract.mismatches(backend_module(name), compiled=name != "torch") == []
+    assert contract.mismatches(_registry.load(name)) == []
 
 
 def test_traced_entry_points_conform():
     """What torch.compile traces into on the triton backend (the wrappers over ``torch.ops.fastadv_triton``)."""
     backend_module("triton")
     traced = types.ModuleType("traced")
-    vars(traced).update(_library.calls("fastadv_triton")._asdict(), backup=torch_ops.backup,
+    vars(traced).update(_library.calls("fastadv_triton", _registry.load("triton").native),
                         supports=torch_ops.supports)
-    assert contract.mismatches(traced) == []
+    assert contract.mismatches(traced, compiled=True) == []
+
+
+def test_entry_points_convert_what_the_schemas_take():
+    """The generated entry points pass ints, floats and bools of other types (numpy's, tensors') as Python's."""
+    received = []
+    perturb = _library._entry_point("perturb", lambda *args: received.append(args))
+    input_step = _library._entry_point("input_step", lambda *args: received.append(args))
+    lists = ([], [], [], [])
+    assert perturb(*lists, np.array([3, 1]), "scales", box_eps=np.float32(0.5)) is None
+    perturb(*lists, [np.int64(2)], "scales")
+    input_step("delta", "grad", None, torch.tensor(0.25), "l2", np.bool_(True), 1, 0, "inf", np.float64(2.0))
+    assert received == [(*lists, [3, 1], "scales", 0.5), (*lists, [2], "scales", None),
+                        ("delta", "grad", None, 0.25, "l2", True, 1.0, 0.0, "inf", 2.0)]
+    assert [type(v) for v in received[0][4:] + received[2][3:]] == [list, str, float, float, str, bool, float, float,
+                                                                    str, float]
+    assert type(received[1][4][0]) is int
 
 
 def imitation(**changes: object) -> types.ModuleType:
     """A module with torch_ops's functions, some replaced (None: removed)."""
     module = types.ModuleType("imitation")
-    vars(module).update({op: getattr(torch_ops, op) for op in contract.OPS})
+    vars(module).update({name: getattr(torch_ops, name) for name in (*contract.OPS, "supports")})
     for op, function in changes.items():
         if function is None:
             delattr(module, op)
@@ -88,6 +108,7 @@ def _retyped(params: list[torch.Tensor], rows: list[torch.Tensor], backups: list
 
 @pytest.mark.parametrize(("op", "function", "complaint"), [
     pytest.param("perturb", None, "imitation has no perturb()", id="missing"),
+    pytest.param("supports", None, "imitation has no supports()", id="no-supports"),
     pytest.param("restore", _renamed, "does not take the parameters of restore", id="renamed"),
     pytest.param("row_sumsq", _reordered, "does not take the parameters of row_sumsq", id="reordered"),
     pytest.param("scan", _no_default, "does not take the parameters of scan", id="no-default"),
@@ -100,6 +121,13 @@ def test_mismatches_name_what_departs(op, function, complaint):
     assert len(found) == 1 and complaint in found[0], found
 
 
+def test_a_compiled_backend_may_lack_only_the_ops_not_required():
+    assert not contract.OPS["backup"].required and contract.OPS["perturb"].required
+    assert contract.mismatches(imitation(backup=None), compiled=True) == []
+    assert contract.mismatches(imitation(backup=None)) == ["imitation has no backup()"]
+    assert contract.mismatches(imitation(perturb=None), compiled=True) == ["imitation has no perturb()"]
+
+
 # ---- the torch.library ops ----
 
 
@@ -108,8 +136,9 @@ def test_library_schemas_are_the_contract(name):
     """The Triton ops' schemas come from the contract; the extension's are written in csrc/registration.cpp."""
     backend_module(name)
     ops = getattr(torch.ops, NAMESPACES[name])
-    assert _library.LibraryOps._fields == tuple(contract.WRITES)
-    for op in _library.LibraryOps._fields:
+    native = _registry.load(name).native
+    assert native == {op for op in contract.OPS if hasattr(ops, op)}  # an op of the namespace is native, and only those
+    for op in native:
         assert str(getattr(ops, op).default._schema) == f"{ops.name}::{op}{_library.schema(op)}"
 
 
@@ -155,6 +184,7 @@ def test_triton_opcheck(seed):
     (test_ext.py runs the same checks on the extension's ops.)"""
     runnable("triton")
     ops = torch.ops.fastadv_triton
+    assert {op for op, _ in opcheck_cases()} == _registry.load("triton").native
     for op, args in opcheck_cases():
         torch.library.opcheck(getattr(ops, op).default, args)
 
@@ -203,4 +233,5 @@ def test_compiled_triton_attack_is_one_graph_of_the_ops(seed):
         assert all(torch.equal(x, y) for x, y in zip(a, e)) if isinstance(a, list) else torch.equal(a, e)
     assert len(graphs) == 1
     called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert {f"fastadv_triton.{op}" for op in _library.LibraryOps._fields} <= called, called
+    assert {f"fastadv_triton.{op}" for op in _registry.load("triton").native} <= called, called
+
