@@ -51,6 +51,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -60,7 +61,6 @@ from fastadv._bits import same_bits, ulp_distance
 from fastadv._util import user_stacklevel
 from fastadv.backends import _registry, contract
 from fastadv.backends import torch_ops as ref
-from fastadv.backends._registry import LoadedBackend
 
 __all__ = ["DTYPES", "cache_clear", "check", "main", "passed"]
 
@@ -286,7 +286,7 @@ def _run(device: torch.device, fn: Callable[..., Any], *args: Any) -> Any:
 # inputs; each raises _Mismatch naming what differed.
 
 
-def _check_scan(ops: LoadedBackend, case: _Case) -> None:
+def _check_scan(ops: ModuleType, case: _Case) -> None:
     device = case.device
     for op, params in (("scan", None), ("scan(params)", case.params)):  # FGM/PGD and hint checks; AWP
         with _op(op):
@@ -305,7 +305,7 @@ def _check_scan(ops: LoadedBackend, case: _Case) -> None:
             _expect_sums(stats[:, 0::2], expected[:, 0::2], "sums of squares")
 
 
-def _check_row_sumsq(ops: LoadedBackend, case: _Case) -> None:
+def _check_row_sumsq(ops: ModuleType, case: _Case) -> None:
     expected = ref.row_sumsq(_clone(case.params), _clone(case.rows))
     inputs, originals = _read_only(params=case.params, rows=case.rows)
     sums = _run(case.device, ops.row_sumsq, inputs["params"], inputs["rows"])
@@ -313,7 +313,7 @@ def _check_row_sumsq(ops: LoadedBackend, case: _Case) -> None:
     _expect_sums(sums, expected, "sums of squares")
 
 
-def _check_backup(ops: LoadedBackend, case: _Case) -> None:
+def _check_backup(ops: ModuleType, case: _Case) -> None:
     backups = _clone(case.backups)
     inputs, originals = _read_only(params=case.params, rows=case.rows)
     _run(case.device, ops.backup, inputs["params"], inputs["rows"], backups, list(case.n_backed))
@@ -321,7 +321,7 @@ def _check_backup(ops: LoadedBackend, case: _Case) -> None:
     _expect_bits(backups, case.full_backups, "backups")
 
 
-def _check_perturb(ops: LoadedBackend, case: _Case) -> None:
+def _check_perturb(ops: ModuleType, case: _Case) -> None:
     """FGM: half of each row list backed up (the rest poisoned), so perturb backs up the others first; AWP's box: the
     rows all backed up beforehand (as the attack classes do), and a zero scale on tensor 1."""
     some_zero = case.scales.clone()
@@ -350,7 +350,7 @@ def _expected_delta_sumsq(case: _Case) -> Tensor:
                        list(case.n_backed), case.scales.clone())
 
 
-def _check_measure(ops: LoadedBackend, case: _Case) -> None:
+def _check_measure(ops: ModuleType, case: _Case) -> None:
     expected_sumsq = _expected_delta_sumsq(case)
     params, backups = _clone(case.params), _clone(case.backups)
     inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[case.scales])
@@ -362,7 +362,7 @@ def _check_measure(ops: LoadedBackend, case: _Case) -> None:
     _expect_sums(sumsq, expected_sumsq, "delta_sumsq")
 
 
-def _check_project(ops: LoadedBackend, case: _Case) -> None:
+def _check_project(ops: ModuleType, case: _Case) -> None:
     """On identical inputs: the torch results of measure, and a ball that some steps leave."""
     expected_sumsq = _expected_delta_sumsq(case)
     norms = sorted(expected_sumsq.double().sqrt().tolist())
@@ -379,7 +379,7 @@ def _check_project(ops: LoadedBackend, case: _Case) -> None:
     _expect_weights(params, expected, case.rows, case.slack)
 
 
-def _check_restore(ops: LoadedBackend, case: _Case) -> None:
+def _check_restore(ops: ModuleType, case: _Case) -> None:
     expected = _clone(case.scrambled)
     ref.restore(expected, _clone(case.rows), _clone(case.full_backups))
     params = _clone(case.scrambled)
@@ -410,7 +410,7 @@ def _group_norms(values: Tensor, per_token: bool) -> Tensor:
     return torch.linalg.vector_norm(values.float(), dim=(-1,) if per_token else (-2, -1))
 
 
-def _check_input_step(ops: LoadedBackend, case: _Case) -> None:
+def _check_input_step(ops: ModuleType, case: _Case) -> None:
     """input_step in every mode (:data:`_NORMS` x :data:`_BOUNDS`, per token and per example, with and without a mask)
     at each shape of :data:`_INPUT_SHAPES`, against the torch backend on identical inputs. The radius of a bound is
     the median group norm (l2) or element magnitude (inf) of the unbounded step, so it moves some values and not
@@ -446,13 +446,13 @@ def _check_input_step(ops: LoadedBackend, case: _Case) -> None:
 
 
 #: The case of each op (``tests/test_contract.py`` checks that every op a compiled backend implements has one).
-_CASES: dict[str, Callable[[LoadedBackend, _Case], None]] = {
+_CASES: dict[str, Callable[[ModuleType, _Case], None]] = {
     "scan": _check_scan, "row_sumsq": _check_row_sumsq, "backup": _check_backup, "perturb": _check_perturb,
     "measure": _check_measure, "project": _check_project, "restore": _check_restore, "input_step": _check_input_step,
 }
 
 
-def _check_ops(ops: LoadedBackend, case: _Case) -> None:
+def _check_ops(ops: ModuleType, case: _Case) -> None:
     """The case of each op of the contract that ``ops`` implements itself (its ``native`` ones: the others are the
     torch backend's, the reference). An op without a case fails, but in the torch backend (nothing to compare)."""
     for op in contract.OPS:

@@ -197,7 +197,7 @@ FAULTS = [
 ]
 
 
-def fake_backend(**ops) -> _registry.LoadedBackend:
+def fake_backend(**ops) -> types.ModuleType:
     """A loaded backend whose module has the torch backend's functions, some replaced (None: removed)."""
     module = types.ModuleType("fake_ops")
     for name in (*contract.OPS, "supports"):
@@ -207,10 +207,10 @@ def fake_backend(**ops) -> _registry.LoadedBackend:
             delattr(module, name)
         else:
             setattr(module, name, function)
-    return _registry.LoadedBackend(module)
+    return _registry.complete(module)
 
 
-def resolving(monkeypatch, backend: _registry.LoadedBackend) -> None:
+def resolving(monkeypatch, backend: types.ModuleType) -> None:
     """check() and main() resolve the name "fake" to ``backend``."""
     real_resolve = _registry.resolve_backend
 

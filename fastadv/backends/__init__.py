@@ -10,12 +10,12 @@ Backends, each op at the same name: ``torch`` (:mod:`fastadv.backends.torch_ops`
 dtype), ``triton`` (:mod:`fastadv.backends.triton_ops` over the kernels in ``fastadv/kernels/``, CUDA, or CPU under
 ``TRITON_INTERPRET=1``) and ``ext`` (:mod:`fastadv.backends.ext_ops` over the C++/CUDA extension in ``csrc/``). The
 torch backend has every op; a compiled backend (``triton``, ``ext``) may lack an op that the contract does not mark
-``required``, which it then runs on the torch backend's: :func:`resolve_backend` and :func:`backend_for` give a
-:class:`~fastadv.backends._registry.LoadedBackend`, whose ``native`` ops are the module's own. A compiled backend is
-used on a (device, dtype) only after its native ops passed the runtime self-check (:mod:`fastadv.selfcheck`) there;
-otherwise, and for what it does not support (float64, a gradient of another dtype on ``ext``), the torch backend is
-used. The compiled backends' ops are also ``torch.library`` operators (``torch.ops.fastadv.*``,
-``torch.ops.fastadv_triton.*``) with fake kernels, so ``torch.compile`` traces them
+``required``, which it then runs on the torch backend's: :func:`resolve_backend` and :func:`backend_for` give the
+backend with every op (:func:`fastadv.backends._registry.complete`), whose ``native`` ones are its module's own. A
+compiled backend is used on a (device, dtype) only after its native ops passed the runtime self-check
+(:mod:`fastadv.selfcheck`) there; otherwise, and for what it does not support (float64, a gradient of another dtype
+on ``ext``), the torch backend is used. The compiled backends' ops are also ``torch.library`` operators
+(``torch.ops.fastadv.*``, ``torch.ops.fastadv_triton.*``) with fake kernels, so ``torch.compile`` traces them
 (:mod:`fastadv.backends._library`). How to add an op: ``CONTRIBUTING.md``.
 """
 
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
 from fastadv.backends._registry import (
     AUTO,
     BACKENDS,
-    LoadedBackend,
     available_backends,
     load,
     requested,
@@ -60,7 +60,7 @@ def _checked(name: str, device: torch.device, pairs: set[tuple[torch.dtype, torc
 _fallback_warned: set[tuple[str, str]] = set()
 
 
-def backend_for(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> LoadedBackend:
+def backend_for(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> ModuleType:
     """The backend that runs the ops on these parameters and gradients (one device).
 
     ``"auto"`` (or ``FASTADV_BACKEND``) takes the first backend of its list for the device type that supports every

@@ -1,7 +1,7 @@
 """The backends by name, and what a backend is once loaded: what :mod:`fastadv.backends` (``backend_for``) and the
 self-check (:mod:`fastadv.selfcheck`) both need, here so that neither imports the other.
 
-A loaded backend (:class:`LoadedBackend`) has every op of the contract: its module's own where the module has one
+A loaded backend (:func:`complete`) has every op of the contract: its module's own where the module has one
 (``native``), else the torch backend's, so that an op can land in the torch backend before the compiled ones have it.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from fastadv.backends import contract, torch_ops
 
-__all__ = ["BACKENDS", "LoadedBackend", "load", "available_backends", "requested", "resolve_backend"]
+__all__ = ["BACKENDS", "complete", "load", "available_backends", "requested", "resolve_backend"]
 
 #: Every backend name.
 BACKENDS = ("torch", "triton", "ext")
@@ -24,34 +24,28 @@ _MODULES = {name: f"fastadv.backends.{name}_ops" for name in BACKENDS}
 AUTO = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 
 
-class LoadedBackend(ModuleType):
-    """A backend as the attacks call it: each op of the contract is an attribute, ``module``'s own function where it
-    has one (the op is in ``native``) and the torch backend's where it has none; ``supports`` is ``module``'s. Named
-    after ``module`` (a module-like namespace: an op call costs what a call of the module's function does)."""
+def complete(module: ModuleType) -> ModuleType:
+    """Backend module ``module`` as the attacks call it: a module (named as ``module``) whose attribute for each op of
+    the contract is ``module``'s own function where it has one and the torch backend's where it has none; ``native``,
+    the ops ``module`` implements itself (the self-check checks these, the others are the torch backend's); and
+    ``supports``, ``module``'s. A plain module, not a subclass: CPython looks up a module's attributes fastest."""
+    backend = ModuleType(module.__name__, module.__doc__)
+    native = frozenset(op for op in contract.OPS if hasattr(module, op))
 
-    def __init__(self, module: ModuleType) -> None:
-        super().__init__(module.__name__, module.__doc__)
-        self.module = module
-        #: The ops ``module`` implements itself: the self-check checks these, the others are the torch backend's.
-        self.native = frozenset(op for op in contract.OPS if hasattr(module, op))
-        for op in contract.OPS:
-            setattr(self, op, getattr(module if op in self.native else torch_ops, op))
+    def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:
+        """``module.supports``, looked up at each call."""
+        return module.supports(device, dtype, grad_dtype)
 
-    def supports(self, device: torch.device, dtype: torch.dtype | None = None,
-                 grad_dtype: torch.dtype | None = None) -> bool:
-        """``module.supports``: whether the ops run on ``device`` (and on these dtypes)."""
-        return self.module.supports(device, dtype, grad_dtype)
-
-    def __repr__(self) -> str:
-        borrowed = ", ".join(op for op in contract.OPS if op not in self.native)
-        return f"<backend {self.__name__}" + (f" (the torch backend's {borrowed})>" if borrowed else ">")
+    vars(backend).update({op: getattr(module if op in native else torch_ops, op) for op in contract.OPS},
+                         supports=supports, native=native, module=module)
+    return backend
 
 
 # name -> its loaded backend, made once per process: every call gets the same object.
-_LOADED: dict[str, LoadedBackend] = {}
+_LOADED: dict[str, ModuleType] = {}
 
 
-def load(name: str) -> LoadedBackend:
+def load(name: str) -> ModuleType:
     """Backend ``name`` (one of :data:`BACKENDS`), its module imported on the first call; RuntimeError if it can't
     be (the reason in the message)."""
     loaded = _LOADED.get(name)
@@ -63,7 +57,7 @@ def load(name: str) -> LoadedBackend:
         module = importlib.import_module(_MODULES[name])
     except (ImportError, RuntimeError, OSError) as err:
         raise RuntimeError(f"backend {name!r} is not available here: {err}") from err
-    return _LOADED.setdefault(name, LoadedBackend(module))
+    return _LOADED.setdefault(name, complete(module))
 
 
 def usable(name: str, device: torch.device) -> bool:
@@ -92,7 +86,7 @@ def requested(name: str) -> tuple[str, str]:
     return name, f"backend={name!r}"
 
 
-def resolve_backend(name: str, device: torch.device | None) -> LoadedBackend | None:
+def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None:
     """The backend ``name`` (``"auto"`` or one of :data:`BACKENDS`) on ``device``.
 
     ``"auto"`` honours the ``FASTADV_BACKEND`` environment variable, then takes the first backend of its list for the
