@@ -100,11 +100,13 @@ def _entry_point(op: str, target: Callable[..., Any]) -> Callable[..., Any]:
     hints = typing.get_type_hints(getattr(Backend, op))
     parameters = signature(op).parameters
     converted = ", ".join(_CONVERSIONS.get(hints[name], "{0}").format(name) for name in parameters)
-    scope: dict[str, Any] = {"_target": target}
-    exec(f"def {op}({', '.join(parameters)}):\n    return _target({converted})", scope)
+    scope: dict[str, Any] = {"_target": target, "__name__": __name__}
+    source = f"def {op}({', '.join(parameters)}):\n    return _target({converted})\n"
+    exec(compile(source, f"<fastadv entry point of {op}>", "exec"), scope)
     function = scope[op]
     function.__defaults__ = tuple(p.default for p in parameters.values() if p.default is not inspect.Parameter.empty)
-    function.__annotations__ = {name: hints[name] for name in (*parameters, "return")}
+    function.__annotations__ = {name: hints[name] for name in parameters}
+    function.__annotations__["return"] = None if hints["return"] is type(None) else hints["return"]
     function.__doc__ = getattr(Backend, op).__doc__
     return function
 

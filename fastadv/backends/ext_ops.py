@@ -5,7 +5,8 @@ Importing this module loads the extension (see :mod:`fastadv.ext`), compiling it
 as unavailable and ``backend="auto"`` falls back to torch, with one warning per process. CUDA kernels are loaded when
 a GPU is visible; without them ``supports(cuda)`` is False.
 
-Each op is one call over the whole list of tensors, through the dispatcher (:func:`fastadv.backends._library.calls`).
+Each op the library registers is one call over the whole list of tensors, through the dispatcher
+(:func:`fastadv.backends._library.calls`); the contract's other ops are the torch backend's.
 The fake kernels (:func:`fastadv.backends._library.register_fakes`) are registered here, so the ops trace under
 ``torch.compile``. See :class:`fastadv.backends.contract.Backend` for the contract of each op.
 """
