@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fastadv import FusedAWP, FusedFGM, FusedFreeLB, FusedPGD, FusedR3F, FusedSMART, available_backends
-from fastadv.backends import resolve_backend
+from fastadv.backends import contract, resolve_backend
 from fastadv.loops import backward_pass
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, freelb_step, pgd_step, r3f_step, smart_step
 
@@ -585,7 +585,9 @@ def op_bandwidth(
         src = torch.empty(max(moved.values()) // 8 + 1, device=device, dtype=torch.float32)
         dst = torch.empty_like(src)
         for name in backends:
-            for op, call in _op_calls(resolve_backend(name, device), weight, grad, idx.sort().values).items():
+            ops = resolve_backend(name, device)
+            calls = _op_calls(ops, weight, grad, idx.sort().values)
+            for op, call in ((op, calls[op]) for op in contract.OPS if op in calls and op in ops.native):
                 if op == "scan" and gradient == "dense":
                     continue  # the same read either way
                 half = moved[op] // 8  # fp32 elements: a copy of n bytes moves 2n, a read and a write

@@ -1,7 +1,8 @@
 """Runtime self-check of a compiled backend: one tiny case per op, against the torch backend, before it is trusted.
 
 The Triton kernels and the C++/CUDA extension may be running on hardware (a new GPU, a new CPU, a new compiler or
-driver) where they never ran before. :func:`check` runs every op of the backend contract (:mod:`fastadv.backends`)
+driver) where they never ran before. :func:`check` runs each op of the backend contract (:mod:`fastadv.backends`)
+that the backend implements itself (its ``native`` ops: those it takes from the torch backend are the reference)
 once on a small random case and compares the results with the pure-PyTorch backend on identical inputs;
 :func:`passed` is the cached per-process gate built on it: a backend that fails on a (device, dtype) is reported with
 one ``RuntimeWarning`` and that device uses the torch backend for the rest of the process.
@@ -12,17 +13,19 @@ one ``RuntimeWarning`` and that device uses the torch backend for the rest of th
 >>> selfcheck.passed("ext", torch.device("cpu"), torch.bfloat16)  # doctest: +SKIP
 True
 
-From the command line, the first thing to run on a new machine (exit status 1 when a check fails)::
+From the command line, the first thing to run on a new machine (exit status 1 when a check fails; it also names the
+ops each backend takes from the torch backend)::
 
     python -m fastadv.selfcheck
 
-What runs: every op of the contract in each of its variants that an attack can reach, at odd widths (the kernels'
-element-wise paths) and at aligned, embedding-sized ones (their vector paths): ``scan`` with and without weights,
-``row_sumsq``, ``backup``, ``perturb`` with and without AWP's box, ``measure`` and ``project``, ``restore``, and
-``input_step`` in every combination of its norm, bound, per token or per example and mask, on examples spanning
-several slices (split between programs or blocks on a GPU) and on one-slice ones.
+What runs: each op in each of its variants that an attack can reach, at odd widths (the kernels' element-wise paths)
+and at aligned, embedding-sized ones (their vector paths): ``scan`` with and without weights, ``row_sumsq``,
+``backup`` (the torch backend's in both compiled backends today), ``perturb`` with and without AWP's box, ``measure``
+and ``project``, ``restore``, and ``input_step`` in every combination of its norm, bound, per token or per example and
+mask, on examples spanning several slices (split between programs or blocks on a GPU) and on one-slice ones. An op
+that a backend implements but that has no case here fails the check.
 
-Cost: paid once per (backend, device, dtype) and process, by the first attack that uses it: 81 op calls (72 of them
+Cost: paid once per (backend, device, dtype) and process, by the first attack that uses it: 80 op calls (72 of them
 ``input_step``, 1-3 launches each) on tensors of at most 14 K elements, each compared with the torch backend on the
 host, about 5,200 small torch ops in all (1,600 of them views, 340 host reads). On the already-built extension on a
 CPU, 20-40 ms per dtype; for the Triton kernels under ``TRITON_INTERPRET=1``, 6-12 s (the interpreter runs each
@@ -56,6 +59,8 @@ from torch import Tensor
 
 from fastadv._bits import same_bits, ulp_distance
 from fastadv._util import user_stacklevel
+from fastadv.backends import _registry, contract
+from fastadv.backends import torch_ops as ref
 
 __all__ = ["DTYPES", "cache_clear", "check", "main", "passed"]
 
@@ -277,13 +282,12 @@ def _run(device: torch.device, fn: Callable[..., Any], *args: Any) -> Any:
         raise _Mismatch(f"raised {_describe(err)}") from err
 
 
-def _check_ops(ops: ModuleType, case: _Case) -> None:
-    """Each op of the contract on fresh clones of ``case``, against the torch backend on identical inputs. Raises
-    :class:`_Mismatch` naming the op and what differed."""
-    from fastadv.backends import torch_ops as ref
+# ---- the cases: one function per op, each on fresh clones of the case, against the torch backend on identical
+# inputs; each raises _Mismatch naming what differed.
 
+
+def _check_scan(ops: ModuleType, case: _Case) -> None:
     device = case.device
-
     for op, params in (("scan", None), ("scan(params)", case.params)):  # FGM/PGD and hint checks; AWP
         with _op(op):
             expected_fresh = [torch.zeros_like(t) for t in case.touched]
@@ -300,22 +304,26 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
                 raise _Mismatch(f"row counts are {stats[:, 1].tolist()}, expected {expected[:, 1].tolist()}")
             _expect_sums(stats[:, 0::2], expected[:, 0::2], "sums of squares")
 
-    with _op("row_sumsq"):
-        expected = ref.row_sumsq(_clone(case.params), _clone(case.rows))
-        inputs, originals = _read_only(params=case.params, rows=case.rows)
-        sums = _run(device, ops.row_sumsq, inputs["params"], inputs["rows"])
-        _expect_unchanged(inputs, originals)
-        _expect_sums(sums, expected, "sums of squares")
 
-    with _op("backup"):  # the same gather on every backend today, but part of the contract
-        backups = _clone(case.backups)
-        inputs, originals = _read_only(params=case.params, rows=case.rows)
-        _run(device, ops.backup, inputs["params"], inputs["rows"], backups, list(case.n_backed))
-        _expect_unchanged(inputs, originals)
-        _expect_bits(backups, case.full_backups, "backups")
+def _check_row_sumsq(ops: ModuleType, case: _Case) -> None:
+    expected = ref.row_sumsq(_clone(case.params), _clone(case.rows))
+    inputs, originals = _read_only(params=case.params, rows=case.rows)
+    sums = _run(case.device, ops.row_sumsq, inputs["params"], inputs["rows"])
+    _expect_unchanged(inputs, originals)
+    _expect_sums(sums, expected, "sums of squares")
 
-    # FGM: half of each row list backed up (the rest poisoned), so perturb backs up the others first; AWP's box: the
-    # rows all backed up beforehand (as the attack classes do), and a zero scale on tensor 1.
+
+def _check_backup(ops: ModuleType, case: _Case) -> None:
+    backups = _clone(case.backups)
+    inputs, originals = _read_only(params=case.params, rows=case.rows)
+    _run(case.device, ops.backup, inputs["params"], inputs["rows"], backups, list(case.n_backed))
+    _expect_unchanged(inputs, originals)
+    _expect_bits(backups, case.full_backups, "backups")
+
+
+def _check_perturb(ops: ModuleType, case: _Case) -> None:
+    """FGM: half of each row list backed up (the rest poisoned), so perturb backs up the others first; AWP's box: the
+    rows all backed up beforehand (as the attack classes do), and a zero scale on tensor 1."""
     some_zero = case.scales.clone()
     some_zero[1] = 0.0
     every = [len(r) for r in case.rows]
@@ -329,49 +337,56 @@ def _check_ops(ops: ModuleType, case: _Case) -> None:
                         box_eps)
             params, backups = _clone(case.params), _clone(start)
             inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[scales])
-            _run(device, ops.perturb, params, inputs["grads"], inputs["rows"], backups, list(backed),
+            _run(case.device, ops.perturb, params, inputs["grads"], inputs["rows"], backups, list(backed),
                  inputs["scales"][0], box_eps)
             _expect_unchanged(inputs, originals)
             _expect_bits(backups, case.full_backups, "backups")
             _expect_weights(params, expected, case.rows, case.slack)
 
-    with _op("measure"):
-        expected_sumsq = ref.measure(_clone(case.params), _clone(case.grads), _clone(case.rows),
-                                     _clone(case.backups), list(case.n_backed), case.scales.clone())
-        params, backups = _clone(case.params), _clone(case.backups)
-        inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[case.scales])
-        sumsq = _run(device, ops.measure, params, inputs["grads"], inputs["rows"], backups, list(case.n_backed),
-                     inputs["scales"][0])
-        _expect_unchanged(inputs, originals)
-        _expect_bits(params, case.params, "weights (measure must not write them)")
-        _expect_bits(backups, case.full_backups, "backups")
-        _expect_sums(sumsq, expected_sumsq, "delta_sumsq")
 
-    with _op("project"):  # on identical inputs: the torch results of measure, and a ball that some steps leave
-        norms = sorted(expected_sumsq.double().sqrt().tolist())
-        eps = math.sqrt(norms[0] * norms[1])
-        expected = _clone(case.params)
-        ref.project(expected, _clone(case.grads), _clone(case.rows), _clone(case.full_backups), case.scales.clone(),
-                    expected_sumsq.clone(), eps)
-        params = _clone(case.params)
-        inputs, originals = _read_only(grads=case.grads, rows=case.rows, backups=case.full_backups,
-                                      scales=[case.scales], delta_sumsq=[expected_sumsq])
-        _run(device, ops.project, params, inputs["grads"], inputs["rows"], inputs["backups"], inputs["scales"][0],
-             inputs["delta_sumsq"][0], eps)
-        _expect_unchanged(inputs, originals)
-        _expect_weights(params, expected, case.rows, case.slack)
+def _expected_delta_sumsq(case: _Case) -> Tensor:
+    """The torch backend's measure on the case (the norms project is given)."""
+    return ref.measure(_clone(case.params), _clone(case.grads), _clone(case.rows), _clone(case.backups),
+                       list(case.n_backed), case.scales.clone())
 
-    with _op("restore"):
-        expected = _clone(case.scrambled)
-        ref.restore(expected, _clone(case.rows), _clone(case.full_backups))
-        params = _clone(case.scrambled)
-        inputs, originals = _read_only(rows=case.rows, backups=case.full_backups)
-        _run(device, ops.restore, params, inputs["rows"], inputs["backups"])
-        _expect_unchanged(inputs, originals)
-        _expect_bits(params, expected, "weights")
 
-    with _op("input_step"):
-        _check_input_step(ops, case.device, case.dtype)
+def _check_measure(ops: ModuleType, case: _Case) -> None:
+    expected_sumsq = _expected_delta_sumsq(case)
+    params, backups = _clone(case.params), _clone(case.backups)
+    inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[case.scales])
+    sumsq = _run(case.device, ops.measure, params, inputs["grads"], inputs["rows"], backups, list(case.n_backed),
+                 inputs["scales"][0])
+    _expect_unchanged(inputs, originals)
+    _expect_bits(params, case.params, "weights (measure must not write them)")
+    _expect_bits(backups, case.full_backups, "backups")
+    _expect_sums(sumsq, expected_sumsq, "delta_sumsq")
+
+
+def _check_project(ops: ModuleType, case: _Case) -> None:
+    """On identical inputs: the torch results of measure, and a ball that some steps leave."""
+    expected_sumsq = _expected_delta_sumsq(case)
+    norms = sorted(expected_sumsq.double().sqrt().tolist())
+    eps = math.sqrt(norms[0] * norms[1])
+    expected = _clone(case.params)
+    ref.project(expected, _clone(case.grads), _clone(case.rows), _clone(case.full_backups), case.scales.clone(),
+                expected_sumsq.clone(), eps)
+    params = _clone(case.params)
+    inputs, originals = _read_only(grads=case.grads, rows=case.rows, backups=case.full_backups,
+                                  scales=[case.scales], delta_sumsq=[expected_sumsq])
+    _run(case.device, ops.project, params, inputs["grads"], inputs["rows"], inputs["backups"], inputs["scales"][0],
+         inputs["delta_sumsq"][0], eps)
+    _expect_unchanged(inputs, originals)
+    _expect_weights(params, expected, case.rows, case.slack)
+
+
+def _check_restore(ops: ModuleType, case: _Case) -> None:
+    expected = _clone(case.scrambled)
+    ref.restore(expected, _clone(case.rows), _clone(case.full_backups))
+    params = _clone(case.scrambled)
+    inputs, originals = _read_only(rows=case.rows, backups=case.full_backups)
+    _run(case.device, ops.restore, params, inputs["rows"], inputs["backups"])
+    _expect_unchanged(inputs, originals)
+    _expect_bits(params, expected, "weights")
 
 
 def _input_case(shape: tuple[int, int, int], masked: bool, dtype: torch.dtype, gen: torch.Generator
@@ -395,13 +410,12 @@ def _group_norms(values: Tensor, per_token: bool) -> Tensor:
     return torch.linalg.vector_norm(values.float(), dim=(-1,) if per_token else (-2, -1))
 
 
-def _check_input_step(ops: ModuleType, device: torch.device, dtype: torch.dtype) -> None:
+def _check_input_step(ops: ModuleType, case: _Case) -> None:
     """input_step in every mode (:data:`_NORMS` x :data:`_BOUNDS`, per token and per example, with and without a mask)
     at each shape of :data:`_INPUT_SHAPES`, against the torch backend on identical inputs. The radius of a bound is
     the median group norm (l2) or element magnitude (inf) of the unbounded step, so it moves some values and not
-    others."""
-    from fastadv.backends import torch_ops as ref
-
+    others. (Its own tensors: one [B, T, D] perturbation, not the row ops' lists.)"""
+    device, dtype = case.device, case.dtype
     gen = torch.Generator().manual_seed(_SEED)
     for per_token in (False, True):
         for shape in _INPUT_SHAPES[per_token]:
@@ -431,6 +445,25 @@ def _check_input_step(ops: ModuleType, device: torch.device, dtype: torch.dtype)
                         _expect_weights([actual], [expected], None, [slack], [f"delta ({what})"])
 
 
+#: The case of each op (``tests/test_contract.py`` checks that every op a compiled backend implements has one).
+_CASES: dict[str, Callable[[ModuleType, _Case], None]] = {
+    "scan": _check_scan, "row_sumsq": _check_row_sumsq, "backup": _check_backup, "perturb": _check_perturb,
+    "measure": _check_measure, "project": _check_project, "restore": _check_restore, "input_step": _check_input_step,
+}
+
+
+def _check_ops(ops: ModuleType, case: _Case) -> None:
+    """The case of each op of the contract that ``ops`` implements itself (its ``native`` ones: the others are the
+    torch backend's, the reference). An op without a case fails, but in the torch backend (nothing to compare)."""
+    for op in contract.OPS:
+        if op not in ops.native or (op not in _CASES and ops.module is ref):
+            continue
+        with _op(op):
+            if op not in _CASES:
+                raise _Mismatch("has no self-check case")
+            _CASES[op](ops, case)
+
+
 # ---------------------------------------------------------------------------------------------- public API
 
 
@@ -458,7 +491,7 @@ def _eager_fp_state() -> Iterator[None]:
 
 
 def check(name: str, device: torch.device, dtype: torch.dtype, *, seed: int = _SEED) -> str | None:
-    """Run every op of backend ``name`` once on a tiny random case on (``device``, ``dtype``) and compare each with the
+    """Run each op of backend ``name`` once on a tiny random case on (``device``, ``dtype``) and compare each with the
     torch backend on identical inputs.
 
     Returns None when everything matches, else a short description naming the op and what differed, e.g.
@@ -466,17 +499,16 @@ def check(name: str, device: torch.device, dtype: torch.dtype, *, seed: int = _S
     raises for a failing backend: a backend that cannot be loaded for ``device`` is described as ``"load raised ..."``.
     Bool/int outputs, backups and restored weights must match bit for bit, sums of squares within rtol 1e-5, written
     weights within rtol 1e-5/atol 1e-6 in fp32 and one ulp in bf16/fp16. The global RNG is not touched (``seed``
-    feeds a private generator, so the case is the same every time).
+    feeds a private generator, so the case is the same every time). Only the ops the backend implements itself are
+    run: the others are the torch backend's.
     """
-    from fastadv.backends import resolve_backend
-
     previous = getattr(_STATE, "running", False)
     _STATE.running = True
     try:
         with _eager_fp_state():
             with _op("load"):
                 _, device, dtype = _key(name, device, dtype)
-                ops = _run(torch.device("cpu"), resolve_backend, name, device)
+                ops = _run(torch.device("cpu"), _registry.resolve_backend, name, device)
                 if not ops.supports(device, dtype, dtype):
                     raise _Mismatch(f"{name!r} does not support {dtype} on {device}")
             with _op("setup"):
@@ -548,24 +580,24 @@ def _devices() -> list[torch.device]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastadv.selfcheck [BACKEND ...]``: :func:`check` every available compiled backend (or those named)
-    on every device and dtype, print a table, and return 1 if any check failed."""
-    from fastadv.backends import available_backends, resolve_backend
-
+    on every device and dtype, print a table and the ops each takes from the torch backend (not checked), and return 1
+    if any check failed."""
     parser = argparse.ArgumentParser(prog="python -m fastadv.selfcheck", description=main.__doc__)
     parser.add_argument("backends", nargs="*", help="backends to check (default: every available one but torch)")
     args = parser.parse_args(argv)
-    names = args.backends or [n for n in available_backends() if n != "torch"]
+    names = args.backends or [n for n in _registry.available_backends() if n != "torch"]
 
-    rows, skipped, failed = [], [], False
+    rows, skipped, failed, fallbacks = [], [], False, {}
     for name in names:
         for device in _devices():
             try:
-                resolve_backend(name, device)
+                ops = _registry.resolve_backend(name, device)
             except ValueError as err:  # not a backend name
                 parser.error(str(err))
             except RuntimeError as err:  # not available, or not on this device
                 skipped.append(f"{name} on {device} ({err})")
                 continue
+            fallbacks[name] = [op for op in contract.OPS if op not in ops.native]
             for dtype in DTYPES:
                 start = time.perf_counter()
                 failure = check(name, device, dtype)
@@ -579,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if not rows:
         print("no compiled backend to check")
+    for name, ops in fallbacks.items():
+        if ops:
+            print(f"not checked: {', '.join(ops)} of {name} (the torch backend's)")
     for line in skipped:
         print(f"not run: {line}")
     return 1 if failed else 0

@@ -31,10 +31,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD
-from fastadv.backends import backend_for, torch_ops
+from fastadv.backends import backend_for, contract, torch_ops
 from fastadv.reference import AWP, FGM, PGD, awp_step
 
-OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore")
+OPS = tuple(contract.OPS)  # those a weight attack's step does not call (input_step) are never interrupted
 
 
 class Interrupt(BaseException):

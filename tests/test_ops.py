@@ -377,6 +377,23 @@ def test_box_rounds_its_radius_before_the_bounds(target, seed):
     assert torch.equal(params[0], expected)
 
 
+# ---- backup ----
+
+
+@table([layout for layout in LAYOUTS if layout != "mixed-grads"])
+@pytest.mark.parametrize("density", [0.3, 1.0], ids=["rows", "every-row"])
+def test_backup(target, layout, seed, density):
+    """The rows from ``n_backed[i]`` on copied into the poisoned backups, bit for bit; the earlier ones kept, no
+    weight written."""
+    case = step_case(target, layout, density, moved=True)
+    backups, _, _ = oracle(case)
+    start = clones(case.params)
+    with poisoned_buffers():
+        assert target.ops.backup(case.params, case.rows, case.backups, case.n_backed) is None
+    assert_backups(case.backups, backups)
+    assert all(torch.equal(p, w) for p, w in zip(case.params, start))
+
+
 # ---- restore ----
 
 

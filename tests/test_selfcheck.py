@@ -20,12 +20,11 @@ except ImportError:
 
 import fastadv.backends
 from fastadv import selfcheck
-from fastadv.backends import torch_ops
+from fastadv.backends import _registry, contract, torch_ops
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 COMPILED = [name for name in BACKENDS if name != "torch"]
-OPS = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
 
 @pytest.fixture(autouse=True)
@@ -198,19 +197,36 @@ FAULTS = [
 ]
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    """A backend named "fake": the torch backend's ops, resolved by check() like a real one; patch its ops."""
+def fake_backend(**ops) -> types.ModuleType:
+    """A loaded backend whose module has the torch backend's functions, some replaced (None: removed)."""
     module = types.ModuleType("fake_ops")
-    for op in OPS:
-        setattr(module, op, getattr(torch_ops, op))
-    real_resolve = fastadv.backends.resolve_backend
+    for name in (*contract.OPS, "supports"):
+        setattr(module, name, getattr(torch_ops, name))
+    for name, function in ops.items():
+        if function is None:
+            delattr(module, name)
+        else:
+            setattr(module, name, function)
+    return _registry.complete(module)
+
+
+def resolving(monkeypatch, backend: types.ModuleType) -> None:
+    """check() and main() resolve the name "fake" to ``backend``."""
+    real_resolve = _registry.resolve_backend
 
     def resolve(name, device):
-        return module if name == "fake" else real_resolve(name, device)
+        return backend if name == "fake" else real_resolve(name, device)
 
-    monkeypatch.setattr(fastadv.backends, "resolve_backend", resolve)
-    return module
+    monkeypatch.setattr(_registry, "resolve_backend", resolve)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A backend named "fake": the torch backend's ops, all native, resolved by check() like a real one; patch its
+    ops."""
+    backend = fake_backend()
+    resolving(monkeypatch, backend)
+    return backend
 
 
 def where(name: str) -> torch.device:
@@ -324,7 +340,7 @@ def test_the_case_reaches_the_vector_and_split_paths():
         assert (slices > 1) == aligned(torch.empty(0, d))
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op != "supports"])
+@pytest.mark.parametrize("op", contract.OPS)
 def test_exception_is_described_not_raised(fake, op):
     setattr(fake, op, raising)
     failure = selfcheck.check("fake", CPU, torch.float32)
@@ -332,11 +348,31 @@ def test_exception_is_described_not_raised(fake, op):
     assert "more detail" not in failure  # the first line only
 
 
+def test_only_native_ops_are_checked(monkeypatch):
+    """An op that the backend's module lacks is the torch backend's, the reference: its case does not run."""
+    backend = fake_backend(restore=None)
+    resolving(monkeypatch, backend)
+    ran = []
+    for op, case in selfcheck._CASES.items():
+        monkeypatch.setitem(selfcheck._CASES, op, lambda ops, c, op=op, case=case: (ran.append(op), case(ops, c)))
+    assert backend.restore is torch_ops.restore and "restore" not in backend.native
+    assert selfcheck.check("fake", CPU, torch.float32) is None
+    assert ran == [op for op in contract.OPS if op != "restore"]
+
+
+def test_a_native_op_without_a_case_fails(fake, monkeypatch):
+    """A backend's own op that the self-check has no case for is not trusted; the torch backend, the reference, has
+    nothing to compare it with."""
+    monkeypatch.delitem(selfcheck._CASES, "restore")
+    assert selfcheck.check("fake", CPU, torch.float32) == "restore: has no self-check case"
+    assert selfcheck.check("torch", CPU, torch.float32) is None
+
+
 def test_a_backend_that_cannot_load_is_described(monkeypatch):
     def resolve(name, device):
         raise RuntimeError(f"backend {name!r} does not run on {device} tensors")
 
-    monkeypatch.setattr(fastadv.backends, "resolve_backend", resolve)
+    monkeypatch.setattr(_registry, "resolve_backend", resolve)
     expected = "load raised RuntimeError: backend 'ext' does not run on cpu tensors"
     assert selfcheck.check("ext", CPU, torch.float32) == expected
 
@@ -459,7 +495,7 @@ def test_resolution_that_consults_the_gate_does_not_recurse(fake, monkeypatch):
         assert selfcheck.passed(name, device, torch.float32)  # answered True while the check runs
         return fake
 
-    monkeypatch.setattr(fastadv.backends, "resolve_backend", resolve)
+    monkeypatch.setattr(_registry, "resolve_backend", resolve)
     calls = count_checks(monkeypatch)
     assert selfcheck.passed("fake", CPU, torch.float32)
     assert len(calls) == 1
@@ -492,11 +528,18 @@ def test_main_prints_a_table(capsys, monkeypatch):
     assert {(name, dtype) for name, _, dtype in calls} == {(name, dtype) for name in COMPILED for dtype in DTYPES}
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["backend", "device", "dtype", "result", "time"]
-    body = [line.split() for line in lines[1:] if not line.startswith(("not run", "no compiled"))]
+    body = [line.split() for line in lines[1:] if not line.startswith(("not run", "not checked", "no compiled"))]
     assert all(len(row) == 5 and row[3] == "ok" and row[4].endswith("s") for row in body), body
     assert {(row[0], row[2]) for row in body} == {
         (name, str(dtype).removeprefix("torch.")) for name in COMPILED for dtype in DTYPES
     }
+
+
+def test_main_names_the_ops_taken_from_torch(monkeypatch, capsys):
+    resolving(monkeypatch, fake_backend(backup=None, restore=None))
+    monkeypatch.setattr(selfcheck, "check", lambda *args: None)
+    assert selfcheck.main(["fake"]) == 0
+    assert "not checked: backup, restore of fake (the torch backend's)" in capsys.readouterr().out.splitlines()
 
 
 def test_main_fails_on_a_failure(fake, capsys):

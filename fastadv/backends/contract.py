@@ -1,25 +1,58 @@
-"""The backend contract, written once: :class:`Backend`, the ops every backend module provides, with their types.
+"""The backend contract, written once: :class:`Backend`, the ops every backend provides, with their types, and
+:data:`OPS`, what else the contract says of each op. Every other list of the ops derives from these two.
 
 A backend is a module (:mod:`~fastadv.backends.torch_ops`, :mod:`~fastadv.backends.triton_ops`,
 :mod:`~fastadv.backends.ext_ops`) whose functions have the signatures of :class:`Backend`'s methods (without ``self``):
-the same parameter names, in the same order, with the same defaults and type hints. :func:`mismatches` lists where a
-module departs from it (``tests/test_contract.py`` runs it on every backend); a type checker sees the same thing in
-``backend: Backend = torch_ops``. The schemas of the ``torch.library`` ops (``torch.ops.fastadv.*`` of the extension,
-``torch.ops.fastadv_triton.*``) are inferred from these signatures (:mod:`fastadv.backends._library`), and the test
-checks that ``csrc/registration.cpp`` declares the same ones.
+the same parameter names, in the same order, with the same defaults and type hints. The torch backend has every op; a
+compiled backend (``triton``, ``ext``) has every op marked ``required`` and may lack the others, which it then runs on
+the torch backend's (:func:`fastadv.backends.resolve_backend`): so an op can land in the torch backend first.
+:func:`mismatches` lists where a module departs from the contract (``tests/test_contract.py`` runs it on every
+backend); a type checker sees the same thing in ``backend: Backend = torch_ops``. The schemas of the ``torch.library``
+ops (``torch.ops.fastadv.*`` of the extension, ``torch.ops.fastadv_triton.*``) are inferred from these signatures
+(:mod:`fastadv.backends._library`), and the test checks that ``csrc/registration.cpp`` declares the same ones.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Callable
 from types import ModuleType
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "OPS", "WRITES", "signature", "mismatches"]
+__all__ = ["Backend", "Op", "OPS", "signature", "mismatch", "mismatches"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class Op(NamedTuple):
+    """What the contract says of an op besides its signature."""
+
+    #: The list arguments it writes into, in place (``mutates_args`` to ``torch.library``, ``(a!)`` in a schema); the
+    #: other arguments are only read.
+    writes: tuple[str, ...]
+    #: Whether every compiled backend implements it (``tests/test_contract.py`` checks); a compiled backend that lacks
+    #: an op that is not required runs the torch backend's.
+    required: bool
+
+
+#: Every op of the contract, in the order of :class:`Backend` (filled by its methods' decorators); ``supports`` is not
+#: an op: it says where the ops run.
+OPS: dict[str, Op] = {}
+
+
+def _op(*writes: str, required: bool = False) -> Callable[[_F], _F]:
+    """Marks a method of :class:`Backend` as an op (see :class:`Op`): the list arguments it writes, and whether every
+    compiled backend must implement it."""
+
+    def mark(method: _F) -> _F:
+        OPS[method.__name__] = Op(writes, required)
+        return method
+
+    return mark
 
 
 class Backend(Protocol):
@@ -37,6 +70,7 @@ class Backend(Protocol):
     No op syncs with the host; the caller reads ``stats`` once per attack (it needs the row counts).
     """
 
+    @_op("fresh", required=True)
     def scan(self, grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor],
              params: list[Tensor] | None = None) -> Tensor:
         """One read of each gradient (and of each parameter when ``params`` is given). ``stats`` is a float64
@@ -46,17 +80,20 @@ class Backend(Protocol):
         (every element of ``fresh[i]`` is written)."""
         ...
 
+    @_op(required=True)
     def row_sumsq(self, tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
         """float64 ``[n]``: the sum of squares of the rows ``rows[i]`` of ``tensors[i]``, reading only those rows."""
         ...
 
+    @_op("backups")
     def backup(self, params: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int]) -> None:
         """``backups[i][j] = params[i][rows[i][j]]`` (the bits) for ``j >= n_backed[i]``; no weight is written. A
-        gather, the same code on every backend (:func:`fastadv.backends.torch_ops.backup`). The attack classes back
-        up the new rows with it before any weight is written, so an interrupted step never leaves a row without its
-        original."""
+        gather: the compiled backends run the torch backend's (:func:`fastadv.backends.torch_ops.backup`). The attack
+        classes back up the new rows with it before any weight is written, so an interrupted step never leaves a row
+        without its original."""
         ...
 
+    @_op("params", "backups", required=True)
     def perturb(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
                 n_backed: list[int], scales: Tensor, box_eps: float | None = None) -> None:
         """For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``
@@ -64,6 +101,7 @@ class Backend(Protocol):
         elementwise into ``[B - d, B + d]`` with ``d = float32(box_eps) * |B|``; stored rounded once."""
         ...
 
+    @_op("backups", required=True)
     def measure(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
                 n_backed: list[int], scales: Tensor) -> Tensor:
         """PGD's first pass: the backups as in ``perturb``, and a float32 (float64 for float64 parameters) ``[n]``
@@ -71,6 +109,7 @@ class Backend(Protocol):
         written."""
         ...
 
+    @_op("params", required=True)
     def project(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
                 scales: Tensor, delta_sumsq: Tensor, eps: float) -> None:
         """PGD's second pass, where ``scales[i] != 0``: ``new = W + scales[i] * G`` as in ``measure``; with
@@ -79,10 +118,12 @@ class Backend(Protocol):
         ``delta_sumsq`` (sharded weights)."""
         ...
 
+    @_op("params", required=True)
     def restore(self, params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
         """``params[i][rows[i]] = backups[i]``, bit-exact, in place."""
         ...
 
+    @_op("delta", required=True)
     def input_step(self, delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
                    denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
         """One ascent step of an input perturbation (FreeLB, SMART), in place, one pass over ``[B, T, D]``.
@@ -106,27 +147,10 @@ class Backend(Protocol):
         ...
 
 
-#: The functions of a backend, in the order above.
-OPS = ("scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports")
-
-#: The list arguments each op writes into, in place (``mutates_args`` to ``torch.library``, ``(a!)`` in a schema);
-#: the other arguments are only read. The ops of a ``torch.library`` namespace are these (``backup``, a gather, is
-#: plain torch everywhere).
-WRITES: dict[str, tuple[str, ...]] = {
-    "scan": ("fresh",),
-    "row_sumsq": (),
-    "perturb": ("params", "backups"),
-    "measure": ("backups",),
-    "project": ("params",),
-    "restore": ("params",),
-    "input_step": ("delta",),
-}
-
-
-def signature(op: str) -> inspect.Signature:
-    """The signature of op ``op`` as a backend module's function has it (:class:`Backend`'s method without
-    ``self``), its annotations the type-hint strings."""
-    method = inspect.signature(getattr(Backend, op))
+def signature(name: str) -> inspect.Signature:
+    """The signature of op (or ``supports``) ``name`` as a backend module's function has it (:class:`Backend`'s
+    method without ``self``), its annotations the type-hint strings."""
+    method = inspect.signature(getattr(Backend, name))
     return method.replace(parameters=list(method.parameters.values())[1:])
 
 
@@ -136,19 +160,26 @@ def _hints(function: object) -> dict[str, object]:
     return hints
 
 
-def mismatches(module: ModuleType) -> list[str]:
-    """Where ``module`` departs from :class:`Backend`: a missing op, or one whose parameters (names, order, kinds,
-    defaults), return type or type hints differ. Empty for a conforming backend."""
-    found = []
-    for op in OPS:
-        function = getattr(module, op, None)
-        if not callable(function):
-            found.append(f"{module.__name__} has no {op}()")
-            continue
-        want, have = signature(op), inspect.signature(function)
-        shape = [(p.name, p.kind, p.default) for p in want.parameters.values()]
-        if [(p.name, p.kind, p.default) for p in have.parameters.values()] != shape:
-            found.append(f"{module.__name__}.{op}{have} does not take the parameters of {op}{want}")
-        elif _hints(function) != _hints(getattr(Backend, op)):
-            found.append(f"{module.__name__}.{op}{have} is not typed as {op}{want}")
-    return found
+def mismatch(module: ModuleType, name: str, *, compiled: bool = False) -> str | None:
+    """How ``module``'s function ``name`` (an op or ``supports``) departs from :class:`Backend`: missing (with
+    ``compiled``, a compiled backend's module, only a required op or ``supports`` must be there), or its parameters
+    (names, order, kinds, defaults), return type or type hints differ. None where it conforms."""
+    function = getattr(module, name, None)
+    if function is None and compiled and name in OPS and not OPS[name].required:
+        return None  # the torch backend's runs instead
+    if not callable(function):
+        return f"{module.__name__} has no {name}()"
+    want, have = signature(name), inspect.signature(function)
+    shape = [(p.name, p.kind, p.default) for p in want.parameters.values()]
+    if [(p.name, p.kind, p.default) for p in have.parameters.values()] != shape:
+        return f"{module.__name__}.{name}{have} does not take the parameters of {name}{want}"
+    if _hints(function) != _hints(getattr(Backend, name)):
+        return f"{module.__name__}.{name}{have} is not typed as {name}{want}"
+    return None
+
+
+def mismatches(module: ModuleType, *, compiled: bool = False) -> list[str]:
+    """Where ``module`` departs from :class:`Backend` (:func:`mismatch` of every op and ``supports``). Empty for a
+    conforming backend."""
+    found = (mismatch(module, name, compiled=compiled) for name in (*OPS, "supports"))
+    return [problem for problem in found if problem is not None]

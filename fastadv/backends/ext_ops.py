@@ -5,7 +5,8 @@ Importing this module loads the extension (see :mod:`fastadv.ext`), compiling it
 as unavailable and ``backend="auto"`` falls back to torch, with one warning per process. CUDA kernels are loaded when
 a GPU is visible; without them ``supports(cuda)`` is False.
 
-Each op is one call over the whole list of tensors, through the dispatcher (:func:`fastadv.backends._library.calls`).
+Each op the library registers is one call over the whole list of tensors, through the dispatcher
+(:func:`fastadv.backends._library.calls`); the contract's other ops are the torch backend's.
 The fake kernels (:func:`fastadv.backends._library.register_fakes`) are registered here, so the ops trace under
 ``torch.compile``. See :class:`fastadv.backends.contract.Backend` for the contract of each op.
 """
@@ -15,10 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastadv import ext as _ext
-from fastadv.backends import _library
-from fastadv.backends.torch_ops import backup  # a gather: the same on every backend
-
-__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
+from fastadv.backends import _library, contract
 
 #: What the kernels read and write: fp32 accumulation of these, gradients of the parameter's dtype.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -29,8 +27,12 @@ except ImportError as _err:
     _ext.warn_unavailable(_err, "backend='auto' uses the torch backend instead")
     raise
 
-_library.register_fakes("fastadv")
-scan, row_sumsq, perturb, measure, project, restore, input_step = _library.calls("fastadv")
+# The ops of the contract that the extension registers, as module functions (the others are the torch backend's:
+# fastadv.backends.resolve_backend).
+_OPS = _library.calls("fastadv", [op for op in contract.OPS if hasattr(torch.ops.fastadv, op)])
+_library.register_fakes("fastadv", _OPS)
+globals().update(_OPS)
+__all__ = [*_OPS, "supports"]
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:

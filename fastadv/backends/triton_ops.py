@@ -19,7 +19,6 @@ import torch
 
 try:
     from fastadv.backends import _library
-    from fastadv.backends.torch_ops import backup  # a gather: the same on every backend
     from fastadv.kernels import input_step as _input_step
     from fastadv.kernels import perturb as _rows
     from fastadv.kernels import restore as _restore
@@ -28,14 +27,16 @@ try:
 except ImportError as err:  # no triton, or a broken install: the registry reports the backend as not available
     raise ImportError(f"the triton backend needs a working triton: {err}") from err
 
-__all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
-
 #: What the kernels read and write (gradients may be of another of them): fp32 math, not float64's.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-scan, row_sumsq, perturb, measure, project, restore, input_step = _library.define(
-    "fastadv_triton", _library.LibraryOps(_scan.scan, _rows.row_sumsq, _rows.perturb, _rows.measure, _rows.project,
-                                          _restore.restore, _input_step.input_step))
+# The ops of the contract that Triton kernels implement, as module functions (the others are the torch backend's:
+# fastadv.backends.resolve_backend).
+_OPS = _library.define("fastadv_triton", {"scan": _scan.scan, "row_sumsq": _rows.row_sumsq, "perturb": _rows.perturb,
+                                          "measure": _rows.measure, "project": _rows.project,
+                                          "restore": _restore.restore, "input_step": _input_step.input_step})
+globals().update(_OPS)
+__all__ = [*_OPS, "supports"]
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None) -> bool:
