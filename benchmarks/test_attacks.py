@@ -65,10 +65,12 @@ def test_scan_vs_read(benchmark, backend: str) -> None:
     """FGM attack + restore with ``rows="scan"`` (XLM-R fp32, 4000 rows) against one read of the gradient."""
     benchmark.group = "fgm-scan-vs-read"
     repeats = 1 if benchmark.disabled else 5
-    ((_, seconds, read),) = benchmark.pedantic(lambda: bench.scan_vs_read(DEVICE, [backend], repeats), rounds=1,
-                                              iterations=1)
-    benchmark.extra_info.update(ms=round(seconds * 1e3, 2), read_ms=round(read * 1e3, 2),
-                                ratio=round(seconds / read, 3))
+    ((_, seconds, read),) = benchmark.pedantic(
+        lambda: bench.scan_vs_read(DEVICE, [backend], repeats), rounds=1, iterations=1
+    )
+    benchmark.extra_info.update(
+        ms=round(seconds * 1e3, 2), read_ms=round(read * 1e3, 2), ratio=round(seconds / read, 3)
+    )
     if checked(benchmark) and DEVICE.type == "cpu":
         assert seconds / read <= bench.SCAN_TARGET
 
@@ -113,7 +115,8 @@ def test_input_space_end_to_end(benchmark, method: str) -> None:
     benchmark.group = f"e2e-{method}"
     repeats = 1 if benchmark.disabled else 3
     backends = [impl for impl in IMPLS if impl != "seed" and "+" not in impl]
-    rows = benchmark.pedantic(lambda: bench.input_end_to_end(DEVICE, backends, repeats, (method,)), rounds=1,
-                              iterations=1)
+    rows = benchmark.pedantic(
+        lambda: bench.input_end_to_end(DEVICE, backends, repeats, (method,)), rounds=1, iterations=1
+    )
     for row_method, impl, seconds, ratio in rows:
         benchmark.extra_info[f"{impl}:{row_method}"] = {"ms": round(seconds * 1e3, 1), "x_plain_step": round(ratio, 3)}

@@ -70,8 +70,10 @@ def evaluate(model: Classifier, data: TensorDataset, eps: float) -> dict[str, fl
     fgm = FusedFGM(model, eps=eps)
     with torch.no_grad():
         logits = model(ids)
-        result = {"acc": (logits.argmax(-1) == labels).float().mean().item(),
-                  "test_loss": nn.functional.cross_entropy(logits, labels).item()}
+        result = {
+            "acc": (logits.argmax(-1) == labels).float().mean().item(),
+            "test_loss": nn.functional.cross_entropy(logits, labels).item(),
+        }
         fgm.attack()
         try:
             result["attacked_loss"] = nn.functional.cross_entropy(model(ids), labels).item()
@@ -87,5 +89,7 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     print(f"{'method':<7} {'loss':>7} {'adv loss':>8} {'test acc':>8} {'test loss':>9} {'FGM-attacked loss':>17}")
     for method, r in results.items():
         adv = "-" if math.isnan(r["adv_loss"]) else f"{r['adv_loss']:.4g}"
-        print(f"{method:<7} {r['loss']:>7.4f} {adv:>8} {r['acc']:>8.3f} {r['test_loss']:>9.4f}"
-              f" {r['attacked_loss']:>17.4f}")
+        print(
+            f"{method:<7} {r['loss']:>7.4f} {adv:>8} {r['acc']:>8.3f} {r['test_loss']:>9.4f}"
+            f" {r['attacked_loss']:>17.4f}"
+        )

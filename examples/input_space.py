@@ -42,6 +42,7 @@ def train_one(name: str, args: argparse.Namespace, train) -> tuple[Classifier, f
     loss = adv = torch.tensor(math.nan)
     for _ in range(args.epochs):
         for ids, labels in DataLoader(train, batch_size=args.batch_size, shuffle=True):
+
             def forward(ids=ids, labels=labels):
                 logits = model(ids)
                 loss = nn.functional.cross_entropy(logits, labels)

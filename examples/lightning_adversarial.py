@@ -64,9 +64,16 @@ def train_one(method: str, args: argparse.Namespace, train: TensorDataset, test:
         start = {"start_epoch": min(1, args.epochs - 1)} if method == "awp" else {}
         callbacks.append(AdversarialTraining(**SETTINGS[method], **start))
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=args.epochs, precision=args.precision, accumulate_grad_batches=args.accumulate,
-        gradient_clip_val=1.0, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        precision=args.precision,
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, DataLoader(train, batch_size=args.batch_size, shuffle=True))
     metrics = trainer.callback_metrics

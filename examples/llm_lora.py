@@ -62,8 +62,16 @@ def sequences(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 
 def lora_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+        pad_token_id=0,
+    )
     # the LM head trained in full beside LoRA on q/v: a random model must learn its output vocabulary
     lora = peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
     return peft.get_peft_model(LlamaForCausalLM(config), lora)
@@ -73,17 +81,31 @@ def train_one(method: str, args: argparse.Namespace, train: list, test: list) ->
     model = lora_model()
     settings = SETTINGS[method] or {"adversarial": None}
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=1e-2,
-                                  logging_steps=max(1, args.steps // 5), report_to=[], save_strategy="no",
-                                  use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        targs = TrainingArguments(
+            out,
+            max_steps=args.steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            logging_steps=max(1, args.steps // 5),
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
         trainer = AdversarialTrainer(model=model, args=targs, train_dataset=train, eval_dataset=test, **settings)
         trainer.remove_callback(PrinterCallback)  # the table below says it
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        return {"loss": logs[-1]["loss"], "adv_loss": logs[-1].get("adv_loss", math.nan),
-                "eval_loss": trainer.evaluate()["eval_loss"], "seconds": seconds}
+        return {
+            "loss": logs[-1]["loss"],
+            "adv_loss": logs[-1].get("adv_loss", math.nan),
+            "eval_loss": trainer.evaluate()["eval_loss"],
+            "seconds": seconds,
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:

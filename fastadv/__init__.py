@@ -10,6 +10,16 @@ from fastadv.attacks import FusedAWP, FusedFGM, FusedPGD
 from fastadv.backends import available_backends
 from fastadv.input_attacks import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT
 
-__all__ = ["FusedFGM", "FusedPGD", "FusedAWP", "FusedFreeLB", "FusedSMART", "FusedR3F", "FusedVAT",
-           "FusedGradientPenalty", "available_backends", "__version__"]
+__all__ = [
+    "FusedFGM",
+    "FusedPGD",
+    "FusedAWP",
+    "FusedFreeLB",
+    "FusedSMART",
+    "FusedR3F",
+    "FusedVAT",
+    "FusedGradientPenalty",
+    "available_backends",
+    "__version__",
+]
 __version__ = "0.3.0"

@@ -92,8 +92,7 @@ class RowPerturbation:
             return None
         backend = self._backend(weights=weights, grads=grads)
         states = [self._state(name, w) for name, w in zip(names, weights)]
-        return StepTargets(names=names, weights=weights, grads=grads, states=states, backend=backend,
-                           sharding=sharding)
+        return StepTargets(names=names, weights=weights, grads=grads, states=states, backend=backend, sharding=sharding)
 
     def _step(self, name_part: str, step: StepTargets, *, hints: BatchRows | None, rule: Rule) -> None:
         previous = self.active_name
@@ -115,8 +114,9 @@ class RowPerturbation:
         """Back up the new rows, and the step size of each tensor: zero where its gradient norm is zero or not
         finite, or its step size not finite; float64 for float64 weights (torch backend), else float32."""
         states = step.states
-        step.backend.backup(step.weights, [s.rows for s in states], [s.backup for s in states],
-                            [s.n_backed for s in states])
+        step.backend.backup(
+            step.weights, [s.rows for s in states], [s.backup for s in states], [s.n_backed for s in states]
+        )
         grad_sumsq = stats[:, 0]
         raw = rule.step_size(stats)
         usable = (grad_sumsq > 0) & torch.isfinite(grad_sumsq) & torch.isfinite(raw)
@@ -141,9 +141,7 @@ class RowPerturbation:
         if self.active_name is None:
             raise RuntimeError("restore() called without an active attack: call attack() first")
         if name_part is not None and name_part != self.active_name:
-            raise ValueError(
-                f"restore({arg}={name_part!r}) but the active attack is on {arg}={self.active_name!r}"
-            )
+            raise ValueError(f"restore({arg}={name_part!r}) but the active attack is on {arg}={self.active_name!r}")
         live = dict(self.model.named_parameters())
         with torch.inference_mode(False), torch.no_grad():
             in_place, moved, lost = [], [], []
@@ -156,8 +154,9 @@ class RowPerturbation:
                     in_place.append(state)
                 elif current is not None and current.shape == state.param.shape:
                     moved.append(name)
-                    torch_ops.restore([current], [state.rows.to(current.device)],
-                                      [state.backup.to(current.device, current.dtype)])
+                    torch_ops.restore(
+                        [current], [state.rows.to(current.device)], [state.backup.to(current.device, current.dtype)]
+                    )
                 else:
                     lost.append(name)
             if in_place:  # all on one device: the targets' validation checked that

@@ -234,10 +234,15 @@ class BatchRows:
         self._install()
 
     def _install(self) -> None:
-        self._handles = [module.register_forward_hook(_LookupRecorder(name, self.lookups, module.weight),
-                                                      with_kwargs=True) for name, module in self._modules]
-        self._checks = [module.weight.register_hook(_GradientCheck(name, self.lookups))
-                        for name, module in self._modules] if self.lookups.tracking else []
+        self._handles = [
+            module.register_forward_hook(_LookupRecorder(name, self.lookups, module.weight), with_kwargs=True)
+            for name, module in self._modules
+        ]
+        self._checks = (
+            [module.weight.register_hook(_GradientCheck(name, self.lookups)) for name, module in self._modules]
+            if self.lookups.tracking
+            else []
+        )
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -392,9 +397,7 @@ class RowSource:
         self.hints.remove()
         self.hints, self.mode = None, "scan"
 
-    def find(
-        self, step: StepTargets, *, hints: BatchRows | None, reads_weights: bool, skips: NonfiniteSkips
-    ) -> Tensor:
+    def find(self, step: StepTargets, *, hints: BatchRows | None, reads_weights: bool, skips: NonfiniteSkips) -> Tensor:
         """Adds each target's new rows (pending) and returns the ``[n, 3]`` stats the step sizes come from: from
         ``hints`` (:meth:`hints_for`) where they prove exact, else from a scan (of the weights too with
         ``reads_weights``). A target whose norm is inf or NaN gets no rows and counts in ``skips``."""
@@ -463,8 +466,9 @@ class RowSource:
 def _scanned(step: StepTargets, *, reads_weights: bool, skips: NonfiniteSkips) -> Tensor:
     """The rows of a scan: each gradient's non-zero rows not perturbed yet, read with the one host sync."""
     states = step.states
-    stats = step.backend.scan(step.grads, [s.touched for s in states], [s.fresh for s in states],
-                              step.weights if reads_weights else None)
+    stats = step.backend.scan(
+        step.grads, [s.touched for s in states], [s.fresh for s in states], step.weights if reads_weights else None
+    )
     if step.sharding.groups:  # the sums of squares are global; the row counts stay local
         sums = stats[:, 0::2].contiguous()
         step.sharding.all_reduce(sums)

@@ -103,4 +103,3 @@ class RowState:
         if len(self._rows) == len(self.touched):  # room for every row: a whole copy of the weight, not kept
             self._rows = self._rows.new_empty(0)
             self._backup = self._backup.new_empty((0, self._backup.shape[1]))
-

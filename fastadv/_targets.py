@@ -56,9 +56,7 @@ def _matching(model: nn.Module, name_part: str, *, rule: Rule, placement: Placem
                 " dense gradients: build the embedding with sparse=False"
             )
         if grad.shape != shape(param):
-            raise RuntimeError(
-                f"parameter {name!r} has shape {tuple(shape(param))} but its grad {tuple(grad.shape)}"
-            )
+            raise RuntimeError(f"parameter {name!r} has shape {tuple(shape(param))} but its grad {tuple(grad.shape)}")
         if not local(param.data).is_contiguous():
             raise RuntimeError(
                 f"parameter {name!r} is not contiguous (strides {tuple(local(param.data).stride())}); fastadv"

@@ -134,12 +134,16 @@ class Hyperparameters:
         """``options`` with each hyperparameter through its check (others as given); ``names``: what the caller
         calls them, for the errors."""
         names = names or {}
-        return {name: cls.CHECKS[name](names.get(name, name), value) if name in cls.CHECKS else value
-                for name, value in options.items()}
+        return {
+            name: cls.CHECKS[name](names.get(name, name), value) if name in cls.CHECKS else value
+            for name, value in options.items()
+        }
 
 
-_INPUT_SPACE = ("an input-space method: FusedFreeLB, FusedSMART, FusedR3F, FusedVAT or FusedGradientPenalty (they"
-                " perturb the embedding's output: no trainable weight needed)")
+_INPUT_SPACE = (
+    "an input-space method: FusedFreeLB, FusedSMART, FusedR3F, FusedVAT or FusedGradientPenalty (they"
+    " perturb the embedding's output: no trainable weight needed)"
+)
 
 
 def _adapter(name: str) -> bool:
@@ -163,8 +167,11 @@ def matching_parameters(model: nn.Module, name_part: str, what: str = "emb_name"
         return named
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad and name_part in n]
     if frozen:
-        advice = (f"use {_INPUT_SPACE}, or make it trainable (PEFT: modules_to_save=[{name_part.split('.')[-1]!r}])"
-                  if what == "emb_name" else f"pass {what}= the name of trainable weights")
+        advice = (
+            f"use {_INPUT_SPACE}, or make it trainable (PEFT: modules_to_save=[{name_part.split('.')[-1]!r}])"
+            if what == "emb_name"
+            else f"pass {what}= the name of trainable weights"
+        )
         raise ValueError(
             f"the parameters matching {what}={name_part!r} ({', '.join(frozen[:4])}) are frozen (requires_grad=False,"
             f" as PEFT/LoRA leaves the base model), so they have no gradient to attack along: {advice}"

@@ -44,8 +44,9 @@ class _Attack(Hyperparameters, abc.ABC):
         self.model = unwrap(model)
         named = matching_parameters(self.model, target, arg)  # what can fail before the first pass fails here
         resolve_backend(backend, named[0][1].device)
-        self._rows = RowPerturbation(self.model, backend=backend, rows=rows, target=target,
-                                     placement=self.engine and self.engine.placement)
+        self._rows = RowPerturbation(
+            self.model, backend=backend, rows=rows, target=target, placement=self.engine and self.engine.placement
+        )
         self._placement = self._rows.placement  # where the loops and the gradient backup put gradients back
 
     @property
@@ -102,8 +103,9 @@ class _EmbeddingAttack(_Attack):
 
     emb_name: str
 
-    def __init__(self, model: nn.Module, emb_name: str | None, hyperparameters: dict[str, float], *, backend: str,
-                 rows: str) -> None:
+    def __init__(
+        self, model: nn.Module, emb_name: str | None, hyperparameters: dict[str, float], *, backend: str, rows: str
+    ) -> None:
         emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({**hyperparameters, "emb_name": emb_name}))
         super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
@@ -250,8 +252,9 @@ class FusedPGD(_EmbeddingAttack):
 
     def attack(self, emb_name: str | None = None, is_first_attack: bool = False) -> None:
         """One PGD step; ``is_first_attack=True`` starts a new attack (backs up the rows it touches)."""
-        self._rows.attack(emb_name or self.emb_name, first=is_first_attack,
-                          rule=pgd_rule(alpha=self.alpha, eps=self.eps))
+        self._rows.attack(
+            emb_name or self.emb_name, first=is_first_attack, rule=pgd_rule(alpha=self.alpha, eps=self.eps)
+        )
 
     def backup_grad(self) -> None:
         """Remember the clean gradients (by reference unless ``copy_grads``)."""
@@ -313,8 +316,11 @@ class FusedAWP(_Attack):
 
     def attack(self) -> None:
         """One AWP step from the current gradients; the first after a restore saves the original weights."""
-        self._rows.attack(self.adv_param, first=self._rows.active_name is None,
-                          rule=awp_rule(adv_lr=self.adv_lr, adv_eps=self.adv_eps))
+        self._rows.attack(
+            self.adv_param,
+            first=self._rows.active_name is None,
+            rule=awp_rule(adv_lr=self.adv_lr, adv_eps=self.adv_eps),
+        )
 
     def restore(self) -> None:
         """Put the original weights back, bit-exact and in place."""

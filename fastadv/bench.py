@@ -351,8 +351,9 @@ def scan_vs_read(device: torch.device, backends: list[str], repeats: int) -> lis
     grad = model.word_embeddings.weight.grad
     out = []
     for name in backends:
-        read, seconds = _alternating(lambda: torch.linalg.vector_norm(grad), attack_call(name, "fgm", model), device,
-                                     repeats)
+        read, seconds = _alternating(
+            lambda: torch.linalg.vector_norm(grad), attack_call(name, "fgm", model), device, repeats
+        )
         out.append((name, seconds, read))
     return out
 
@@ -367,8 +368,9 @@ def tied_floor(case: Case, device: torch.device, repeats: int) -> tuple[float, f
     return _alternating(lambda: target.copy_(weight), attack_call(DEFAULT, case.method, model), device, repeats)[::-1]
 
 
-def llm_measures(default: Result, seed: Result, floor: tuple[float, float] | None
-                 ) -> dict[str, tuple[float, str, float]]:
+def llm_measures(
+    default: Result, seed: Result, floor: tuple[float, float] | None
+) -> dict[str, tuple[float, str, float]]:
     """An LLM case's measures against their targets, ``name -> (value, "<=" or ">=", target)``: untied, the speed-up
     over the seed and the extra peak memory as a share of the seed's; tied (``floor``: :func:`tied_floor`'s times),
     the time over the floor, the extra peak as a share of the seed's (one backup of the weight allowed on top) and
@@ -378,8 +380,10 @@ def llm_measures(default: Result, seed: Result, floor: tuple[float, float] | Non
     known = default.extra_bytes is not None and seed.extra_bytes
     share = default.extra_bytes / seed.extra_bytes if known else math.nan
     if floor is None:
-        return {"x seed": (seed.seconds / default.seconds, ">=", LLM_SPEEDUP),
-                "peak/seed's": (share, "<=", LLM_PEAK_SHARE)}
+        return {
+            "x seed": (seed.seconds / default.seconds, ">=", LLM_SPEEDUP),
+            "peak/seed's": (share, "<=", LLM_PEAK_SHARE),
+        }
     seconds, copy = floor
     return {
         "x floor": (seconds / (TIED_FLOOR_COPIES * copy), "<=", TIED_TARGET),
@@ -434,13 +438,17 @@ def _e2e_bert(device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]
     model = BertForSequenceClassification(config).to(device)
     mask = torch.ones(16, 64, dtype=torch.long, device=device)
     mask[::2, 48:] = 0
-    batch = {"input_ids": torch.randint(0, vocab, (16, 64), device=device), "attention_mask": mask,
-             "labels": torch.randint(0, 2, (16,), device=device)}
+    batch = {
+        "input_ids": torch.randint(0, vocab, (16, 64), device=device),
+        "attention_mask": mask,
+        "labels": torch.randint(0, 2, (16,), device=device),
+    }
     return model, batch
 
 
-def _alternating(baseline: Callable[[], None], attacked: Callable[[], None], device: torch.device,
-                 repeats: int) -> tuple[float, float]:
+def _alternating(
+    baseline: Callable[[], None], attacked: Callable[[], None], device: torch.device, repeats: int
+) -> tuple[float, float]:
     """Median seconds of ``baseline`` and ``attacked``, timed alternately so that drifts of the machine's speed cancel
     in their ratio, each first in turn so that neither always pays for freeing what the other allocated."""
     times: dict[Callable[[], None], list[float]] = {baseline: [], attacked: []}
@@ -530,6 +538,7 @@ def input_end_to_end(
             attacker = cls(model, backend=name, **options)
             steps[name] = functools.partial(attacker.step, closure, batch["attention_mask"])
         for impl, run in steps.items():
+
             def step(run: Callable[[], object] = run) -> None:
                 model.zero_grad()
                 run()
@@ -580,8 +589,14 @@ def op_bandwidth(
         grad = torch.zeros_like(weight)
         grad[idx] = torch.randn(len(idx), dim, device=device, dtype=dtype)
         touched = len(idx) * row_bytes
-        moved = {"scan": grad.numel() * grad.element_size() + 2 * rows, "row_sumsq": touched, "perturb": 4 * touched,
-                 "measure": 3 * touched, "project": 4 * touched, "restore": 2 * touched}
+        moved = {
+            "scan": grad.numel() * grad.element_size() + 2 * rows,
+            "row_sumsq": touched,
+            "perturb": 4 * touched,
+            "measure": 3 * touched,
+            "project": 4 * touched,
+            "restore": 2 * touched,
+        }
         src = torch.empty(max(moved.values()) // 8 + 1, device=device, dtype=torch.float32)
         dst = torch.empty_like(src)
         for name in backends:
@@ -598,8 +613,9 @@ def op_bandwidth(
     return out
 
 
-def _input_step_bandwidth(device: torch.device, backends: list[str], dtype: torch.dtype,
-                          repeats: int) -> list[tuple[str, str, str, float, float]]:
+def _input_step_bandwidth(
+    device: torch.device, backends: list[str], dtype: torch.dtype, repeats: int
+) -> list[tuple[str, str, str, float, float]]:
     """``input_step`` at a large FreeLB/SMART batch (32 x 512 tokens x 1024, a quarter padded): FreeLB's per-example
     l2 step with its l2 bound, and SMART's per-token inf step with its box. Bytes counted: one read of the gradient and
     of delta, one write of delta (the passes a group's norm and bound need again are the op's own cost)."""
@@ -616,8 +632,10 @@ def _input_step_bandwidth(device: torch.device, backends: list[str], dtype: torc
     out = []
     for name in backends:
         ops = resolve_backend(name, device)
-        for what, options in (("example-l2", ("l2", False, 0.0, 1e-8, "l2", 1.0)),
-                              ("token-inf", ("inf", True, 1e-6, 0.0, "inf", 1e-3))):
+        for what, options in (
+            ("example-l2", ("l2", False, 0.0, 1e-8, "l2", 1.0)),
+            ("token-inf", ("inf", True, 1e-6, 0.0, "inf", 1e-3)),
+        ):
             step = functools.partial(ops.input_step, delta, grad, mask, 0.1, *options)
             seconds = time_call(step, device, repeats)
             out.append(("input_step", what, name, moved / seconds / 1e9, copy_seconds / seconds))
@@ -659,8 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     matrix = cases(args.quick) + ([] if args.quick else llm_cases())
     for case in matrix:
-        results.extend(time_case(case, device, [DEFAULT, "seed"] if case.shape in LLM_SHAPES else impls,
-                                 args.repeats))
+        results.extend(time_case(case, device, [DEFAULT, "seed"] if case.shape in LLM_SHAPES else impls, args.repeats))
         print(f"timed {case.group}", file=sys.stderr, flush=True)
     backends = [i for i in impls if is_fastadv(i) and "+" not in i]
     scans = [] if args.quick else scan_vs_read(device, backends, args.repeats)
@@ -678,19 +695,31 @@ def main(argv: list[str] | None = None) -> int:
         speedup = seed[r.case].seconds / r.seconds
         miss = is_fastadv(r.impl) and full_scale() and speedup < MIN_SPEEDUP
         slow += miss
-        print(_red(f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {speedup:>7.1f}x"
-                   f" {_fmt_bytes(r.extra_bytes):>11} {_fmt_bytes(r.held_bytes):>11}", miss))
+        print(
+            _red(
+                f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {speedup:>7.1f}x"
+                f" {_fmt_bytes(r.extra_bytes):>11} {_fmt_bytes(r.held_bytes):>11}",
+                miss,
+            )
+        )
     if slow:
         print(_red(f"{slow} rows of fastadv under {MIN_SPEEDUP}x the seed", True))
     if scans:
-        print(f"\n{'FGM scan (xlm-r fp32 rows)':<32} {'backend':<11} {'ms/call':>10} {'read G':>8} {'ratio':>7}"
-              f" {f'<= {SCAN_TARGET}x':>7}")
+        print(
+            f"\n{'FGM scan (xlm-r fp32 rows)':<32} {'backend':<11} {'ms/call':>10} {'read G':>8} {'ratio':>7}"
+            f" {f'<= {SCAN_TARGET}x':>7}"
+        )
     for name, seconds, read in scans:
         checked = device.type == "cpu" and full_scale()  # the target is the CPU's; shrunk, fixed costs dominate
         miss = checked and seconds / read > SCAN_TARGET
         verdict = ("no" if miss else "yes") if checked else "-"
-        print(_red(f"{'attack+restore / one read of G':<32} {name:<11} {seconds * 1e3:>10.2f} {read * 1e3:>8.2f}"
-                   f" {seconds / read:>6.2f}x {verdict:>7}", miss))
+        print(
+            _red(
+                f"{'attack+restore / one read of G':<32} {name:<11} {seconds * 1e3:>10.2f} {read * 1e3:>8.2f}"
+                f" {seconds / read:>6.2f}x {verdict:>7}",
+                miss,
+            )
+        )
     if any(case.shape in LLM_SHAPES for case in matrix):
         print("\nLLM embedding (fgm, defaults): measure = value (target)")
     for case in matrix:
@@ -698,9 +727,13 @@ def main(argv: list[str] | None = None) -> int:
             by_impl = {r.impl: r for r in results if r.case == case}
             measures = llm_measures(by_impl[DEFAULT], by_impl["seed"], floors.get(case))
             floor = f"floor {TIED_FLOOR_COPIES * floors[case][1] * 1e3:.1f} ms, " if case in floors else ""
-            print(f"{case.group:<32} {floor}" + ", ".join(
-                _red(f"{name} = {value:.3g} ({how} {target:.3g})", full_scale() and not meets(value, how, target))
-                for name, (value, how, target) in measures.items()))
+            print(
+                f"{case.group:<32} {floor}"
+                + ", ".join(
+                    _red(f"{name} = {value:.3g} ({how} {target:.3g})", full_scale() and not meets(value, how, target))
+                    for name, (value, how, target) in measures.items()
+                )
+            )
     if e2e:
         print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ no-op':>8}")
         for method, impl, seconds, ratio in e2e:

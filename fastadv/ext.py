@@ -206,8 +206,11 @@ def _progress(directory: Path, sources: int, every: float = 20.0) -> Iterator[No
     def report() -> None:
         while not done.wait(every):
             built = sum(1 for _ in directory.glob("*.o"))
-            print(f"fastadv: still compiling ({time.monotonic() - start:.0f} s, {built} of {sources} sources"
-                  " compiled)", file=sys.stderr, flush=True)
+            print(
+                f"fastadv: still compiling ({time.monotonic() - start:.0f} s, {built} of {sources} sources compiled)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     thread = threading.Thread(target=report, daemon=True)
     thread.start()

@@ -97,8 +97,11 @@ def embedding_module(model: nn.Module, emb_name: str | None) -> tuple[str, nn.Mo
 
 def _neftune_hooks(module: nn.Module) -> list[int]:
     """The keys of transformers' NEFTune hooks on ``module`` (``Trainer(neftune_noise_alpha=...)``)."""
-    return [key for key, hook in module._forward_hooks.items()
-            if getattr(hook, "__name__", "") == "neftune_post_forward_hook"]
+    return [
+        key
+        for key, hook in module._forward_hooks.items()
+        if getattr(hook, "__name__", "") == "neftune_post_forward_hook"
+    ]
 
 
 def _sequence_mark() -> int:
@@ -140,8 +143,14 @@ class _EmbeddingOutput:
         return {**self.__dict__, "_handle": None}  # a copy is not installed
 
     @contextlib.contextmanager
-    def installed(self, attention_mask: Tensor | None, *, init: Callable[[Tensor, Tensor | None], Tensor] | None = None,
-                  replay_rng: bool = False, share_noise: bool = False) -> Iterator[_EmbeddingOutput]:
+    def installed(
+        self,
+        attention_mask: Tensor | None,
+        *,
+        init: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        replay_rng: bool = False,
+        share_noise: bool = False,
+    ) -> Iterator[_EmbeddingOutput]:
         """The hook, from a clean state, for the block, removed (and the state dropped) on every way out of it.
 
         ``init`` and ``replay_rng``: see the class. ``share_noise``: the passes compare each other's outputs (SMART,
@@ -191,8 +200,10 @@ class _EmbeddingOutput:
             return self._added(output, *self._recomputed())
         self.calls += 1
         if not isinstance(output, Tensor) or output.dim() != 3:
-            raise TypeError(f"the output of {self.name} is not a [batch, tokens, hidden] tensor "
-                            f"({type(output).__name__} {getattr(output, 'shape', '')}): pick the word embeddings")
+            raise TypeError(
+                f"the output of {self.name} is not a [batch, tokens, hidden] tensor "
+                f"({type(output).__name__} {getattr(output, 'shape', '')}): pick the word embeddings"
+            )
         if self.mask is None:
             self.mask = self._mask_for(output)
         self.output = output
@@ -206,8 +217,10 @@ class _EmbeddingOutput:
         if self.replay_rng:  # after the initial delta's draw: the state the first pass's dropout starts from
             self._replay(output.device)
         if self.delta is not None and self.delta.shape != output.shape:
-            raise RuntimeError(f"the output of {self.name} changed shape within a step ({tuple(self.delta.shape)} "
-                               f"to {tuple(output.shape)}): every pass of a step must run on the same batch")
+            raise RuntimeError(
+                f"the output of {self.name} changed shape within a step ({tuple(self.delta.shape)} "
+                f"to {tuple(output.shape)}): every pass of a step must run on the same batch"
+            )
         if self._passes:
             self._passes[-1] = (self._passes[-1][0], self.delta, self.detach)
         return self._added(output, self.delta, self.detach)
@@ -235,8 +248,10 @@ class _EmbeddingOutput:
         if mask is None:
             return None
         if tuple(mask.shape) != tuple(output.shape[:2]):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the output of {self.name} is "
-                             f"{tuple(output.shape)}: pass the batch's [batch, tokens] attention mask")
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}, but the output of {self.name} is "
+                f"{tuple(output.shape)}: pass the batch's [batch, tokens] attention mask"
+            )
         return mask.to(device=output.device, dtype=torch.bool)
 
     def _replay(self, device: torch.device) -> None:
@@ -288,8 +303,9 @@ class _InputAttack(Hyperparameters, abc.ABC):
     def remove_hooks(self) -> None:
         """Nothing to remove: the hook of a step exists only while it runs."""
 
-    def _perturbation(self, attention_mask: Tensor | None, **options: Any
-                      ) -> contextlib.AbstractContextManager[_EmbeddingOutput]:
+    def _perturbation(
+        self, attention_mask: Tensor | None, **options: Any
+    ) -> contextlib.AbstractContextManager[_EmbeddingOutput]:
         """The perturbation of one step (:meth:`_EmbeddingOutput.installed`); under an engine, inside its window."""
         if self.engine is not None:
             self.engine.placement.ready()
@@ -303,15 +319,26 @@ class _InputAttack(Hyperparameters, abc.ABC):
         hook.pass_done()
         return out
 
-    def _ascend(self, delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
-                denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+    def _ascend(
+        self,
+        delta: Tensor,
+        grad: Tensor,
+        mask: Tensor | None,
+        lr: float,
+        norm: str,
+        per_token: bool,
+        denom_eps: float,
+        denom_floor: float,
+        bound: str,
+        radius: float,
+    ) -> Tensor:
         backend = backend_for(self.backend, [delta], [grad])
-        return backend.input_step(delta.detach(), grad.contiguous(), mask, lr, norm, per_token, denom_eps,
-                                  denom_floor, bound, radius)
+        return backend.input_step(
+            delta.detach(), grad.contiguous(), mask, lr, norm, per_token, denom_eps, denom_floor, bound, radius
+        )
 
     @abc.abstractmethod
-    def run(self, forward: Forward, backward: Backward,
-            attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The method's training step with ``forward()`` as its forward passes and ``backward(loss)`` as its
         backward; returns ``(loss, adversarial part)`` (see each class), detached. Under a DeepSpeed engine it runs
         inside the caller's ``with engine.coalesce_grad_reduction():`` block, ``backward`` calling
@@ -371,8 +398,14 @@ class FusedFreeLB(_InputAttack):
         optimizer.step(); optimizer.zero_grad()
     """
 
-    CHECKS = {"adv_lr": check_positive, "adv_steps": check_steps, "adv_init_mag": check_nonnegative,
-              "adv_max_norm": check_nonnegative, "norm": check_choice("l2", "linf"), "shared_dropout": as_bool}
+    CHECKS = {
+        "adv_lr": check_positive,
+        "adv_steps": check_steps,
+        "adv_init_mag": check_nonnegative,
+        "adv_max_norm": check_nonnegative,
+        "norm": check_choice("l2", "linf"),
+        "shared_dropout": as_bool,
+    }
     adv_lr: float
     adv_steps: int
     adv_init_mag: float
@@ -380,11 +413,30 @@ class FusedFreeLB(_InputAttack):
     norm: str
     shared_dropout: bool
 
-    def __init__(self, model: nn.Module, adv_lr: float = 0.1, adv_steps: int = 3, adv_init_mag: float = 0.0,
-                 adv_max_norm: float = 0.0, norm: str = "l2", emb_name: str | None = None,
-                 shared_dropout: bool = False, backend: str = "auto") -> None:
-        vars(self).update(self.checked({"adv_lr": adv_lr, "adv_steps": adv_steps, "adv_init_mag": adv_init_mag,
-                                        "adv_max_norm": adv_max_norm, "norm": norm, "shared_dropout": shared_dropout}))
+    def __init__(
+        self,
+        model: nn.Module,
+        adv_lr: float = 0.1,
+        adv_steps: int = 3,
+        adv_init_mag: float = 0.0,
+        adv_max_norm: float = 0.0,
+        norm: str = "l2",
+        emb_name: str | None = None,
+        shared_dropout: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        vars(self).update(
+            self.checked(
+                {
+                    "adv_lr": adv_lr,
+                    "adv_steps": adv_steps,
+                    "adv_init_mag": adv_init_mag,
+                    "adv_max_norm": adv_max_norm,
+                    "norm": norm,
+                    "shared_dropout": shared_dropout,
+                }
+            )
+        )
         super().__init__(model, emb_name, backend)
 
     def _init(self, embeds: Tensor, mask: Tensor | None) -> Tensor:
@@ -399,8 +451,7 @@ class FusedFreeLB(_InputAttack):
             delta = torch.zeros_like(embeds).uniform_(-1, 1) * mask * magnitude.view(-1, 1, 1)
         return delta.requires_grad_()
 
-    def run(self, forward: Forward, backward: Backward,
-            attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the losses of the first and the last pass (each before the division by ``adv_steps``)."""
         bound = ("l2" if self.norm == "l2" else "inf") if self.adv_max_norm > 0 else "none"
         with self._perturbation(attention_mask, init=self._init, replay_rng=self.shared_dropout) as hook:
@@ -414,8 +465,18 @@ class FusedFreeLB(_InputAttack):
                 delta = hook.delta
                 if delta.grad is None:
                     raise RuntimeError(f"the loss does not depend on the output of {hook.name}: nothing to ascend")
-                self._ascend(delta, delta.grad, hook.mask, self.adv_lr, "inf" if self.norm == "linf" else "l2",
-                             False, 0.0, 1e-8, bound, self.adv_max_norm)
+                self._ascend(
+                    delta,
+                    delta.grad,
+                    hook.mask,
+                    self.adv_lr,
+                    "inf" if self.norm == "linf" else "l2",
+                    False,
+                    0.0,
+                    1e-8,
+                    bound,
+                    self.adv_max_norm,
+                )
                 delta.grad = None
         return losses[0], losses[-1]
 
@@ -439,8 +500,13 @@ def _kl(logits: Tensor, target: Tensor, rows: Tensor | None = None, total: Tenso
         return _reduced(F.kl_div(q, p, reduction="none", log_target=True).sum(-1), rows, total)
 
 
-def _squared_error(prediction: Tensor, target: Tensor, rows: Tensor | None = None,
-                   total: Tensor | float | None = None, mean: bool = True) -> Tensor:
+def _squared_error(
+    prediction: Tensor,
+    target: Tensor,
+    rows: Tensor | None = None,
+    total: Tensor | float | None = None,
+    mean: bool = True,
+) -> Tensor:
     """The squared error of two regression heads' outputs in fp32: its mean over the elements of the counted rows
     (``mean=False``: its sum over them)."""
     with torch.autocast(prediction.device.type, enabled=False):
@@ -460,8 +526,10 @@ class _ComparingAttack(_InputAttack):
     def _rows(self, logits: Tensor, hook: _EmbeddingOutput, logit_rows: Tensor | None) -> Tensor | None:
         if logit_rows is not None:
             if tuple(logit_rows.shape) != tuple(logits.shape[:-1]):
-                raise ValueError(f"logit_rows has shape {tuple(logit_rows.shape)}, but the logits are "
-                                 f"{tuple(logits.shape)}: pass a bool mask of logits.shape[:-1]")
+                raise ValueError(
+                    f"logit_rows has shape {tuple(logit_rows.shape)}, but the logits are "
+                    f"{tuple(logits.shape)}: pass a bool mask of logits.shape[:-1]"
+                )
             return logit_rows.reshape(-1).to(device=logits.device, dtype=torch.bool)
         if hook.mask is not None and logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(hook.mask.shape):
             return hook.mask.reshape(-1)
@@ -498,10 +566,18 @@ class FusedSMART(_ComparingAttack):
         loss = smart.step(lambda: model(**batch), batch["attention_mask"])   # the output has .loss and .logits
     """
 
-    CHECKS = {"alpha": check_nonnegative, "steps": check_steps, "step_size": check_positive,
-              "noise_var": check_nonnegative, "epsilon": check_positive, "adv_eps": optional(check_positive),
-              "norm": check_choice("inf", "l2", "sign"), "per_token": as_bool,
-              "divergence": check_choice("kl", "mse"), "update": check_choice("mtdnn", "paper")}
+    CHECKS = {
+        "alpha": check_nonnegative,
+        "steps": check_steps,
+        "step_size": check_positive,
+        "noise_var": check_nonnegative,
+        "epsilon": check_positive,
+        "adv_eps": optional(check_positive),
+        "norm": check_choice("inf", "l2", "sign"),
+        "per_token": as_bool,
+        "divergence": check_choice("kl", "mse"),
+        "update": check_choice("mtdnn", "paper"),
+    }
     alpha: float
     steps: int
     step_size: float
@@ -513,21 +589,47 @@ class FusedSMART(_ComparingAttack):
     divergence: str
     update: str
 
-    def __init__(self, model: nn.Module, alpha: float = 1.0, steps: int = 1, step_size: float = 1e-3,
-                 noise_var: float = 1e-5, epsilon: float = 1e-6, adv_eps: float | None = None, norm: str = "inf",
-                 per_token: bool = True, divergence: str = "kl", update: str = "mtdnn",
-                 emb_name: str | None = None, backend: str = "auto") -> None:
-        vars(self).update(self.checked({
-            "alpha": alpha, "steps": steps, "step_size": step_size, "noise_var": noise_var, "epsilon": epsilon,
-            "adv_eps": adv_eps, "norm": norm, "per_token": per_token, "divergence": divergence, "update": update}))
+    def __init__(
+        self,
+        model: nn.Module,
+        alpha: float = 1.0,
+        steps: int = 1,
+        step_size: float = 1e-3,
+        noise_var: float = 1e-5,
+        epsilon: float = 1e-6,
+        adv_eps: float | None = None,
+        norm: str = "inf",
+        per_token: bool = True,
+        divergence: str = "kl",
+        update: str = "mtdnn",
+        emb_name: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        vars(self).update(
+            self.checked(
+                {
+                    "alpha": alpha,
+                    "steps": steps,
+                    "step_size": step_size,
+                    "noise_var": noise_var,
+                    "epsilon": epsilon,
+                    "adv_eps": adv_eps,
+                    "norm": norm,
+                    "per_token": per_token,
+                    "divergence": divergence,
+                    "update": update,
+                }
+            )
+        )
         super().__init__(model, emb_name, backend)
 
     def _step_noise(self, noise: Tensor, grad: Tensor, mask: Tensor | None) -> Tensor:
         """One ascent step of ``noise`` in place (see the class); returns the gradient norms (their finiteness)."""
         bound, radius = ("inf", self.adv_eps) if self.adv_eps is not None else ("none", 0.0)
         if self.update == "paper":
-            return self._ascend(noise, grad, mask, self.step_size, self.norm, self.per_token, self.epsilon, 0.0,
-                                bound, radius)
+            return self._ascend(
+                noise, grad, mask, self.step_size, self.norm, self.per_token, self.epsilon, 0.0, bound, radius
+            )
         # N(noise + step_size * g): input_step's normalised step of that sum, from zero, in the math dtype (the noise
         # rounded once)
         wide = torch.float64 if noise.dtype == torch.float64 else torch.float32
@@ -537,8 +639,15 @@ class FusedSMART(_ComparingAttack):
         noise.detach().copy_(step)
         return norms
 
-    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None, *,
-            logit_rows: Tensor | None = None, logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    def run(
+        self,
+        forward: Forward,
+        backward: Backward,
+        attention_mask: Tensor | None = None,
+        *,
+        logit_rows: Tensor | None = None,
+        logit_total: Tensor | float | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Returns the task loss and the adversarial term (before ``alpha``).
 
         ``logit_rows`` (bool, ``logits.shape[:-1]``): the rows of the logits the divergences count (default: every
@@ -570,8 +679,9 @@ class FusedSMART(_ComparingAttack):
             if self.divergence == "mse":
                 term = _squared_error(adv_logits, logits, rows, logit_total)
             else:
-                term = _kl(adv_logits.detach(), logits, rows, logit_total) + _kl(logits.detach(), adv_logits, rows,
-                                                                                 logit_total)
+                term = _kl(adv_logits.detach(), logits, rows, logit_total) + _kl(
+                    logits.detach(), adv_logits, rows, logit_total
+                )
             term = torch.where(finite, term, 0.0)
             backward(loss + self.alpha * term)
         return loss.detach(), term.detach()
@@ -592,21 +702,41 @@ class FusedR3F(_ComparingAttack):
         loss = r3f.step(lambda: model(**batch), batch["attention_mask"])
     """
 
-    CHECKS = {"r3f_lambda": check_nonnegative, "eps": check_positive, "noise_type": check_choice("uniform", "normal"),
-              "divergence": check_choice("kl", "mse")}
+    CHECKS = {
+        "r3f_lambda": check_nonnegative,
+        "eps": check_positive,
+        "noise_type": check_choice("uniform", "normal"),
+        "divergence": check_choice("kl", "mse"),
+    }
     r3f_lambda: float
     eps: float
     noise_type: str
     divergence: str
 
-    def __init__(self, model: nn.Module, r3f_lambda: float = 1.0, eps: float = 1e-5, noise_type: str = "uniform",
-                 divergence: str = "kl", emb_name: str | None = None, backend: str = "auto") -> None:
-        vars(self).update(self.checked({"r3f_lambda": r3f_lambda, "eps": eps, "noise_type": noise_type,
-                                        "divergence": divergence}))
+    def __init__(
+        self,
+        model: nn.Module,
+        r3f_lambda: float = 1.0,
+        eps: float = 1e-5,
+        noise_type: str = "uniform",
+        divergence: str = "kl",
+        emb_name: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        vars(self).update(
+            self.checked({"r3f_lambda": r3f_lambda, "eps": eps, "noise_type": noise_type, "divergence": divergence})
+        )
         super().__init__(model, emb_name, backend)
 
-    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None, *,
-            logit_rows: Tensor | None = None, logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    def run(
+        self,
+        forward: Forward,
+        backward: Backward,
+        attention_mask: Tensor | None = None,
+        *,
+        logit_rows: Tensor | None = None,
+        logit_total: Tensor | float | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Returns the task loss and the symmetric divergence (before ``r3f_lambda``); ``logit_rows`` and
         ``logit_total`` as for :meth:`FusedSMART.run`."""
         with self._perturbation(attention_mask) as hook:
@@ -673,8 +803,16 @@ class FusedVAT(_ComparingAttack):
     alpha: float
     power_iters: int
 
-    def __init__(self, model: nn.Module, eps: float = 5.0, xi: float = 0.1, alpha: float = 1.0, power_iters: int = 1,
-                 emb_name: str | None = None, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 5.0,
+        xi: float = 0.1,
+        alpha: float = 1.0,
+        power_iters: int = 1,
+        emb_name: str | None = None,
+        backend: str = "auto",
+    ) -> None:
         vars(self).update(self.checked({"eps": eps, "xi": xi, "alpha": alpha, "power_iters": power_iters}))
         super().__init__(model, emb_name, backend)
 
@@ -684,15 +822,24 @@ class FusedVAT(_ComparingAttack):
         self._ascend(r, direction, mask, length, "l2", False, 0.0, _EXACT_FLOOR, "none", 0.0)
         return r
 
-    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None, *,
-            logit_rows: Tensor | None = None, logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    def run(
+        self,
+        forward: Forward,
+        backward: Backward,
+        attention_mask: Tensor | None = None,
+        *,
+        logit_rows: Tensor | None = None,
+        logit_total: Tensor | float | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Returns the task loss and the virtual adversarial KL (before ``alpha``); ``logit_rows`` and
         ``logit_total`` as for :meth:`FusedSMART.run`."""
         with self._perturbation(attention_mask) as hook:
             loss, logits = _loss_and_logits(self._forward(forward, hook))
             if logits.size(-1) < 2:
-                raise ValueError(f"VAT compares softmax distributions over the last dimension of the logits, which "
-                                 f"has size {logits.size(-1)} here: give a classifier's logits (two for a binary task)")
+                raise ValueError(
+                    f"VAT compares softmax distributions over the last dimension of the logits, which "
+                    f"has size {logits.size(-1)} here: give a classifier's logits (two for a binary task)"
+                )
             clean = logits.detach()
             rows = self._rows(logits, hook, logit_rows)
             direction = torch.randn_like(hook.output, memory_format=torch.contiguous_format)
@@ -747,8 +894,9 @@ class FusedGradientPenalty(_InputAttack):
     CHECKS = {"epsilon": check_nonnegative}
     epsilon: float
 
-    def __init__(self, model: nn.Module, epsilon: float = 1.0, emb_name: str | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, epsilon: float = 1.0, emb_name: str | None = None, backend: str = "auto"
+    ) -> None:
         vars(self).update(self.checked({"epsilon": epsilon}))
         super().__init__(model, emb_name, backend)
         if self.engine is not None and self.engine.placement.stage == 3:
@@ -757,8 +905,7 @@ class FusedGradientPenalty(_InputAttack):
                 " that ZeRO-3 has released after the first; use stage 1 or 2, or another input-space method"
             )
 
-    def run(self, forward: Forward, backward: Backward,
-            attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the task loss and the squared gradient norm (before ``epsilon / 2``)."""
         with sdpa_kernel(SDPBackend.MATH), self._perturbation(attention_mask, init=_zero_delta) as hook:
             loss = _loss_of(self._forward(forward, hook))

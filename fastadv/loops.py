@@ -20,8 +20,17 @@ from fastadv._sharding import Placement
 from fastadv._util import check_steps
 
 __all__ = [
-    "Pass", "Attack", "PGDAttack", "backward_pass", "fgm_loop", "pgd_loop", "awp_loop", "earlier_grads_set_aside",
-    "set_grads_aside", "add_grads", "replayed_pass",
+    "Pass",
+    "Attack",
+    "PGDAttack",
+    "backward_pass",
+    "fgm_loop",
+    "pgd_loop",
+    "awp_loop",
+    "earlier_grads_set_aside",
+    "set_grads_aside",
+    "add_grads",
+    "replayed_pass",
 ]
 
 #: One forward and backward pass; returns the loss.

@@ -101,9 +101,17 @@ class Method:
         self.check(options)
         return self.cls(model, backend=backend, **options)
 
-    def step(self, attacker: Attacker, forward: Callable[[], Any], backward: Callable[[Tensor], Any], *,
-             attention_mask: Tensor | None = None, k: int | None = None, logit_rows: Tensor | None = None,
-             logit_total: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    def step(
+        self,
+        attacker: Attacker,
+        forward: Callable[[], Any],
+        backward: Callable[[Tensor], Any],
+        *,
+        attention_mask: Tensor | None = None,
+        k: int | None = None,
+        logit_rows: Tensor | None = None,
+        logit_total: Tensor | float | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """One training step of this method: returns the clean (task) loss and the adversarial part (FGM/PGD/AWP:
         the loss of the last adversarial pass; FreeLB: that of its last pass; SMART/R3F/VAT: their divergence; the
         gradient penalty: the squared gradient norm).
@@ -132,9 +140,17 @@ class Method:
 
 #: Every method, by name.
 METHODS: dict[str, Method] = {
-    m.name: m for m in (Method("fgm", FusedFGM), Method("pgd", FusedPGD), Method("awp", FusedAWP),
-                        Method("freelb", FusedFreeLB), Method("smart", FusedSMART), Method("r3f", FusedR3F),
-                        Method("vat", FusedVAT), Method("gradient_penalty", FusedGradientPenalty))
+    m.name: m
+    for m in (
+        Method("fgm", FusedFGM),
+        Method("pgd", FusedPGD),
+        Method("awp", FusedAWP),
+        Method("freelb", FusedFreeLB),
+        Method("smart", FusedSMART),
+        Method("r3f", FusedR3F),
+        Method("vat", FusedVAT),
+        Method("gradient_penalty", FusedGradientPenalty),
+    )
 }
 
 

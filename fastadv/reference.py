@@ -27,8 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["FGM", "PGD", "AWP", "fgm_step", "pgd_step", "awp_step", "freelb_step", "smart_step", "r3f_step",
-           "vat_step", "gradient_penalty_step"]
+__all__ = [
+    "FGM",
+    "PGD",
+    "AWP",
+    "fgm_step",
+    "pgd_step",
+    "awp_step",
+    "freelb_step",
+    "smart_step",
+    "r3f_step",
+    "vat_step",
+    "gradient_penalty_step",
+]
 
 
 class FGM:
@@ -223,9 +234,17 @@ def _masked(tensor: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
     return tensor if attention_mask is None else torch.where(attention_mask.bool().unsqueeze(-1), tensor, 0.0)
 
 
-def freelb_step(embedding: nn.Module, closure: Callable[[], torch.Tensor], attention_mask: torch.Tensor | None = None,
-                adv_lr: float = 0.1, adv_steps: int = 3, adv_init_mag: float = 0.0, adv_max_norm: float = 0.0,
-                norm: str = "l2", backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+def freelb_step(
+    embedding: nn.Module,
+    closure: Callable[[], torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    adv_lr: float = 0.1,
+    adv_steps: int = 3,
+    adv_init_mag: float = 0.0,
+    adv_max_norm: float = 0.0,
+    norm: str = "l2",
+    backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
+) -> torch.Tensor:
     """FreeLB as its official Hugging Face code (``run_glue_freelb.py``) does it, on the output of ``embedding``.
 
     ``closure()`` runs the forward pass and returns the loss; each of the ``adv_steps`` passes backpropagates
@@ -234,9 +253,11 @@ def freelb_step(embedding: nn.Module, closure: Callable[[], torch.Tensor], atten
     fp32 and rounded once to the delta's dtype, and an example whose gradient norm is not finite keeps its delta (the
     official code writes NaN).
     """
+
     def init(embeds_init: torch.Tensor) -> torch.Tensor:
-        input_mask = (torch.ones(embeds_init.shape[:2], device=embeds_init.device) if attention_mask is None
-                      else attention_mask).to(embeds_init)
+        input_mask = (
+            torch.ones(embeds_init.shape[:2], device=embeds_init.device) if attention_mask is None else attention_mask
+        ).to(embeds_init)
         if adv_init_mag > 0:
             if norm == "l2":
                 input_lengths = torch.sum(input_mask, 1)
@@ -292,19 +313,20 @@ def _logit_rows(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return attention_mask.bool().reshape(-1)
 
 
-def _kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None,
-        reduction: str = "batchmean") -> torch.Tensor:
+def _kl(
+    logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None, reduction: str = "batchmean"
+) -> torch.Tensor:
     """KL(softmax(logits) || softmax(target)) in fp32 over the rows (the counted ones), averaged (batchmean) or
     summed."""
     logits, target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1, target.size(-1)).float()
     if rows is not None:
         logits, target = logits[rows], target[rows]
-    return F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(logits, dim=-1), reduction=reduction,
-                    log_target=True)
+    return F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(logits, dim=-1), reduction=reduction, log_target=True)
 
 
-def _mse(prediction: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None,
-         reduction: str = "mean") -> torch.Tensor:
+def _mse(
+    prediction: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None, reduction: str = "mean"
+) -> torch.Tensor:
     width = prediction.size(-1) if prediction.dim() > 1 else 1
     prediction, target = prediction.reshape(-1, width).float(), target.reshape(-1, width).float()
     if rows is not None:
@@ -312,11 +334,22 @@ def _mse(prediction: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | No
     return F.mse_loss(prediction, target, reduction=reduction)
 
 
-def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
-               alpha: float = 1.0, steps: int = 1, step_size: float = 1e-3, noise_var: float = 1e-5,
-               epsilon: float = 1e-6, adv_eps: float | None = None, norm: str = "inf", per_token: bool = True,
-               divergence: str = "kl", update: str = "mtdnn",
-               backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+def smart_step(
+    embedding: nn.Module,
+    closure: Callable[[], Any],
+    attention_mask: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    steps: int = 1,
+    step_size: float = 1e-3,
+    noise_var: float = 1e-5,
+    epsilon: float = 1e-6,
+    adv_eps: float | None = None,
+    norm: str = "inf",
+    per_token: bool = True,
+    divergence: str = "kl",
+    update: str = "mtdnn",
+    backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
+) -> torch.Tensor:
     """SMART's smoothness-inducing adversarial regulariser (Jiang et al. 2020, Algorithm 1), on the output of
     ``embedding``; one backward of the total, which is returned.
 
@@ -384,9 +417,16 @@ def smart_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask:
         hook.handle.remove()
 
 
-def r3f_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
-             r3f_lambda: float = 1.0, eps: float = 1e-5, noise_type: str = "uniform",
-             divergence: str = "kl", backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+def r3f_step(
+    embedding: nn.Module,
+    closure: Callable[[], Any],
+    attention_mask: torch.Tensor | None = None,
+    r3f_lambda: float = 1.0,
+    eps: float = 1e-5,
+    noise_type: str = "uniform",
+    divergence: str = "kl",
+    backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
+) -> torch.Tensor:
     """R3F (Aghajanyan et al. 2021) as fairseq's ``sentence_prediction_r3f`` does it, on the output of
     ``embedding``: a clean pass and a pass on the embeddings (cut from the graph) plus noise ``U(-eps, eps)``
     (``noise_type="normal"``: ``N(0, eps)``), masked; ``loss + r3f_lambda * symmetric KL`` (fp32, per example, both
@@ -411,7 +451,7 @@ def r3f_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: t
             if rows is not None:
                 noised, clean = noised[rows], clean[rows]
             symm = F.kl_div(F.log_softmax(noised, dim=-1), F.softmax(clean, dim=-1), reduction="sum")
-            symm = (symm + F.kl_div(F.log_softmax(clean, dim=-1), F.softmax(noised, dim=-1), reduction="sum"))
+            symm = symm + F.kl_div(F.log_softmax(clean, dim=-1), F.softmax(noised, dim=-1), reduction="sum")
             symm = symm / noised.size(0)
         total = loss + r3f_lambda * symm
         backward(total)
@@ -431,9 +471,16 @@ def _scale_l2(x: torch.Tensor, norm_length: float, attention_mask: torch.Tensor 
     return torch.where(l2_norm.isfinite(), norm_length * (x / l2_norm), 0.0)
 
 
-def vat_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: torch.Tensor | None = None,
-             eps: float = 5.0, xi: float = 0.1, alpha: float = 1.0, power_iters: int = 1,
-             backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+def vat_step(
+    embedding: nn.Module,
+    closure: Callable[[], Any],
+    attention_mask: torch.Tensor | None = None,
+    eps: float = 5.0,
+    xi: float = 0.1,
+    alpha: float = 1.0,
+    power_iters: int = 1,
+    backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
+) -> torch.Tensor:
     """Virtual adversarial training (Miyato et al. 2018) as their text code's ``virtual_adversarial_loss`` does it,
     on the output of ``embedding``; one backward of ``loss + alpha * vadv_loss``, which is returned.
 
@@ -465,9 +512,13 @@ def vat_step(embedding: nn.Module, closure: Callable[[], Any], attention_mask: t
         hook.handle.remove()
 
 
-def gradient_penalty_step(embedding: nn.Module, closure: Callable[[], Any],
-                          attention_mask: torch.Tensor | None = None, epsilon: float = 1.0,
-                          backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
+def gradient_penalty_step(
+    embedding: nn.Module,
+    closure: Callable[[], Any],
+    attention_mask: torch.Tensor | None = None,
+    epsilon: float = 1.0,
+    backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
+) -> torch.Tensor:
     """The gradient penalty of Su Jianlin's "对抗训练浅谈" (bert4keras's ``loss_with_gradient_penalty``), on the output
     of ``embedding``: ``loss + 0.5 * epsilon * gp`` with ``gp`` the sum of the squares of the loss's gradient with
     respect to the embedding output (bert4keras: ``K.sum(K.gradients(loss, [embeddings])[0].values**2)``, the lookup's

@@ -129,8 +129,10 @@ def _expect_like(actual: Any, expected: Tensor, what: str) -> None:
     if not isinstance(actual, Tensor):
         raise _Mismatch(f"returned {type(actual).__name__} instead of a tensor")
     if actual.dtype != expected.dtype or actual.shape != expected.shape or actual.device != expected.device:
-        raise _Mismatch(f"{what} are {actual.dtype} {tuple(actual.shape)} on {actual.device}, expected"
-                        f" {expected.dtype} {tuple(expected.shape)} on {expected.device}")
+        raise _Mismatch(
+            f"{what} are {actual.dtype} {tuple(actual.shape)} on {actual.device}, expected"
+            f" {expected.dtype} {tuple(expected.shape)} on {expected.device}"
+        )
 
 
 def _expect_sums(actual: Any, expected: Tensor, what: str) -> None:
@@ -142,8 +144,13 @@ def _expect_sums(actual: Any, expected: Tensor, what: str) -> None:
         raise _Mismatch(f"{what} differ by up to {worst:.3g} relative (allowed 1e-05)")
 
 
-def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[Tensor] | None, slack: list[float],
-                    names: list[str] | None = None) -> None:
+def _expect_weights(
+    actual: list[Tensor],
+    expected: list[Tensor],
+    written: list[Tensor] | None,
+    slack: list[float],
+    names: list[str] | None = None,
+) -> None:
     """Written weights: fp32 within rtol 1e-5/atol 1e-6, bf16/fp16 within one ulp (or, where the fp32 math nearly
     cancels, within ``slack``: a few fp32 ulps of its terms, which FMA or not may change); the rows not in
     ``written[i]`` bit for bit (``written=None``: every element is written). ``names``: what each tensor is, for the
@@ -172,8 +179,9 @@ def _expect_weights(actual: list[Tensor], expected: list[Tensor], written: list[
             raise _Mismatch(f"{which} differ by up to {worst} ulps")
 
 
-def _expect_unchanged(inputs: dict[str, list[Tensor]], originals: dict[str, list[Tensor]],
-                      which: Callable[[int], str] = _what) -> None:
+def _expect_unchanged(
+    inputs: dict[str, list[Tensor]], originals: dict[str, list[Tensor]], which: Callable[[int], str] = _what
+) -> None:
     """``which(i)``: what tensor ``i`` of a list is, for the message (default: the row ops' tensors)."""
     for what, tensors in inputs.items():
         for i, (t, o) in enumerate(zip(tensors, originals[what])):
@@ -233,8 +241,10 @@ class _Case:
         self.scrambled = to([randn(*p.shape).to(dtype) for p in params])  # weights for restore to overwrite
         # Slack for bf16/fp16 weights where W + s*G - B nearly cancels: 8 fp32 ulps of the largest terms.
         eps32 = torch.finfo(torch.float32).eps
-        self.slack = [8 * eps32 * (p.abs().max().item() + s * g.abs().max().item() + o.abs().max().item())
-                      for p, g, o, s in zip(self.params, self.grads, self.originals, self.scales.tolist())]
+        self.slack = [
+            8 * eps32 * (p.abs().max().item() + s * g.abs().max().item() + o.abs().max().item())
+            for p, g, o, s in zip(self.params, self.grads, self.originals, self.scales.tolist())
+        ]
 
 
 def _read_only(**inputs: list[Tensor]) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
@@ -291,12 +301,19 @@ def _check_scan(ops: ModuleType, case: _Case) -> None:
     for op, params in (("scan", None), ("scan(params)", case.params)):  # FGM/PGD and hint checks; AWP
         with _op(op):
             expected_fresh = [torch.zeros_like(t) for t in case.touched]
-            expected = ref.scan(_clone(case.grads), _clone(case.touched), expected_fresh,
-                                None if params is None else _clone(params))
+            expected = ref.scan(
+                _clone(case.grads), _clone(case.touched), expected_fresh, None if params is None else _clone(params)
+            )
             fresh = [~f for f in expected_fresh]  # poison: the opposite of every right answer
             inputs, originals = _read_only(grads=case.grads, touched=case.touched, params=params or [])
-            stats = _run(device, ops.scan, inputs["grads"], inputs["touched"], fresh,
-                         None if params is None else inputs["params"])
+            stats = _run(
+                device,
+                ops.scan,
+                inputs["grads"],
+                inputs["touched"],
+                fresh,
+                None if params is None else inputs["params"],
+            )
             _expect_unchanged(inputs, originals)
             _expect_bits(fresh, expected_fresh, "fresh flags")
             _expect_like(stats, expected, "stats")
@@ -333,12 +350,22 @@ def _check_perturb(ops: ModuleType, case: _Case) -> None:
     ):
         with _op(op):
             expected = _clone(case.params)
-            ref.perturb(expected, _clone(case.grads), _clone(case.rows), _clone(start), list(backed), scales.clone(),
-                        box_eps)
+            ref.perturb(
+                expected, _clone(case.grads), _clone(case.rows), _clone(start), list(backed), scales.clone(), box_eps
+            )
             params, backups = _clone(case.params), _clone(start)
             inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[scales])
-            _run(case.device, ops.perturb, params, inputs["grads"], inputs["rows"], backups, list(backed),
-                 inputs["scales"][0], box_eps)
+            _run(
+                case.device,
+                ops.perturb,
+                params,
+                inputs["grads"],
+                inputs["rows"],
+                backups,
+                list(backed),
+                inputs["scales"][0],
+                box_eps,
+            )
             _expect_unchanged(inputs, originals)
             _expect_bits(backups, case.full_backups, "backups")
             _expect_weights(params, expected, case.rows, case.slack)
@@ -346,16 +373,30 @@ def _check_perturb(ops: ModuleType, case: _Case) -> None:
 
 def _expected_delta_sumsq(case: _Case) -> Tensor:
     """The torch backend's measure on the case (the norms project is given)."""
-    return ref.measure(_clone(case.params), _clone(case.grads), _clone(case.rows), _clone(case.backups),
-                       list(case.n_backed), case.scales.clone())
+    return ref.measure(
+        _clone(case.params),
+        _clone(case.grads),
+        _clone(case.rows),
+        _clone(case.backups),
+        list(case.n_backed),
+        case.scales.clone(),
+    )
 
 
 def _check_measure(ops: ModuleType, case: _Case) -> None:
     expected_sumsq = _expected_delta_sumsq(case)
     params, backups = _clone(case.params), _clone(case.backups)
     inputs, originals = _read_only(grads=case.grads, rows=case.rows, scales=[case.scales])
-    sumsq = _run(case.device, ops.measure, params, inputs["grads"], inputs["rows"], backups, list(case.n_backed),
-                 inputs["scales"][0])
+    sumsq = _run(
+        case.device,
+        ops.measure,
+        params,
+        inputs["grads"],
+        inputs["rows"],
+        backups,
+        list(case.n_backed),
+        inputs["scales"][0],
+    )
     _expect_unchanged(inputs, originals)
     _expect_bits(params, case.params, "weights (measure must not write them)")
     _expect_bits(backups, case.full_backups, "backups")
@@ -368,13 +409,30 @@ def _check_project(ops: ModuleType, case: _Case) -> None:
     norms = sorted(expected_sumsq.double().sqrt().tolist())
     eps = math.sqrt(norms[0] * norms[1])
     expected = _clone(case.params)
-    ref.project(expected, _clone(case.grads), _clone(case.rows), _clone(case.full_backups), case.scales.clone(),
-                expected_sumsq.clone(), eps)
+    ref.project(
+        expected,
+        _clone(case.grads),
+        _clone(case.rows),
+        _clone(case.full_backups),
+        case.scales.clone(),
+        expected_sumsq.clone(),
+        eps,
+    )
     params = _clone(case.params)
-    inputs, originals = _read_only(grads=case.grads, rows=case.rows, backups=case.full_backups,
-                                  scales=[case.scales], delta_sumsq=[expected_sumsq])
-    _run(case.device, ops.project, params, inputs["grads"], inputs["rows"], inputs["backups"], inputs["scales"][0],
-         inputs["delta_sumsq"][0], eps)
+    inputs, originals = _read_only(
+        grads=case.grads, rows=case.rows, backups=case.full_backups, scales=[case.scales], delta_sumsq=[expected_sumsq]
+    )
+    _run(
+        case.device,
+        ops.project,
+        params,
+        inputs["grads"],
+        inputs["rows"],
+        inputs["backups"],
+        inputs["scales"][0],
+        inputs["delta_sumsq"][0],
+        eps,
+    )
     _expect_unchanged(inputs, originals)
     _expect_weights(params, expected, case.rows, case.slack)
 
@@ -389,8 +447,9 @@ def _check_restore(ops: ModuleType, case: _Case) -> None:
     _expect_bits(params, expected, "weights")
 
 
-def _input_case(shape: tuple[int, int, int], masked: bool, dtype: torch.dtype, gen: torch.Generator
-                ) -> tuple[Tensor, Tensor, Tensor | None]:
+def _input_case(
+    shape: tuple[int, int, int], masked: bool, dtype: torch.dtype, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """``delta``, ``grad`` and ``mask`` of input_step, on the CPU: the last example's first token has an inf gradient
     (its group's norm is not finite: no step). With a mask, the first example is padded, the last is not, the others
     are padding only, and every padded token has a NaN gradient, which must not count."""
@@ -425,10 +484,15 @@ def _check_input_step(ops: ModuleType, case: _Case) -> None:
                 for norm in _NORMS:
                     unbounded = delta
                     for bound in _BOUNDS:
-                        what = (f"{norm} per {'token' if per_token else 'example'}, {bound} bound,"
-                                f" {'masked' if masked else 'no mask'}, {'x'.join(map(str, shape))}")
-                        radius = {"none": 0.0, "l2": _group_norms(unbounded, per_token).median().item(),
-                                  "inf": unbounded.float().abs().median().item()}[bound]
+                        what = (
+                            f"{norm} per {'token' if per_token else 'example'}, {bound} bound,"
+                            f" {'masked' if masked else 'no mask'}, {'x'.join(map(str, shape))}"
+                        )
+                        radius = {
+                            "none": 0.0,
+                            "l2": _group_norms(unbounded, per_token).median().item(),
+                            "inf": unbounded.float().abs().median().item(),
+                        }[bound]
                         args = (_INPUT_LR, norm, per_token, 1e-6, 1e-3, bound, radius)
                         expected = delta.clone()
                         want = ref.input_step(expected, grad.clone(), None if mask is None else mask.clone(), *args)
@@ -436,8 +500,9 @@ def _check_input_step(ops: ModuleType, case: _Case) -> None:
                             unbounded = expected
                         actual = delta.clone()
                         inputs, originals = _read_only(grad=[grad], mask=[] if mask is None else [mask])
-                        norms = _run(device, ops.input_step, actual, inputs["grad"][0], (inputs["mask"] or [None])[0],
-                                     *args)
+                        norms = _run(
+                            device, ops.input_step, actual, inputs["grad"][0], (inputs["mask"] or [None])[0], *args
+                        )
                         _expect_unchanged(inputs, originals, lambda i, what=what: what)
                         _expect_sums(norms, want, f"gradient norms ({what})")
                         # a step of at most lr per element: where it nearly cancels delta, a few fp32 ulps of both
@@ -447,8 +512,14 @@ def _check_input_step(ops: ModuleType, case: _Case) -> None:
 
 #: The case of each op (``tests/test_contract.py`` checks that every op a compiled backend implements has one).
 _CASES: dict[str, Callable[[ModuleType, _Case], None]] = {
-    "scan": _check_scan, "row_sumsq": _check_row_sumsq, "backup": _check_backup, "perturb": _check_perturb,
-    "measure": _check_measure, "project": _check_project, "restore": _check_restore, "input_step": _check_input_step,
+    "scan": _check_scan,
+    "row_sumsq": _check_row_sumsq,
+    "backup": _check_backup,
+    "perturb": _check_perturb,
+    "measure": _check_measure,
+    "project": _check_project,
+    "restore": _check_restore,
+    "input_step": _check_input_step,
 }
 
 
@@ -554,8 +625,11 @@ def passed(name: str, device: torch.device, dtype: torch.dtype) -> bool:
             _CACHE[key] = failure = check(*key)
             if failure is not None:
                 dtype_name = str(key[2]).removeprefix("torch.")
-                captured = (" CUDA graphs captured before this check still run its kernels: capture them again."
-                            if key in _CAPTURED_UNCHECKED else "")
+                captured = (
+                    " CUDA graphs captured before this check still run its kernels: capture them again."
+                    if key in _CAPTURED_UNCHECKED
+                    else ""
+                )
                 warnings.warn(
                     f"fastadv: the {name!r} backend failed its self-check on {key[1]} {dtype_name} ({failure});"
                     f" {dtype_name} weights on {key[1]} use the torch backend for the rest of this process.{captured}"

@@ -95,8 +95,9 @@ def twins(**kwargs) -> tuple[TinyEncoder, TinyEncoder]:
     return model, copy.deepcopy(model)
 
 
-def twins_with_grads(edit: Callable[[nn.Module, torch.Tensor], None] | None = None, **kwargs
-                     ) -> tuple[TinyEncoder, TinyEncoder, torch.Tensor]:
+def twins_with_grads(
+    edit: Callable[[nn.Module, torch.Tensor], None] | None = None, **kwargs
+) -> tuple[TinyEncoder, TinyEncoder, torch.Tensor]:
     """:func:`twins` after a backward pass of each on the same batch, then ``edit(model, batch)`` on each (to set a
     gradient by hand, say); also returns the batch."""
     fused, ref = twins(**kwargs)
@@ -129,8 +130,9 @@ def widened(model: nn.Module) -> nn.Module:
     return wide
 
 
-def make_attacker(kind: str, model: nn.Module, backend: str | None = None, *, emb_name: str = "word_embeddings",
-                  **options):
+def make_attacker(
+    kind: str, model: nn.Module, backend: str | None = None, *, emb_name: str = "word_embeddings", **options
+):
     """fastadv's class for ``kind`` ("fgm", "pgd", "awp") on ``backend``, or with ``backend=None`` the seed's class
     (:mod:`fastadv.reference`), configured alike: :data:`HYPER` updated with ``options`` (which may add fastadv-only
     options such as ``rows``). FGM and PGD attack ``emb_name``; the seed's classes take it in ``attack``/``restore``,
@@ -147,8 +149,14 @@ def make_attacker(kind: str, model: nn.Module, backend: str | None = None, *, em
     return attacker
 
 
-def adversarial_step(kind: str, attacker, model: nn.Module, closure: Callable[[], torch.Tensor],
-                     k: int | None = None, use_step: bool = False) -> torch.Tensor:
+def adversarial_step(
+    kind: str,
+    attacker,
+    model: nn.Module,
+    closure: Callable[[], torch.Tensor],
+    k: int | None = None,
+    use_step: bool = False,
+) -> torch.Tensor:
     """One batch of adversarial training: the seed's usage code for ``kind`` (``fgm_step``/``pgd_step``/``awp_step``,
     ``k`` passes, :data:`DEFAULT_K` without one), or with ``use_step`` fastadv's ``attacker.step``. The clean loss."""
     k = DEFAULT_K[kind] if k is None else k
@@ -161,10 +169,24 @@ def adversarial_step(kind: str, attacker, model: nn.Module, closure: Callable[[]
     return awp_step(attacker, model, closure, k)
 
 
-def train(model: nn.Module, attacker, kind: str, *, steps: int = 4, k: int | None = None, seed: int = 1234,
-          size: tuple[int, int] = (4, 6), lr: float = 0.1, momentum: float = 0.0, micro_batches: int = 1,
-          forward: Callable[[torch.Tensor], torch.Tensor] | None = None, scaler: torch.amp.GradScaler | None = None,
-          rows: slice = slice(None), device: torch.device = DEVICE, use_step: bool = False) -> list[float]:
+def train(
+    model: nn.Module,
+    attacker,
+    kind: str,
+    *,
+    steps: int = 4,
+    k: int | None = None,
+    seed: int = 1234,
+    size: tuple[int, int] = (4, 6),
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    micro_batches: int = 1,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    rows: slice = slice(None),
+    device: torch.device = DEVICE,
+    use_step: bool = False,
+) -> list[float]:
     """A training loop around :func:`adversarial_step`: ``steps`` SGD steps, each after ``micro_batches`` batches of
     ids of ``size`` (the rows ``rows`` of each: this process's share) from a generator seeded with ``seed``; the loss
     is ``forward(ids)`` (``model(ids)`` by default), the optimizer steps through ``scaler`` when given. The attack
@@ -189,8 +211,9 @@ def assert_step_matches_the_seed(kind: str, backend: str, k: int | None = None, 
     ``options`` configure both attack objects (see :func:`make_attacker`); ``rows`` only fastadv's."""
     fused, ref = twins()
     ids = batch()
-    loss = adversarial_step(kind, make_attacker(kind, fused, backend, **options), fused, lambda: fused(ids), k,
-                            use_step=True)
+    loss = adversarial_step(
+        kind, make_attacker(kind, fused, backend, **options), fused, lambda: fused(ids), k, use_step=True
+    )
     options.pop("rows", None)
     want = adversarial_step(kind, make_attacker(kind, ref, None, **options), ref, lambda: ref(ids), k)
     assert loss.item() == want.item()
@@ -201,8 +224,9 @@ def assert_step_matches_the_seed(kind: str, backend: str, k: int | None = None, 
 # ---- the ops ----
 
 
-def make_tensors(specs: Sequence[tuple], device: torch.device, density: float = 0.3
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def make_tensors(
+    specs: Sequence[tuple], device: torch.device, density: float = 0.3
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Weights and gradients, one pair per spec ``(rows, cols, dtype[, gradient dtype])``; each gradient row is
     non-zero with probability ``density`` (one row at least)."""
     params, grads = [], []
@@ -287,8 +311,9 @@ def _seed_awp_step(awp, model: nn.Module, closure: Callable[[], torch.Tensor], k
     awp.restore()
 
 
-def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   clip: float | None) -> None:
+def optimizer_step(
+    model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip: float | None
+) -> None:
     """The end of a hand-written step: unscale, clip the gradients to ``clip``, step (through ``scaler``), zero."""
     if scaler is not None:
         scaler.unscale_(opt)
@@ -302,10 +327,20 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.a
     opt.zero_grad()
 
 
-def seed_loop(model: nn.Module, kind: str | None, batches: Sequence[torch.Tensor], *, accumulate: int = 1,
-              clip: float | None = None, autocast: torch.dtype | None = None,
-              scaler: torch.amp.GradScaler | None = None, lr: float = 0.1, epochs: int = 1, start_epoch: int = 0,
-              backend: str | None = None) -> None:
+def seed_loop(
+    model: nn.Module,
+    kind: str | None,
+    batches: Sequence[torch.Tensor],
+    *,
+    accumulate: int = 1,
+    clip: float | None = None,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    lr: float = 0.1,
+    epochs: int = 1,
+    start_epoch: int = 0,
+    backend: str | None = None,
+) -> None:
     """What a user writes by hand around the seed's classes and usage code (:mod:`fastadv.reference`, ``k`` from
     :data:`FRAMEWORK_K`, hyperparameters from :data:`FRAMEWORK_HYPER`): SGD, ``torch.autocast`` around each forward,
     each pass's loss divided by ``accumulate`` (and scaled by ``scaler``), DDP's ``no_sync`` on the micro-batches before
@@ -353,8 +388,13 @@ def run_example(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> 
     return example.main(argv)
 
 
-def assert_toy_example_runs(example: str, methods: set[str], monkeypatch: pytest.MonkeyPatch,
-                            capsys: pytest.CaptureFixture, argv: Sequence[str] = ()) -> None:
+def assert_toy_example_runs(
+    example: str,
+    methods: set[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    argv: Sequence[str] = (),
+) -> None:
     """An example on ``examples/_toy.py``'s task, shortened: every method's results are finite, the adversarial
     loss exists where there is a method, and the table prints "-" where there is none."""
     results = run_example(example, ["--epochs", "1", "--train-size", "64", *argv], monkeypatch)
@@ -366,8 +406,7 @@ def assert_toy_example_runs(example: str, methods: set[str], monkeypatch: pytest
     assert "FGM-attacked loss" in out and "nan" not in out
 
 
-def ddp_start(rank: int, world: int, steps: int, accumulate: int
-              ) -> tuple[list[torch.Tensor], nn.Module, torch.Tensor]:
+def ddp_start(rank: int, world: int, steps: int, accumulate: int) -> tuple[list[torch.Tensor], nn.Module, torch.Tensor]:
     """What a framework's two-process test starts from, in each process: this rank's share of ``steps * accumulate``
     batches, the model every run starts from, and the weights of the hand-written loop without attack over them on
     the DDP-wrapped model."""
@@ -403,8 +442,15 @@ def free_port() -> int:
 def init_env_process_group(rank: int, world: int, port: int) -> None:
     """A gloo process group from the environment variables a launcher (torchrun) sets, which Lightning and accelerate
     read to find the processes they run in."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), NODE_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        NODE_RANK="0",
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
@@ -415,8 +461,15 @@ class TinyClassifier(nn.Module):
     """A BERT-shaped classifier: word and position embeddings, LayerNorm, dropout, a masked mean over the tokens and a
     head; returns ``(loss, logits)`` (``labels`` float: a regression head and MSE)."""
 
-    def __init__(self, vocab: int = 50, dim: int = 16, classes: int = 3, dropout: float = 0.1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = DEVICE):
+    def __init__(
+        self,
+        vocab: int = 50,
+        dim: int = 16,
+        classes: int = 3,
+        dropout: float = 0.1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = DEVICE,
+    ):
         super().__init__()
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
@@ -438,8 +491,9 @@ class TinyClassifier(nn.Module):
         return nn.functional.cross_entropy(logits.float(), labels), logits
 
 
-def input_batches(count: int, seed: int = 5, regression: bool = False, rows: slice = slice(None),
-                  device: torch.device = DEVICE) -> list[dict[str, torch.Tensor]]:
+def input_batches(
+    count: int, seed: int = 5, regression: bool = False, rows: slice = slice(None), device: torch.device = DEVICE
+) -> list[dict[str, torch.Tensor]]:
     """``count`` batches for :class:`TinyClassifier` (``rows``: this process's share): token ids, an attention mask
     padded at the end of some rows, labels."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -448,29 +502,50 @@ def input_batches(count: int, seed: int = 5, regression: bool = False, rows: sli
         ids = torch.randint(0, 50, (4, 10), generator=gen, device=device)
         lengths = torch.randint(2, 11, (4,), generator=gen, device=device)
         mask = (torch.arange(10, device=device) < lengths[:, None]).long()
-        labels = (torch.randn(4, generator=gen, device=device) if regression
-                  else torch.randint(0, 3, (4,), generator=gen, device=device))
+        labels = (
+            torch.randn(4, generator=gen, device=device)
+            if regression
+            else torch.randint(0, 3, (4,), generator=gen, device=device)
+        )
         batches.append({"ids": ids[rows], "attention_mask": mask[rows], "labels": labels[rows]})
     return batches
 
 
 #: Each method's configurations: (fused class, its reference step, keyword arguments both take).
 INPUT_CASES = {
-    "freelb-l2": (FusedFreeLB, reference.freelb_step,
-                  {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.5, "adv_max_norm": 0.3, "norm": "l2"}),
-    "freelb-linf": (FusedFreeLB, reference.freelb_step,
-                    {"adv_lr": 0.05, "adv_steps": 2, "adv_init_mag": 0.05, "adv_max_norm": 0.04, "norm": "linf"}),
+    "freelb-l2": (
+        FusedFreeLB,
+        reference.freelb_step,
+        {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.5, "adv_max_norm": 0.3, "norm": "l2"},
+    ),
+    "freelb-linf": (
+        FusedFreeLB,
+        reference.freelb_step,
+        {"adv_lr": 0.05, "adv_steps": 2, "adv_init_mag": 0.05, "adv_max_norm": 0.04, "norm": "linf"},
+    ),
     "freelb-plain": (FusedFreeLB, reference.freelb_step, {"adv_lr": 0.1, "adv_steps": 2}),
-    "smart-inf": (FusedSMART, reference.smart_step,
-                  {"alpha": 4.0, "steps": 2, "step_size": 0.1, "noise_var": 1e-3, "adv_eps": 0.05}),
-    "smart-l2-example": (FusedSMART, reference.smart_step,
-                         {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "norm": "l2", "per_token": False}),
+    "smart-inf": (
+        FusedSMART,
+        reference.smart_step,
+        {"alpha": 4.0, "steps": 2, "step_size": 0.1, "noise_var": 1e-3, "adv_eps": 0.05},
+    ),
+    "smart-l2-example": (
+        FusedSMART,
+        reference.smart_step,
+        {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "norm": "l2", "per_token": False},
+    ),
     "smart-sign": (FusedSMART, reference.smart_step, {"step_size": 0.01, "noise_var": 1e-3, "norm": "sign"}),
     "smart-default": (FusedSMART, reference.smart_step, {}),
-    "smart-paper": (FusedSMART, reference.smart_step,
-                    {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "update": "paper", "adv_eps": 0.05}),
-    "smart-mse": (FusedSMART, reference.smart_step,
-                  {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "divergence": "mse"}),
+    "smart-paper": (
+        FusedSMART,
+        reference.smart_step,
+        {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "update": "paper", "adv_eps": 0.05},
+    ),
+    "smart-mse": (
+        FusedSMART,
+        reference.smart_step,
+        {"steps": 2, "step_size": 0.1, "noise_var": 1e-3, "divergence": "mse"},
+    ),
     "r3f": (FusedR3F, reference.r3f_step, {"r3f_lambda": 1.5, "eps": 1e-2}),
     "r3f-normal": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "noise_type": "normal"}),
     "r3f-mse": (FusedR3F, reference.r3f_step, {"eps": 1e-2, "divergence": "mse"}),
@@ -482,8 +557,9 @@ INPUT_CASES = {
 }
 
 
-def input_forward(model: nn.Module, kind: str, batch: dict[str, torch.Tensor], divide: int = 1,
-                  autocast: torch.dtype | None = None) -> Callable[[], object]:
+def input_forward(
+    model: nn.Module, kind: str, batch: dict[str, torch.Tensor], divide: int = 1, autocast: torch.dtype | None = None
+) -> Callable[[], object]:
     """The closure of ``kind``: FreeLB's and the gradient penalty's return the loss, the others' ``(loss, logits)``."""
     ids = batch["ids"]
 
@@ -495,9 +571,19 @@ def input_forward(model: nn.Module, kind: str, batch: dict[str, torch.Tensor], d
     return forward
 
 
-def input_train(model: nn.Module, kind: str, backend: str | None, batches: Sequence[dict], *, accumulate: int = 1,
-                scaler: torch.amp.GradScaler | None = None, autocast: torch.dtype | None = None,
-                clip: float | None = None, lr: float = 0.1, seed: int = 1000) -> nn.Module:
+def input_train(
+    model: nn.Module,
+    kind: str,
+    backend: str | None,
+    batches: Sequence[dict],
+    *,
+    accumulate: int = 1,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: torch.dtype | None = None,
+    clip: float | None = None,
+    lr: float = 0.1,
+    seed: int = 1000,
+) -> nn.Module:
     """SGD over ``batches``, ``accumulate`` micro-batches per step, with the fused class of ``kind`` on ``backend`` or
     (None) its reference step: the random state seeded with ``seed + i`` before micro-batch ``i`` (its noise and
     dropout masks), each backpropagated loss (SMART, R3F: with the regulariser) divided by ``accumulate`` and scaled
@@ -506,6 +592,7 @@ def input_train(model: nn.Module, kind: str, backend: str | None, batches: Seque
     cls, ref_step, options = INPUT_CASES[kind]
     inner = model.module if hasattr(model, "module") else model
     attacker = cls(model, backend=backend, **options) if backend else None
+
     def backward(loss: torch.Tensor) -> None:
         loss = loss / accumulate
         (loss if scaler is None else scaler.scale(loss)).backward()

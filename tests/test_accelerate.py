@@ -53,8 +53,14 @@ def _fresh_accelerate_state():
     torch.set_num_threads(threads)
 
 
-def recipe(model: torch.nn.Module, kind: str, batches, accumulate: int = 1, mixed_precision: str = "no",
-           clip: float | None = None) -> None:
+def recipe(
+    model: torch.nn.Module,
+    kind: str,
+    batches,
+    accumulate: int = 1,
+    mixed_precision: str = "no",
+    clip: float | None = None,
+) -> None:
     """The README's recipe with the seed loop's SGD and hyperparameters."""
     accelerator = Accelerator(gradient_accumulation_steps=accumulate, mixed_precision=mixed_precision, cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -133,5 +139,6 @@ def test_recipe_two_processes(tmp_path):
 
 
 def test_example_script_runs(capsys, monkeypatch):
-    assert_toy_example_runs("accelerate_adversarial", {"none", "fgm", "pgd", "awp"}, monkeypatch, capsys,
-                            ["--accumulate", "2"])
+    assert_toy_example_runs(
+        "accelerate_adversarial", {"none", "fgm", "pgd", "awp"}, monkeypatch, capsys, ["--accumulate", "2"]
+    )

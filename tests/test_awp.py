@@ -122,6 +122,7 @@ def test_restore_keeps_storage(backend, seed):
 
 def test_inf_gradient_is_skipped_and_counted(backend, seed):
     """Deviation: the AWP class writes NaN for an inf gradient norm; fastadv skips that tensor and counts it."""
+
     def inf(m, ids):
         m.hidden.weight.grad[0, 0] = float("inf")
 

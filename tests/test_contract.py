@@ -62,8 +62,7 @@ def test_traced_entry_points_conform():
     """What torch.compile traces into on the triton backend (the wrappers over ``torch.ops.fastadv_triton``)."""
     backend_module("triton")
     traced = types.ModuleType("traced")
-    vars(traced).update(_library.calls("fastadv_triton", _registry.load("triton").native),
-                        supports=torch_ops.supports)
+    vars(traced).update(_library.calls("fastadv_triton", _registry.load("triton").native), supports=torch_ops.supports)
     assert contract.mismatches(traced, compiled=True) == []
 
 
@@ -76,10 +75,23 @@ def test_entry_points_convert_what_the_schemas_take():
     assert perturb(*lists, np.array([3, 1]), "scales", box_eps=np.float32(0.5)) is None
     perturb(*lists, [np.int64(2)], "scales")
     input_step("delta", "grad", None, torch.tensor(0.25), "l2", np.bool_(True), 1, 0, "inf", np.float64(2.0))
-    assert received == [(*lists, [3, 1], "scales", 0.5), (*lists, [2], "scales", None),
-                        ("delta", "grad", None, 0.25, "l2", True, 1.0, 0.0, "inf", 2.0)]
-    assert [type(v) for v in received[0][4:] + received[2][3:]] == [list, str, float, float, str, bool, float, float,
-                                                                    str, float]
+    assert received == [
+        (*lists, [3, 1], "scales", 0.5),
+        (*lists, [2], "scales", None),
+        ("delta", "grad", None, 0.25, "l2", True, 1.0, 0.0, "inf", 2.0),
+    ]
+    assert [type(v) for v in received[0][4:] + received[2][3:]] == [
+        list,
+        str,
+        float,
+        float,
+        str,
+        bool,
+        float,
+        float,
+        str,
+        float,
+    ]
     assert type(received[1][4][0]) is int
 
 
@@ -101,8 +113,9 @@ def _renamed(params: list[torch.Tensor], idx: list[torch.Tensor], backups: list[
 def _reordered(rows: list[torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor: ...
 
 
-def _no_default(grads: list[torch.Tensor], touched: list[torch.Tensor], fresh: list[torch.Tensor],
-                params: list[torch.Tensor] | None) -> torch.Tensor: ...
+def _no_default(
+    grads: list[torch.Tensor], touched: list[torch.Tensor], fresh: list[torch.Tensor], params: list[torch.Tensor] | None
+) -> torch.Tensor: ...
 
 
 def _untyped(params, rows, backups): ...
@@ -111,15 +124,18 @@ def _untyped(params, rows, backups): ...
 def _retyped(params: list[torch.Tensor], rows: list[torch.Tensor], backups: list[torch.Tensor]) -> torch.Tensor: ...
 
 
-@pytest.mark.parametrize(("op", "function", "complaint"), [
-    pytest.param("perturb", None, "imitation has no perturb()", id="missing"),
-    pytest.param("supports", None, "imitation has no supports()", id="no-supports"),
-    pytest.param("restore", _renamed, "does not take the parameters of restore", id="renamed"),
-    pytest.param("row_sumsq", _reordered, "does not take the parameters of row_sumsq", id="reordered"),
-    pytest.param("scan", _no_default, "does not take the parameters of scan", id="no-default"),
-    pytest.param("restore", _untyped, "is not typed as restore", id="untyped"),
-    pytest.param("restore", _retyped, "is not typed as restore", id="returns-a-tensor"),
-])
+@pytest.mark.parametrize(
+    ("op", "function", "complaint"),
+    [
+        pytest.param("perturb", None, "imitation has no perturb()", id="missing"),
+        pytest.param("supports", None, "imitation has no supports()", id="no-supports"),
+        pytest.param("restore", _renamed, "does not take the parameters of restore", id="renamed"),
+        pytest.param("row_sumsq", _reordered, "does not take the parameters of row_sumsq", id="reordered"),
+        pytest.param("scan", _no_default, "does not take the parameters of scan", id="no-default"),
+        pytest.param("restore", _untyped, "is not typed as restore", id="untyped"),
+        pytest.param("restore", _retyped, "is not typed as restore", id="returns-a-tensor"),
+    ],
+)
 def test_mismatches_name_what_departs(op, function, complaint):
     assert contract.mismatches(imitation()) == []
     found = contract.mismatches(imitation(**{op: function}))
@@ -224,9 +240,15 @@ def test_compiled_triton_attack_is_one_graph_of_the_ops(seed):
     delta = torch.randn(1, 7, 4, device=DEVICE)
 
     def arguments() -> tuple:
-        return ([p.clone() for p in start], grads, rows, [torch.empty(len(r), p.shape[1], dtype=p.dtype, device=DEVICE)
-                for p, r in zip(start, rows)], [torch.zeros(len(g), dtype=torch.bool, device=DEVICE) for g in grads],
-                [torch.empty(len(g), dtype=torch.bool, device=DEVICE) for g in grads], delta.clone())
+        return (
+            [p.clone() for p in start],
+            grads,
+            rows,
+            [torch.empty(len(r), p.shape[1], dtype=p.dtype, device=DEVICE) for p, r in zip(start, rows)],
+            [torch.zeros(len(g), dtype=torch.bool, device=DEVICE) for g in grads],
+            [torch.empty(len(g), dtype=torch.bool, device=DEVICE) for g in grads],
+            delta.clone(),
+        )
 
     eager, compiled = arguments(), arguments()
     expected = step(*eager)

@@ -73,13 +73,17 @@ class Step:
         embeds = (BATCH, TOKENS, DIM)
         lengths = torch.randint(1, TOKENS + 1, (BATCH, 1), device=CUDA)
         return cls(
-            param=torch.randn(VOCAB, DIM, device=CUDA, dtype=dtype), grad=grad, rows=rows,
+            param=torch.randn(VOCAB, DIM, device=CUDA, dtype=dtype),
+            grad=grad,
+            rows=rows,
             delta=(0.01 * torch.randn(embeds, device=CUDA)).to(dtype),
             noise=(1e-5 * torch.randn(embeds, device=CUDA)).to(dtype),
             delta_grad=torch.randn(embeds, device=CUDA, dtype=dtype),
             mask=torch.arange(TOKENS, device=CUDA) < lengths,
-            backup=torch.empty(ROWS, DIM, device=CUDA, dtype=dtype), fgm=torch.empty_like(grad),
-            pgd=torch.empty_like(grad), freelb_norms=torch.empty(BATCH, device=CUDA),
+            backup=torch.empty(ROWS, DIM, device=CUDA, dtype=dtype),
+            fgm=torch.empty_like(grad),
+            pgd=torch.empty_like(grad),
+            freelb_norms=torch.empty(BATCH, device=CUDA),
             smart_norms=torch.empty(BATCH, TOKENS, device=CUDA),
         )
 
@@ -92,8 +96,10 @@ class Step:
         return Step(**{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)})
 
     def outputs(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in ("param", "fgm", "pgd", "delta", "noise", "freelb_norms",
-                                                       "smart_norms")}
+        return {
+            name: getattr(self, name)
+            for name in ("param", "fgm", "pgd", "delta", "noise", "freelb_norms", "smart_norms")
+        }
 
 
 def run_steps(ops, s: Step) -> None:

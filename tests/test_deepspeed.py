@@ -89,7 +89,7 @@ def batches(kind: str, gas: int, rows: slice = slice(None)):
     input-space ``kind`` the batches of :func:`input_batches`."""
     if kind in INPUT_METHODS:
         data = input_batches(STEPS * gas, rows=rows, device=torch.device("cpu"))
-        yield from (data[i:i + gas] for i in range(0, len(data), gas))
+        yield from (data[i : i + gas] for i in range(0, len(data), gas))
         return
     gen = torch.Generator().manual_seed(7)
     for _ in range(STEPS):
@@ -117,8 +117,9 @@ def reference_options(kind: str) -> dict[str, object]:
     return options
 
 
-def reference(kind: str, gas: int, dtype: str, attack: bool = True, steps: list | None = None
-              ) -> tuple[dict[str, torch.Tensor], float]:
+def reference(
+    kind: str, gas: int, dtype: str, attack: bool = True, steps: list | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
     """The seed's classes or the input-space methods' reference steps (``kind``; ``attack=False``: its model and
     batches without attack) in one process on whole batches (``steps``: the micro-batches of each step, by default
     :func:`batches`); SGD steps fp32 master copies of the weights, which are then rounded to ``dtype`` (what
@@ -140,8 +141,13 @@ def reference(kind: str, gas: int, dtype: str, attack: bool = True, steps: list 
                 forward = input_forward(model, kind, data)
                 if attack:
                     _, ref_step, _ = INPUT_METHODS[kind]
-                    ref_step(model.embeddings.word_embeddings, forward, data["attention_mask"],
-                             backward=lambda loss: (loss / gas).backward(), **reference_options(kind))
+                    ref_step(
+                        model.embeddings.word_embeddings,
+                        forward,
+                        data["attention_mask"],
+                        backward=lambda loss: (loss / gas).backward(),
+                        **reference_options(kind),
+                    )
                 else:
                     (model(data["ids"], data["attention_mask"], data["labels"])[0] / gas).backward()
             elif attacker is None:
@@ -312,8 +318,13 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
                 continue
             assert not isinstance(got, str), f"stage {stage} {config} rank {rank}: {got}"
             errors[config, rank] = _max_error(got, want, config[2]), limit
-    print({f"{c[0]} gas={c[1]} {c[2]}": "{:.2g} (limit {:.2g})".format(*max(errors[c, r] for r in range(WORLD)))
-           for c in [*CONFIGS, MANUAL] if (c, 0) in errors})
+    print(
+        {
+            f"{c[0]} gas={c[1]} {c[2]}": "{:.2g} (limit {:.2g})".format(*max(errors[c, r] for r in range(WORLD)))
+            for c in [*CONFIGS, MANUAL]
+            if (c, 0) in errors
+        }
+    )
     for (config, rank), (error, limit) in errors.items():
         assert error <= limit, f"stage {stage} {config} rank {rank}: max error {error:.3g} > {limit:.3g}"
     # DeepSpeed#5667: an FGM step that changes nothing would match the run without attack; so would an input-space
@@ -329,8 +340,10 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
     assert "coalesce_grad_reduction" in misuse["input outside the block"], misuse
     assert "without engine.step()" in misuse["input two steps"], misuse
     assert "pass the engine (deepspeed.initialize's first return value) to FusedFGM" in misuse["model, not engine"]
-    assert "pass the engine (deepspeed.initialize's first return value) to FusedFreeLB" in misuse[
-        "input model, not engine"]
+    assert (
+        "pass the engine (deepspeed.initialize's first return value) to FusedFreeLB"
+        in misuse["input model, not engine"]
+    )
     if stage == 1:
         assert '"gradient_accumulation_steps": 2' in misuse["gas 2"], misuse
         assert "stages 1, 2 and 3, got stage 0" in misuse["stage 0"], misuse
@@ -340,9 +353,11 @@ def test_zero_stage_matches_one_process(tmp_path, stage, references):
 def test_each_rank_draws_its_block_of_the_whole_batch_noise(dtype):
     """The premise of :func:`seed_noise`: the noise draws of the methods (FreeLB's initial ``uniform_``, SMART's
     ``normal_``, R3F's ``torch.rand``) of each rank's block, after the skip, are that block of the whole batch's."""
-    draws = {"uniform_": lambda shape: torch.zeros(shape, dtype=DTYPES[dtype]).uniform_(-1, 1),
-             "normal_": lambda shape: torch.empty(shape, dtype=DTYPES[dtype]).normal_(0, 1),
-             "rand": lambda shape: torch.rand(shape)}
+    draws = {
+        "uniform_": lambda shape: torch.zeros(shape, dtype=DTYPES[dtype]).uniform_(-1, 1),
+        "normal_": lambda shape: torch.empty(shape, dtype=DTYPES[dtype]).normal_(0, 1),
+        "rand": lambda shape: torch.rand(shape),
+    }
     data = input_batches(1, device=torch.device("cpu"))[0]
     for name, draw in draws.items():
         seed_noise(0)
@@ -374,7 +389,6 @@ def test_import_fastadv_does_not_import_deepspeed():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-
 class _TinyLM(TinyEncoder):
     """:class:`TinyEncoder` as the Trainer calls a model: keyword inputs, the loss in a dict."""
 
@@ -385,32 +399,39 @@ class _TinyLM(TinyEncoder):
 class _TinyTextClassifier(TinyClassifier):
     """:class:`TinyClassifier` as the Trainer calls a model: keyword inputs, the loss and the logits in a dict."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         loss, logits = super().forward(input_ids, attention_mask, labels)
         return {"loss": loss, "logits": logits}
 
 
 TRAINER_STAGE = 2
 #: The methods the Trainer trains with under DeepSpeed, and their arguments (the hyperparameters of the references).
-TRAINER_METHODS = {"fgm": {"adv_eps": HYPER["fgm"]["eps"]},
-                   **{kind: {"adv_options": options} for kind, (_, _, options) in INPUT_METHODS.items()}}
+TRAINER_METHODS = {
+    "fgm": {"adv_eps": HYPER["fgm"]["eps"]},
+    **{kind: {"adv_options": options} for kind, (_, _, options) in INPUT_METHODS.items()},
+}
 TRAINER_SAMPLES = 16  # 4 optimizer steps of 2 x 2 sequences
 
 
 def _trainer_data(method: str) -> list[dict[str, torch.Tensor]]:
     if method in INPUT_METHODS:
         data = input_batches(TRAINER_SAMPLES // SIZE[0], seed=3, device=torch.device("cpu"))
-        return [{"input_ids": ids, "attention_mask": mask, "labels": label}
-                for b in data for ids, mask, label in zip(b["ids"], b["attention_mask"], b["labels"])]
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": label}
+            for b in data
+            for ids, mask, label in zip(b["ids"], b["attention_mask"], b["labels"])
+        ]
     ids = torch.randint(0, VOCAB, (TRAINER_SAMPLES, SIZE[1]), generator=torch.Generator().manual_seed(3))
     return [{"input_ids": row, "labels": torch.tensor(0)} for row in ids]
 
 
 def _trainer_worker(rank: int, init_file: str, out_dir: str, port: int) -> None:
     # accelerate checks these even with the process group already initialised
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import deepspeed  # noqa: F401
     from transformers import TrainingArguments
 
@@ -419,6 +440,7 @@ def _trainer_worker(rank: int, init_file: str, out_dir: str, port: int) -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
+
         class Recording(AdversarialTrainer):
             def training_step(self, model, inputs, num_items_in_batch=None):
                 self.seen.append({key: value.clone() for key, value in inputs.items()})
@@ -428,25 +450,46 @@ def _trainer_worker(rank: int, init_file: str, out_dir: str, port: int) -> None:
         results = {}
         for method, options in TRAINER_METHODS.items():
             torch.manual_seed(0)  # new_model's weights
-            model = (_TinyTextClassifier(dropout=0.0, device="cpu") if method in INPUT_METHODS
-                     else _TinyLM(vocab=VOCAB, device="cpu"))
-            args = TrainingArguments(
-                output_dir=out_dir, report_to=[], save_strategy="no", max_grad_norm=0.0, lr_scheduler_type="constant",
-                learning_rate=LR, per_device_train_batch_size=SIZE[0] // WORLD, num_train_epochs=1, disable_tqdm=True,
-                dataloader_num_workers=0, seed=0, use_cpu=True,
-                # the optimizer in the config: under DeepSpeed the Trainer replaces one passed to it by AdamW
-                deepspeed={"zero_optimization": {"stage": TRAINER_STAGE}, "zero_allow_untested_optimizer": True,
-                           "optimizer": {"type": "SGD", "params": {"lr": LR}},
-                           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                           "gradient_clipping": "auto"},
+            model = (
+                _TinyTextClassifier(dropout=0.0, device="cpu")
+                if method in INPUT_METHODS
+                else _TinyLM(vocab=VOCAB, device="cpu")
             )
-            trainer = Recording(model=model, args=args, train_dataset=_trainer_data(method), adversarial=method,
-                                **options)
+            args = TrainingArguments(
+                output_dir=out_dir,
+                report_to=[],
+                save_strategy="no",
+                max_grad_norm=0.0,
+                lr_scheduler_type="constant",
+                learning_rate=LR,
+                per_device_train_batch_size=SIZE[0] // WORLD,
+                num_train_epochs=1,
+                disable_tqdm=True,
+                dataloader_num_workers=0,
+                seed=0,
+                use_cpu=True,
+                # the optimizer in the config: under DeepSpeed the Trainer replaces one passed to it by AdamW
+                deepspeed={
+                    "zero_optimization": {"stage": TRAINER_STAGE},
+                    "zero_allow_untested_optimizer": True,
+                    "optimizer": {"type": "SGD", "params": {"lr": LR}},
+                    "train_micro_batch_size_per_gpu": "auto",
+                    "gradient_accumulation_steps": "auto",
+                    "gradient_clipping": "auto",
+                },
+            )
+            trainer = Recording(
+                model=model, args=args, train_dataset=_trainer_data(method), adversarial=method, **options
+            )
             trainer.seen = []
             trainer.train()
             engine = trainer.model_wrapped
-            results[method] = {"params": _full_params(engine), "seen": trainer.seen,
-                               "engine steps": engine.global_steps, "trainer steps": trainer.state.global_step}
+            results[method] = {
+                "params": _full_params(engine),
+                "seen": trainer.seen,
+                "engine steps": engine.global_steps,
+                "trainer steps": trainer.state.global_step,
+            }
         torch.save(results, os.path.join(out_dir, f"trainer-{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -470,8 +513,13 @@ def test_adversarial_trainer_steps_the_engine_once(tmp_path):
         whole = []  # the steps' batches, the ranks' halves put together, as the reference takes them
         for halves in zip(*(result[method]["seen"] for result in ranks)):
             batch = {key: torch.cat([half[key] for half in halves]) for key in halves[0]}
-            whole.append([{"ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                           "labels": batch["labels"]} if method in INPUT_METHODS else batch["input_ids"]])
+            whole.append(
+                [
+                    {"ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+                    if method in INPUT_METHODS
+                    else batch["input_ids"]
+                ]
+            )
         want, _ = reference(method, 1, "fp32", steps=whole)
         for rank, result in enumerate(ranks):
             got = {name.removeprefix("module."): value for name, value in result[method]["params"].items()}

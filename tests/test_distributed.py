@@ -43,8 +43,15 @@ CPU_BACKENDS = [name for name in BACKENDS if _runs_on_cpu(name)]  # gloo: the pr
 def train(model, kind: str, backend: str | None, rank: int, world: int) -> list[float]:
     """The seed's usage loops with fastadv's class on ``backend`` or (None) the seed's; this process takes rows
     ``rank::world`` of every batch."""
-    return train_loop(model, make_attacker(kind, model, backend), kind, steps=STEPS, seed=11,
-                      rows=slice(rank, None, world), device=CPU)
+    return train_loop(
+        model,
+        make_attacker(kind, model, backend),
+        kind,
+        steps=STEPS,
+        seed=11,
+        rows=slice(rank, None, world),
+        device=CPU,
+    )
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -112,7 +119,10 @@ def test_two_processes_match_one(tmp_path, mode):
             for rank, result in enumerate(ranks):
                 for name, param in single.named_parameters():
                     torch.testing.assert_close(
-                        result[backend, kind][name], param.detach(), rtol=1e-5, atol=1e-6,
+                        result[backend, kind][name],
+                        param.detach(),
+                        rtol=1e-5,
+                        atol=1e-6,
                         msg=lambda m, where=(backend, kind, rank, name): f"{where}: {m}",
                     )
             for name, value in ranks[0][backend, kind].items():

@@ -69,13 +69,24 @@ def test_sums_are_deterministic_across_thread_counts(rng):
             results.append((ext_ops.scan(grads, touched, fresh, params), ext_ops.row_sumsq(grads, rows)))
             for per_token in (False, True):  # a group is one thread's whatever the count: its norm, its new values
                 delta = torch.zeros(9, 40, 96).bfloat16()
-                norms = ext_ops.input_step(delta, params[1][:360].view(9, 40, 200)[..., :96].contiguous(), None, 0.1,
-                                           "l2", per_token, 1e-6, 1e-8, "l2", 0.05)
+                norms = ext_ops.input_step(
+                    delta,
+                    params[1][:360].view(9, 40, 200)[..., :96].contiguous(),
+                    None,
+                    0.1,
+                    "l2",
+                    per_token,
+                    1e-6,
+                    1e-8,
+                    "l2",
+                    0.05,
+                )
                 results.append((norms, delta))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, results[k % 3][0]) and torch.equal(b, results[k % 3][1]) for k, (a, b) in
-               enumerate(results))
+    assert all(
+        torch.equal(a, results[k % 3][0]) and torch.equal(b, results[k % 3][1]) for k, (a, b) in enumerate(results)
+    )
 
 
 INPUT_DEVICES = [CPU] + ([CUDA] if torch.cuda.is_available() and ext_ops.supports(CUDA) else [])
@@ -106,8 +117,9 @@ def test_input_step_bits_do_not_depend_on_the_split(rng, device, dtype):
                     for count, examples in [(1, slice(None))] + [(2, slice(b, b + 1)) for b in range(batch)]:
                         torch.set_num_threads(count)
                         out = delta[examples].clone()
-                        norms = ext_ops.input_step(out, grad[examples].contiguous(),
-                                                   None if m is None else m[examples], *args)
+                        norms = ext_ops.input_step(
+                            out, grad[examples].contiguous(), None if m is None else m[examples], *args
+                        )
                         runs.append((examples, out, norms))
                     _, out, norms = runs[0]
                     expected = delta.to(torch.float32, copy=True)
@@ -147,27 +159,40 @@ def test_ops_reject_bad_arguments():
         ext_ops.project([grad], [grad], rows, backups, torch.ones(1), torch.ones(2), 0.1)
 
 
-@pytest.mark.parametrize(("change", "complaint"), [
-    ({"delta": torch.zeros(2, 3, 8).double()}, "delta is Double; expected float32, bfloat16 or float16"),
-    ({"delta": torch.zeros(6, 8)}, r"delta must be a contiguous \[B, T, D\] tensor"),
-    ({"delta": torch.zeros(2, 8, 3).transpose(1, 2)}, r"delta must be a contiguous \[B, T, D\] tensor"),
-    ({"grad": torch.zeros(2, 3, 8).bfloat16()}, "grad must be a contiguous tensor of delta's shape and dtype"),
-    ({"grad": torch.zeros(2, 3, 9)}, "grad must be a contiguous tensor of delta's shape and dtype"),
-    ({"grad": torch.zeros(2, 8, 3).transpose(1, 2)}, "grad must be a contiguous tensor of delta's shape and dtype"),
-    ({"mask": torch.ones(2, 3)}, r"mask must be a bool \[B, T\] = \[2, 3\] tensor"),
-    ({"mask": torch.ones(2, 4, dtype=torch.bool)}, r"mask must be a bool \[B, T\] = \[2, 3\] tensor"),
-    ({"norm": "linf"}, 'norm must be "l2", "inf" or "sign", got "linf"'),
-    ({"bound": "ball"}, 'bound must be "none", "l2" or "inf", got "ball"'),
-    ({"lr": math.nan}, "lr must be finite"),
-    ({"denom_eps": 0.0, "denom_floor": 0.0}, "denom_eps and denom_floor must be finite, >= 0 and not both 0"),
-    ({"denom_eps": -1e-6}, "denom_eps and denom_floor must be finite, >= 0 and not both 0"),
-    ({"denom_floor": math.inf}, "denom_eps and denom_floor must be finite, >= 0 and not both 0"),
-    ({"radius": -0.5}, "radius must be finite and >= 0"),
-    ({"radius": math.nan, "bound": "inf"}, "radius must be finite and >= 0"),
-])
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"delta": torch.zeros(2, 3, 8).double()}, "delta is Double; expected float32, bfloat16 or float16"),
+        ({"delta": torch.zeros(6, 8)}, r"delta must be a contiguous \[B, T, D\] tensor"),
+        ({"delta": torch.zeros(2, 8, 3).transpose(1, 2)}, r"delta must be a contiguous \[B, T, D\] tensor"),
+        ({"grad": torch.zeros(2, 3, 8).bfloat16()}, "grad must be a contiguous tensor of delta's shape and dtype"),
+        ({"grad": torch.zeros(2, 3, 9)}, "grad must be a contiguous tensor of delta's shape and dtype"),
+        ({"grad": torch.zeros(2, 8, 3).transpose(1, 2)}, "grad must be a contiguous tensor of delta's shape and dtype"),
+        ({"mask": torch.ones(2, 3)}, r"mask must be a bool \[B, T\] = \[2, 3\] tensor"),
+        ({"mask": torch.ones(2, 4, dtype=torch.bool)}, r"mask must be a bool \[B, T\] = \[2, 3\] tensor"),
+        ({"norm": "linf"}, 'norm must be "l2", "inf" or "sign", got "linf"'),
+        ({"bound": "ball"}, 'bound must be "none", "l2" or "inf", got "ball"'),
+        ({"lr": math.nan}, "lr must be finite"),
+        ({"denom_eps": 0.0, "denom_floor": 0.0}, "denom_eps and denom_floor must be finite, >= 0 and not both 0"),
+        ({"denom_eps": -1e-6}, "denom_eps and denom_floor must be finite, >= 0 and not both 0"),
+        ({"denom_floor": math.inf}, "denom_eps and denom_floor must be finite, >= 0 and not both 0"),
+        ({"radius": -0.5}, "radius must be finite and >= 0"),
+        ({"radius": math.nan, "bound": "inf"}, "radius must be finite and >= 0"),
+    ],
+)
 def test_input_step_rejects_bad_arguments(change, complaint):
-    args = {"delta": torch.zeros(2, 3, 8), "grad": torch.zeros(2, 3, 8), "mask": None, "lr": 0.1, "norm": "l2",
-            "per_token": False, "denom_eps": 1e-6, "denom_floor": 1e-8, "bound": "l2", "radius": 1.0}
+    args = {
+        "delta": torch.zeros(2, 3, 8),
+        "grad": torch.zeros(2, 3, 8),
+        "mask": None,
+        "lr": 0.1,
+        "norm": "l2",
+        "per_token": False,
+        "denom_eps": 1e-6,
+        "denom_floor": 1e-8,
+        "bound": "l2",
+        "radius": 1.0,
+    }
     with pytest.raises(RuntimeError, match=complaint):
         ext_ops.input_step(**{**args, **change})
     # the denominators of a sign step and the radius of no bound are not used: not checked
@@ -241,15 +266,17 @@ def test_opcheck():
     delta, grad = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     torch.library.opcheck(ops.input_step.default, (delta, grad, mask, 0.1, "l2", False, 1e-6, 1e-8, "l2", 0.5))
-    torch.library.opcheck(ops.input_step.default, (delta.bfloat16(), grad.bfloat16(), None, 0.1, "inf", True, 0.0,
-                                                   1e-8, "inf", 0.05))
+    torch.library.opcheck(
+        ops.input_step.default, (delta.bfloat16(), grad.bfloat16(), None, 0.1, "inf", True, 0.0, 1e-8, "inf", 0.05)
+    )
     torch.library.opcheck(ops.input_step.default, (delta, grad, mask, 0.1, "sign", True, 1e-6, 1e-8, "none", 0.0))
 
 
 def test_compiled_function_calling_the_ops():
     def attack(params, grads, touched, fresh, rows, backups, delta):
-        input_norms = ext_ops.input_step(delta[0], grads[0].view(1, 6, 4), None, 0.1, "l2", False, 1e-6, 1e-8, "l2",
-                                         0.5)
+        input_norms = ext_ops.input_step(
+            delta[0], grads[0].view(1, 6, 4), None, 0.1, "l2", False, 1e-6, 1e-8, "l2", 0.5
+        )
         stats = ext_ops.scan(grads, touched, fresh, params)
         scales = (1.0 / stats[:, 0].sqrt()).float()
         delta_sumsq = ext_ops.measure(params, grads, rows, backups, [0], scales)
@@ -262,8 +289,15 @@ def test_compiled_function_calling_the_ops():
         grad[[1, 4]] = torch.arange(8.0).view(2, 4)
         params = torch.arange(24.0).view(6, 4)
         bools = [torch.zeros(6, dtype=torch.bool), torch.empty(6, dtype=torch.bool)]
-        return [[params], [grad], [bools[0]], [bools[1]], [torch.tensor([1, 4])], [torch.empty(2, 4)],
-                [torch.linspace(-1, 1, 24).view(1, 6, 4)]]
+        return [
+            [params],
+            [grad],
+            [bools[0]],
+            [bools[1]],
+            [torch.tensor([1, 4])],
+            [torch.empty(2, 4)],
+            [torch.linspace(-1, 1, 24).view(1, 6, 4)],
+        ]
 
     eager, compiled = inputs(), inputs()
     expected = attack(*eager)

@@ -32,8 +32,18 @@ from fastadv import reference
 from fastadv.input_attacks import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT
 
 
-def train(model: nn.Module, kind: str, backend: str | None, *, steps: int = 3, micro_batches: int = 1,
-          seed: int = 7, rows: slice = slice(None), device: torch.device = DEVICE, **options) -> nn.Module:
+def train(
+    model: nn.Module,
+    kind: str,
+    backend: str | None,
+    *,
+    steps: int = 3,
+    micro_batches: int = 1,
+    seed: int = 7,
+    rows: slice = slice(None),
+    device: torch.device = DEVICE,
+    **options,
+) -> nn.Module:
     """:func:`input_train` over ``steps * micro_batches`` fresh batches."""
     batches = input_batches(steps * micro_batches, seed, kind.endswith("mse"), rows, device)
     return input_train(model, kind, backend, batches, accumulate=micro_batches, **options)
@@ -92,8 +102,16 @@ def test_half_precision_models_match_the_reference(kind, dtype, backend, seed):
 @pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat", "gradient_penalty"])
 def test_fp16_autocast_with_a_grad_scaler_matches_the_reference(kind, seed):
     model = TinyClassifier()
-    runs = [train(copy.deepcopy(model), kind, backend, autocast=torch.float16,
-                  scaler=torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)) for backend in (None, "auto")]
+    runs = [
+        train(
+            copy.deepcopy(model),
+            kind,
+            backend,
+            autocast=torch.float16,
+            scaler=torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10),
+        )
+        for backend in (None, "auto")
+    ]
     assert_close_params(runs[1], runs[0], rtol=1e-4, atol=1e-5)
 
 
@@ -158,27 +176,30 @@ def test_hugging_face_style_output_and_hooks_removed(seed):
 # ---- misuse: clear errors, nothing changed, no hook left ----
 
 
-@pytest.mark.parametrize(("cls", "options", "message"), [
-    (FusedFreeLB, {"adv_lr": 0.0}, "adv_lr must be"),
-    (FusedFreeLB, {"adv_steps": 0}, "adv_steps must be"),
-    (FusedFreeLB, {"norm": "l1"}, "norm must be one of"),
-    (FusedFreeLB, {"adv_max_norm": -1.0}, "adv_max_norm must be"),
-    (FusedSMART, {"norm": "linf"}, "norm must be one of"),
-    (FusedSMART, {"adv_eps": float("nan")}, "adv_eps must be"),
-    (FusedSMART, {"divergence": "js"}, "divergence must be one of"),
-    (FusedR3F, {"noise_type": "gumbel"}, "noise_type must be one of"),
-    (FusedVAT, {"eps": 0.0}, "eps must be"),
-    (FusedVAT, {"xi": float("inf")}, "xi must be"),
-    (FusedVAT, {"alpha": -1.0}, "alpha must be"),
-    (FusedVAT, {"power_iters": 0}, "power_iters must be"),
-    (FusedVAT, {"power_iters": 1.5}, "power_iters must be"),
-    (FusedGradientPenalty, {"epsilon": -1.0}, "epsilon must be"),
-    (FusedGradientPenalty, {"epsilon": float("nan")}, "epsilon must be"),
-    (FusedGradientPenalty, {"emb_name": "nothing_like_this"}, "no module of the model is named like"),
-    (FusedR3F, {"emb_name": "nothing_like_this"}, "no module of the model is named like"),
-    (FusedR3F, {"emb_name": "embeddings"}, "modules"),
-    (FusedR3F, {"backend": "cuda-magic"}, "cuda-magic"),
-])
+@pytest.mark.parametrize(
+    ("cls", "options", "message"),
+    [
+        (FusedFreeLB, {"adv_lr": 0.0}, "adv_lr must be"),
+        (FusedFreeLB, {"adv_steps": 0}, "adv_steps must be"),
+        (FusedFreeLB, {"norm": "l1"}, "norm must be one of"),
+        (FusedFreeLB, {"adv_max_norm": -1.0}, "adv_max_norm must be"),
+        (FusedSMART, {"norm": "linf"}, "norm must be one of"),
+        (FusedSMART, {"adv_eps": float("nan")}, "adv_eps must be"),
+        (FusedSMART, {"divergence": "js"}, "divergence must be one of"),
+        (FusedR3F, {"noise_type": "gumbel"}, "noise_type must be one of"),
+        (FusedVAT, {"eps": 0.0}, "eps must be"),
+        (FusedVAT, {"xi": float("inf")}, "xi must be"),
+        (FusedVAT, {"alpha": -1.0}, "alpha must be"),
+        (FusedVAT, {"power_iters": 0}, "power_iters must be"),
+        (FusedVAT, {"power_iters": 1.5}, "power_iters must be"),
+        (FusedGradientPenalty, {"epsilon": -1.0}, "epsilon must be"),
+        (FusedGradientPenalty, {"epsilon": float("nan")}, "epsilon must be"),
+        (FusedGradientPenalty, {"emb_name": "nothing_like_this"}, "no module of the model is named like"),
+        (FusedR3F, {"emb_name": "nothing_like_this"}, "no module of the model is named like"),
+        (FusedR3F, {"emb_name": "embeddings"}, "modules"),
+        (FusedR3F, {"backend": "cuda-magic"}, "cuda-magic"),
+    ],
+)
 def test_bad_arguments_are_refused_at_construction(cls, options, message):
     with pytest.raises((ValueError, KeyError, RuntimeError), match=message):
         cls(TinyClassifier(), **options)
@@ -240,8 +261,13 @@ def test_an_error_in_a_later_pass_leaves_no_hook_and_the_next_step_works(seed):
 
 def test_attack_objects_copy_and_pickle():
     model = TinyClassifier(device="cpu")
-    for attacker in (FusedFreeLB(model), FusedSMART(model), FusedR3F(model), FusedVAT(model),
-                     FusedGradientPenalty(model)):
+    for attacker in (
+        FusedFreeLB(model),
+        FusedSMART(model),
+        FusedR3F(model),
+        FusedVAT(model),
+        FusedGradientPenalty(model),
+    ):
         for clone in (copy.deepcopy(attacker), pickle.loads(pickle.dumps(attacker))):
             b = input_batches(1, 0, device=torch.device("cpu"))[0]
             kind = "freelb" if isinstance(clone, (FusedFreeLB, FusedGradientPenalty)) else "smart"
@@ -262,16 +288,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             for backend in (None, *BACKENDS):
                 torch.manual_seed(0)
                 model = nn.parallel.DistributedDataParallel(TinyClassifier(dropout=0.0, device="cpu"))
-                trained = train(model, kind, backend, seed=11 + rank, rows=slice(rank, None, WORLD),
-                                device=torch.device("cpu"))
+                trained = train(
+                    model, kind, backend, seed=11 + rank, rows=slice(rank, None, WORLD), device=torch.device("cpu")
+                )
                 results[kind, backend] = {n: p.detach().clone() for n, p in trained.named_parameters()}
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform != "linux",
-                    reason="needs torch.distributed with gloo (Linux)")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available() or sys.platform != "linux",
+    reason="needs torch.distributed with gloo (Linux)",
+)
 def test_two_ddp_processes_match_the_reference_in_them(tmp_path):
     """Each rank perturbs its own examples; DDP averages the gradients. The fused classes on every backend give the
     reference's weights on both ranks, and the ranks agree."""
@@ -280,8 +309,13 @@ def test_two_ddp_processes_match_the_reference_in_them(tmp_path):
     for (kind, backend), params in ranks[0].items():
         for rank in ranks:
             for name, value in rank[kind, None].items():
-                torch.testing.assert_close(rank[kind, backend][name], value, rtol=1e-5, atol=1e-6,
-                                           msg=functools.partial("{}/{}/{}: {}".format, kind, backend, name))
+                torch.testing.assert_close(
+                    rank[kind, backend][name],
+                    value,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=functools.partial("{}/{}/{}: {}".format, kind, backend, name),
+                )
         for name, value in params.items():
             assert torch.equal(value, ranks[1][kind, backend][name]), (kind, backend, name)
 
@@ -385,8 +419,9 @@ def test_activation_checkpointing_recomputes_each_pass_with_its_own_perturbation
         ref.load_state_dict(plain.state_dict())
         torch.manual_seed(seed)
         ref_step(ref.embeddings.word_embeddings, input_forward(ref, kind, b), b["attention_mask"], **options)
-        torch.testing.assert_close(torch.cat([p.grad.flatten() for p in ref.parameters()]), grads[0], rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            torch.cat([p.grad.flatten() for p in ref.parameters()]), grads[0], rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("kind", ["freelb-l2", "smart-inf", "r3f", "vat"])
@@ -441,8 +476,11 @@ def neftune_post_forward_hook(module, args, output):
     return output
 
 
-@pytest.mark.parametrize(("cls", "options"), [(FusedSMART, {"update": "paper"}), (FusedR3F, {}),
-                                              (FusedVAT, {"eps": 1e-2})], ids=["smart-paper", "r3f", "vat"])
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [(FusedSMART, {"update": "paper"}), (FusedR3F, {}), (FusedVAT, {"eps": 1e-2})],
+    ids=["smart-paper", "r3f", "vat"],
+)
 def test_neftune_noise_is_shared_by_the_passes_that_are_compared(cls, options, seed):
     """SMART, R3F and VAT measure how the logits move under their perturbation; NEFTune's hook draws new noise at every
     pass, which would make the divergence measure NEFTune (hundreds of times these small-perturbation terms). Within
@@ -459,13 +497,15 @@ def test_neftune_noise_is_shared_by_the_passes_that_are_compared(cls, options, s
             embedding.neftune_noise_alpha = 5.0
             first = embedding.register_forward_hook(neftune_post_forward_hook)
             last = embedding.register_forward_hook(lambda module, args, output: None)
-        terms[neftune] = cls(model, **options).run(input_forward(model, kind, b), torch.Tensor.backward,
-                                                   b["attention_mask"])[1]
+        terms[neftune] = cls(model, **options).run(
+            input_forward(model, kind, b), torch.Tensor.backward, b["attention_mask"]
+        )[1]
     assert list(embedding._forward_hooks) == [first.id, last.id]
     # what sharing prevents: the divergence of two independent NEFTune draws
     noised = [model(b["ids"], b["attention_mask"], b["labels"])[1] for _ in range(2)]
-    independent = 2 * torch.nn.functional.kl_div(noised[1].log_softmax(-1), noised[0].log_softmax(-1),
-                                                 log_target=True, reduction="batchmean")
+    independent = 2 * torch.nn.functional.kl_div(
+        noised[1].log_softmax(-1), noised[0].log_softmax(-1), log_target=True, reduction="batchmean"
+    )
     assert independent > 100 * terms[False], (independent, terms)
     assert terms[True] < 10 * terms[False], terms
 
@@ -514,8 +554,7 @@ def test_token_level_logits_count_the_attention_mask(kind, backend, seed):
     for shift in (0.0, 7.0):
         net = copy.deepcopy(model)
         torch.manual_seed(seed)
-        results.append(cls(net, backend=backend, **options).run(forward_of(net, shift), torch.Tensor.backward,
-                                                                mask)[1])
+        results.append(cls(net, backend=backend, **options).run(forward_of(net, shift), torch.Tensor.backward, mask)[1])
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
     ref = copy.deepcopy(model)
     torch.manual_seed(seed)
@@ -632,7 +671,8 @@ def test_vat_perturbs_along_the_direction_the_prediction_is_most_sensitive_to(po
     seen, handle = _layer_norm_inputs(model)
     eps, xi = 0.7, 0.1  # xi: the default, a finite difference well above fp32 rounding
     FusedVAT(model, eps=eps, xi=xi, power_iters=power_iters, backend=backend).step(
-        lambda: model(ids, every_token, labels), mask)
+        lambda: model(ids, every_token, labels), mask
+    )
     handle.remove()
     assert len(seen) == power_iters + 2
     perturbations = [x - seen[0] for x in seen[1:]]
@@ -643,7 +683,8 @@ def test_vat_perturbs_along_the_direction_the_prediction_is_most_sensitive_to(po
 
     outputs = []
     grab = model.embeddings.word_embeddings.register_forward_hook(
-        lambda module, args, out: outputs.append(out.detach().requires_grad_()) or outputs[-1])
+        lambda module, args, out: outputs.append(out.detach().requires_grad_()) or outputs[-1]
+    )
     logits = model(ids, every_token, labels)[1]
     grab.remove()
     (margin,) = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), outputs[0])
@@ -653,8 +694,9 @@ def test_vat_perturbs_along_the_direction_the_prediction_is_most_sensitive_to(po
     torch.testing.assert_close(cosine.abs(), torch.ones_like(cosine), rtol=0, atol=5e-3)
 
 
-def _float64_loss(model: nn.Module, batch: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+def _float64_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The cross entropy of a float64 :class:`TinyClassifier` in float64 (its own is fp32), at ``params`` when given;
     the model pools every token, padding included."""
     inputs = (batch["ids"], torch.ones_like(batch["attention_mask"]), batch["labels"])
@@ -675,8 +717,9 @@ def test_vat_perturbation_is_eps_long_however_small_the_gradient(backend, seed):
     seen, handle = _layer_norm_inputs(model)
     FusedVAT(model, eps=0.5, backend=backend).step(input_forward(model, "vat", b), b["attention_mask"])
     handle.remove()
-    torch.testing.assert_close((seen[-1] - seen[0]).flatten(1).norm(dim=1), torch.full((4,), 0.5, device=DEVICE),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        (seen[-1] - seen[0]).flatten(1).norm(dim=1), torch.full((4,), 0.5, device=DEVICE), rtol=1e-5, atol=0
+    )
 
 
 def _penalty(model: nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -702,13 +745,16 @@ def test_the_gradient_penalty_trains_on_the_gradient_of_the_penalty(seed):
     plain = copy.deepcopy(model)
     plain.zero_grad()
     _float64_loss(plain, b).backward()
-    penalty_grad = {n: 2 / epsilon * (p.grad - q.grad)
-                    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters())}
+    penalty_grad = {
+        n: 2 / epsilon * (p.grad - q.grad) for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters())
+    }
     params = {n: p.detach() for n, p in model.named_parameters()}
     direction = {n: torch.randn_like(p) for n, p in params.items()}
     h = 1e-5
-    shifted = [_penalty(model, {n: (p + sign * h * direction[n]).requires_grad_() for n, p in params.items()}, b)
-               for sign in (1, -1)]
+    shifted = [
+        _penalty(model, {n: (p + sign * h * direction[n]).requires_grad_() for n, p in params.items()}, b)
+        for sign in (1, -1)
+    ]
     finite_difference = (shifted[0] - shifted[1]) / (2 * h)
     along = sum((penalty_grad[n] * direction[n]).sum() for n in params)
     assert abs(finite_difference) > 1e-6, finite_difference  # the penalty does move with the weights here

@@ -142,13 +142,29 @@ def input_callback(kind: str) -> AdversarialTraining:
     return AdversarialTraining(kind.split("-")[0], adv_options=INPUT_CASES[kind][2])
 
 
-def fit(model: torch.nn.Module, batches, callbacks=(), module_cls=Module, epochs: int = 1, devices: int = 1,
-        module_args=(), **trainer_options) -> pl.Trainer:
+def fit(
+    model: torch.nn.Module,
+    batches,
+    callbacks=(),
+    module_cls=Module,
+    epochs: int = 1,
+    devices: int = 1,
+    module_args=(),
+    **trainer_options,
+) -> pl.Trainer:
     module = module_cls(model, *module_args)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=epochs,
-        callbacks=list(callbacks), logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False, **trainer_options,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=epochs,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **trainer_options,
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return trainer
@@ -216,8 +232,12 @@ def test_input_space_methods_match_their_reference_loop(config):
 
 def test_input_space_methods_need_the_logits():
     with pytest.raises(RuntimeError, match="'loss' and 'logits'"):
-        fit(TinyClassifier(device="cpu"), input_batches(2, device=torch.device("cpu")),
-            [AdversarialTraining("smart")], module_cls=_LossOnly)
+        fit(
+            TinyClassifier(device="cpu"),
+            input_batches(2, device=torch.device("cpu")),
+            [AdversarialTraining("smart")],
+            module_cls=_LossOnly,
+        )
 
 
 class _LossOnly(ClassifierModule):
@@ -262,15 +282,19 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             batches, start, results[accumulate, "plain"] = ddp_start(rank, WORLD, STEPS, accumulate)
             for kind in KINDS:
                 model, manual, want = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start)
-                fit(model, batches, [AdversarialTraining(kind, **OPTIONS[kind])], devices=WORLD,
-                    accumulate_grad_batches=accumulate)
+                fit(
+                    model,
+                    batches,
+                    [AdversarialTraining(kind, **OPTIONS[kind])],
+                    devices=WORLD,
+                    accumulate_grad_batches=accumulate,
+                )
                 seed_loop(torch.nn.parallel.DistributedDataParallel(want), kind, batches, accumulate=accumulate)
                 results[accumulate, kind] = flat_params(model), flat_params(want)
                 if accumulate == 2:
                     fit(manual, batches, module_cls=ManualModule, module_args=(kind, 2, 0.5), devices=WORLD)
                     clipped = copy.deepcopy(start)
-                    seed_loop(torch.nn.parallel.DistributedDataParallel(clipped), kind, batches, accumulate=2,
-                              clip=0.5)
+                    seed_loop(torch.nn.parallel.DistributedDataParallel(clipped), kind, batches, accumulate=2, clip=0.5)
                     results["manual", kind] = flat_params(manual), flat_params(clipped)
         for accumulate in (1, 2):
             batches = input_batches(STEPS * accumulate, rows=slice(rank, None, WORLD), device=torch.device("cpu"))
@@ -281,10 +305,22 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             results["input", accumulate, "plain"] = flat_params(plain)
             for kind in INPUT_KINDS:
                 model, want = copy.deepcopy(start), copy.deepcopy(start)
-                fit(model, batches, [input_callback(kind)], module_cls=ClassifierModule, devices=WORLD,
-                    accumulate_grad_batches=accumulate)
-                input_train(torch.nn.parallel.DistributedDataParallel(want), kind, None, batches,
-                            accumulate=accumulate, seed=INPUT_SEED)
+                fit(
+                    model,
+                    batches,
+                    [input_callback(kind)],
+                    module_cls=ClassifierModule,
+                    devices=WORLD,
+                    accumulate_grad_batches=accumulate,
+                )
+                input_train(
+                    torch.nn.parallel.DistributedDataParallel(want),
+                    kind,
+                    None,
+                    batches,
+                    accumulate=accumulate,
+                    seed=INPUT_SEED,
+                )
                 results["input", accumulate, kind] = flat_params(model), flat_params(want)
         torch.save(results, f"{out_dir}/lightning-{rank}.pt")
     finally:
@@ -371,8 +407,13 @@ def test_errors_leave_the_weights_untouched(kind, options, module, error, match)
     model = TinyEncoder(device="cpu")
     before = flat_params(model)
     with pytest.raises(error, match=match):
-        fit(model, framework_batches(2), [AdversarialTraining(kind, **options)], module_cls=module[0],
-            module_args=module[1:])
+        fit(
+            model,
+            framework_batches(2),
+            [AdversarialTraining(kind, **options)],
+            module_cls=module[0],
+            module_args=module[1:],
+        )
     assert torch.equal(flat_params(model), before)
 
 
@@ -384,8 +425,9 @@ def test_missing_lightning_says_what_to_install(monkeypatch):
 
 
 def test_example_script_runs(capsys, monkeypatch):
-    assert_toy_example_runs("lightning_adversarial", {"none", "fgm", "pgd", "awp"}, monkeypatch, capsys,
-                            ["--accumulate", "2"])
+    assert_toy_example_runs(
+        "lightning_adversarial", {"none", "fgm", "pgd", "awp"}, monkeypatch, capsys, ["--accumulate", "2"]
+    )
 
 
 # ---- the user's whole lifecycle: a fit that raises, skipped batches, validation between steps, save and resume ----
@@ -424,15 +466,28 @@ def test_after_a_fit_that_raises_nothing_of_fastadv_is_left_and_a_plain_fit_is_p
     callback = input_callback(kind) if "-" in kind or kind == "r3f" else AdversarialTraining(kind)
     model = copy.deepcopy(start)
     module = _FailsAt(model, 5)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, DataLoader(batches, batch_size=None))
     assert not _fastadv_left_on(module, trainer)
     failed = copy.deepcopy(model)
     module.n = -1  # fails no more
-    plain_trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                               enable_progress_bar=False, enable_model_summary=False)
+    plain_trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     plain_trainer.fit(module, DataLoader(batches, batch_size=None))
     want = copy.deepcopy(failed)
     fit(want, batches, module_cls=ClassifierModule)
@@ -463,9 +518,18 @@ def test_a_skipped_batch_and_validation_between_steps(kind):
     start = TinyClassifier(device="cpu")
     model = copy.deepcopy(start)
     module = _SkipsAndValidates(model)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[input_callback(kind)], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         val_check_interval=1, num_sanity_val_steps=0, limit_val_batches=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[input_callback(kind)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
     trainer.fit(module, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
     assert not _fastadv_left_on(module, trainer)
     assert len(module.validation_logits) == STEPS + 1
@@ -488,8 +552,15 @@ def test_save_and_resume(tmp_path, kind):
         return AdversarialTraining(kind, **OPTIONS[kind]) if kind in OPTIONS else input_callback(kind)
 
     def trainer(epochs, **options):
-        return pl.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback()], logger=False,
-                          enable_progress_bar=False, enable_model_summary=False, **options)
+        return pl.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            callbacks=[callback()],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **options,
+        )
 
     whole = copy.deepcopy(start)
     trainer(2, enable_checkpointing=False).fit(ClassifierModule(whole), DataLoader(batches, batch_size=None))

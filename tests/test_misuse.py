@@ -129,9 +129,17 @@ def interrupted_step(kind: str, backend: str, owner_of, name: str, nth: int, aft
     assert_bit_exact(model, before)
 
 
-@pytest.mark.parametrize(("kind", "emb_name"), [("fgm", "embeddings"), ("pgd", "embeddings"), ("awp", None),
-                                               ("fgm", "word_embeddings"), ("pgd", "word_embeddings")],
-                         ids=["fgm-scan", "pgd-scan", "awp", "fgm-hints", "pgd-hints"])
+@pytest.mark.parametrize(
+    ("kind", "emb_name"),
+    [
+        ("fgm", "embeddings"),
+        ("pgd", "embeddings"),
+        ("awp", None),
+        ("fgm", "word_embeddings"),
+        ("pgd", "word_embeddings"),
+    ],
+    ids=["fgm-scan", "pgd-scan", "awp", "fgm-hints", "pgd-hints"],
+)
 @pytest.mark.parametrize("after", [False, True], ids=["before-op", "after-op"])
 def test_interrupt_at_every_op_boundary(backend, seed, kind, emb_name, after):
     """Each op call of a whole step, in turn, is interrupted just before or just after it runs: with every embedding
@@ -492,7 +500,6 @@ def test_non_contiguous_parameter_is_refused_before_anything_is_written(seed):
     assert_bit_exact(model, before)
 
 
-
 # ---- 12. wrappers, recognised by type ----
 
 
@@ -635,8 +642,9 @@ def _fake_mode(model: nn.Module, ids: torch.Tensor) -> str:
 
 #: Each runs ``model`` on ``ids`` under a transform or a tracer and returns the code it traced ("" when none).
 TRANSFORMS = {
-    "vmap-grad": lambda model, ids: torch.func.vmap(torch.func.grad(_functional(model)), in_dims=(None, 0))(
-        _detached(model), ids[:, None]) and "",
+    "vmap-grad": lambda model, ids: (
+        torch.func.vmap(torch.func.grad(_functional(model)), in_dims=(None, 0))(_detached(model), ids[:, None]) and ""
+    ),
     "grad": lambda model, ids: torch.func.grad(_functional(model))(_detached(model), ids) and "",
     "export-strict": lambda model, ids: torch.export.export(model, (ids,), strict=True).graph_module.code,
     "export-non-strict": lambda model, ids: torch.export.export(model, (ids,), strict=False).graph_module.code,

@@ -75,8 +75,16 @@ def autocast_loop(model, kind: str, backend: str | None) -> list[float]:
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             return scaler.scale(model(ids))
 
-    return train(model, make(kind, model, backend), kind, steps=3, k=2 if kind == "pgd" else None, seed=3,
-                 forward=forward, scaler=scaler)
+    return train(
+        model,
+        make(kind, model, backend),
+        kind,
+        steps=3,
+        k=2 if kind == "pgd" else None,
+        seed=3,
+        forward=forward,
+        scaler=scaler,
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

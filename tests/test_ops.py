@@ -38,12 +38,31 @@ LAYOUTS = {
     # Dtype groups of several tensors. For triton: (40, 130) is two programs of 32 rows and three 64-column chunks,
     # (7, 1100) nine 128-column chunks, (1, 24) and (1, 1) are 1-D parameters. For the extension: widths that are and
     # aren't a multiple of its vector width, 768 (whole 16-byte packs).
-    "mixed": [(r, c, d, d) for r, c, d in [
-        (40, 130, F32), (1, 24, BF16), (7, 1100, F16), (3, 5, F32), (1, 1, BF16), (20, 16, BF16),
-        (37, 19, F32), (50, 64, BF16), (1, 33, F16), (23, 768, F32), (9, 5, BF16), (40, 48, F16),
-    ]],
-    "mixed-grads": [(37, 16, F32, BF16), (1, 24, BF16, F32), (5, 130, F16, F32), (3, 5, F32, F16), (9, 1, BF16, F16),
-                    (20, 16, F16, BF16)],
+    "mixed": [
+        (r, c, d, d)
+        for r, c, d in [
+            (40, 130, F32),
+            (1, 24, BF16),
+            (7, 1100, F16),
+            (3, 5, F32),
+            (1, 1, BF16),
+            (20, 16, BF16),
+            (37, 19, F32),
+            (50, 64, BF16),
+            (1, 33, F16),
+            (23, 768, F32),
+            (9, 5, BF16),
+            (40, 48, F16),
+        ]
+    ],
+    "mixed-grads": [
+        (37, 16, F32, BF16),
+        (1, 24, BF16, F32),
+        (5, 130, F16, F32),
+        (3, 5, F32, F16),
+        (9, 1, BF16, F16),
+        (20, 16, F16, BF16),
+    ],
 }
 NO_ROWS, ZERO_SCALE = 3, 5  # in every layout: the tensor with no listed row, the one with a zero scale
 BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
@@ -77,8 +96,12 @@ TARGETS = _targets()
 def table(layouts=tuple(LAYOUTS)) -> pytest.MarkDecorator:
     """Parametrises ``target, layout`` over every backend on every device it runs on, times the ``layouts`` it runs
     (the extension takes no gradient of another dtype)."""
-    pairs = [pytest.param(t, layout, id=f"{t.name}-{t.device.type}-{layout}") for t in TARGETS for layout in layouts
-             if all(t.ops.supports(t.device, p, g) for _, _, p, g in LAYOUTS[layout])]
+    pairs = [
+        pytest.param(t, layout, id=f"{t.name}-{t.device.type}-{layout}")
+        for t in TARGETS
+        for layout in layouts
+        if all(t.ops.supports(t.device, p, g) for _, _, p, g in LAYOUTS[layout])
+    ]
     return pytest.mark.parametrize(("target", "layout"), pairs)
 
 
@@ -115,8 +138,9 @@ def step_case(target: Target, layout: str, density: float, moved: bool) -> Case:
     rows = [nonzero_rows(g) for g in grads]
     rows[NO_ROWS] = rows[NO_ROWS][:0]
     n_backed = [(len(r) // 2, 0, len(r))[i % 3] for i, r in enumerate(rows)]
-    backups = [torch.full((len(r), p.shape[1]), math.nan, dtype=p.dtype, device=target.device)
-               for r, p in zip(rows, params)]
+    backups = [
+        torch.full((len(r), p.shape[1]), math.nan, dtype=p.dtype, device=target.device) for r, p in zip(rows, params)
+    ]
     for p, r, b, n in zip(params, rows, backups, n_backed):
         b[:n] = p[r[:n]]
         if moved:
@@ -129,8 +153,9 @@ def step_case(target: Target, layout: str, density: float, moved: bool) -> Case:
 # ---- the oracle ----
 
 
-def oracle(case: Case, box_eps: float | None = None, ball_eps: float | None = None,
-           delta_sumsq: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def oracle(
+    case: Case, box_eps: float | None = None, ball_eps: float | None = None, delta_sumsq: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The contract on ``case`` (not modified): the backups after perturb or measure (the rows from ``n_backed`` on
     copied), the weights in fp32 after perturb (with ``box_eps``: the box) or after project (``ball_eps`` with the
     given ``delta_sumsq``), and measure's float64 ``||W + s * G - B||^2`` per tensor (0 for a zero scale)."""
@@ -167,8 +192,7 @@ def assert_weights(case: Case, start: list[torch.Tensor], expected: list[torch.T
     ``W + scale * G`` nearly cancels: there the fp32 rounding of the terms (the contract's fp32 math, an FMA or not)
     can exceed an ulp of the tiny result, so such elements may differ by up to a few fp32 ulps of the terms'
     magnitude. Every other row (all of them for a zero scale) unchanged, bit for bit."""
-    for i, (actual, e, w, g, r, b) in enumerate(zip(case.params, expected, start, case.grads, case.rows,
-                                                     case.backups)):
+    for i, (actual, e, w, g, r, b) in enumerate(zip(case.params, expected, start, case.grads, case.rows, case.backups)):
         written = torch.zeros(actual.shape[0], dtype=torch.bool, device=actual.device)
         if case.scales[i] != 0:
             written[r] = True
@@ -211,9 +235,14 @@ def check_scan(target: Target, layout: str, density: float, with_params: bool) -
 def test_scan_zero_and_nonfinite_gradients(target, seed):
     """A NaN or inf row counts as non-zero (and makes the sum NaN or inf), -0 is zero, an all-zero tensor sums to 0."""
     dev = target.device
-    grads = [torch.zeros(4, 8, device=dev), torch.zeros(5, 8, device=dev), torch.zeros(3, 16, dtype=BF16, device=dev),
-             torch.zeros(5, 3, dtype=F16, device=dev), torch.randn(3, 4, device=dev).to(BF16),
-             torch.zeros(6, 8, device=dev)]
+    grads = [
+        torch.zeros(4, 8, device=dev),
+        torch.zeros(5, 8, device=dev),
+        torch.zeros(3, 16, dtype=BF16, device=dev),
+        torch.zeros(5, 3, dtype=F16, device=dev),
+        torch.randn(3, 4, device=dev).to(BF16),
+        torch.zeros(6, 8, device=dev),
+    ]
     grads[1][2, 3] = math.nan
     grads[2][1, 2] = math.inf
     grads[3][4, 1] = -0.0
@@ -233,8 +262,12 @@ def test_scan_zero_and_nonfinite_gradients(target, seed):
 def test_scan_counts_rows_whose_squares_underflow(target, seed, request):
     """A row is non-zero when any element is, even where its square underflows to 0 in fp32."""
     if target.name == "torch":
-        request.applymarker(pytest.mark.xfail(reason="known: the torch backend flags rows by their fp32 norms, which "
-                                                     "underflow to 0 here", strict=False))
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="known: the torch backend flags rows by their fp32 norms, which underflow to 0 here",
+                strict=False,
+            )
+        )
     grads = [torch.zeros(5, 8, device=target.device), torch.zeros(2, 40, device=target.device)]
     grads[0][4, 1], grads[1][1, 39] = 1e-24, 1e-30
     fresh = [torch.zeros(g.shape[0], dtype=torch.bool, device=target.device) for g in grads]
@@ -274,12 +307,15 @@ def check_perturb(target: Target, case: Case, box_eps: float | None, moved: bool
     assert_backups(case.backups, backups)
     assert_weights(case, start, expected)
     if box_eps is not None and box_eps < 1:  # the box mattered, and it is around the backups, not the moved weights
-        unboxed = [w.float().index_add(0, r, s * g[r].float()) for w, g, r, s in
-                   zip(start, case.grads, case.rows, case.scales)]
+        unboxed = [
+            w.float().index_add(0, r, s * g[r].float()) for w, g, r, s in zip(start, case.grads, case.rows, case.scales)
+        ]
         assert any((e != u).any() for e, u in zip(expected, unboxed))
         if moved:
-            around_w = oracle(dataclasses.replace(case, params=start, backups=[w[r] for w, r in zip(start, case.rows)]),
-                              box_eps=box_eps)[1]
+            around_w = oracle(
+                dataclasses.replace(case, params=start, backups=[w[r] for w, r in zip(start, case.rows)]),
+                box_eps=box_eps,
+            )[1]
             assert any((a != e).any() for a, e in zip(around_w, expected))
 
 
@@ -307,8 +343,9 @@ def check_measure_then_project(target: Target, case: Case, ball_eps: float) -> N
     given[0] *= 4
     _, expected, _ = oracle(case, ball_eps=ball_eps, delta_sumsq=given)
     with poisoned_buffers():
-        assert target.ops.project(case.params, case.grads, case.rows, case.backups, case.scales, given,
-                                  ball_eps) is None
+        assert (
+            target.ops.project(case.params, case.grads, case.rows, case.backups, case.scales, given, ball_eps) is None
+        )
     assert_weights(case, start, expected)
     left = [i for i, r in enumerate(case.rows) if case.scales[i] != 0 and len(r) and given[i].sqrt() > ball_eps]
     assert bool(left) == (ball_eps < 1)
@@ -336,8 +373,10 @@ def test_projection_factor_is_rounded_once(target, seed):
     dev, count = target.device, 64
     eps = torch.rand(()).item()  # an fp32 value: no question of how a double rounds
     params = [torch.zeros(4, 8, device=dev) for _ in range(count)]
-    grads = [torch.randint(-3, 4, (4, 8), device=dev).float().exp2() * torch.randn(4, 8, device=dev).sign()
-             for _ in range(count)]
+    grads = [
+        torch.randint(-3, 4, (4, 8), device=dev).float().exp2() * torch.randn(4, 8, device=dev).sign()
+        for _ in range(count)
+    ]
     rows = [torch.arange(4, device=dev) if i % 2 else torch.tensor([0, 2], device=dev) for i in range(count)]
     backups = [torch.zeros(len(r), 8, device=dev) for r in rows]
     delta_sumsq = eps**2 * (1 + 100 * torch.rand(count, device=dev))  # every norm outside the ball
@@ -407,8 +446,10 @@ def test_restore_is_bit_exact(target, layout, seed, density):
     rows[NO_ROWS] = rows[NO_ROWS][:0]
     ptrs = [p.data_ptr() for p in params]
     bits = [BITS[p.dtype] for p in params]
-    backups = [torch.randint(torch.iinfo(k).min, torch.iinfo(k).max, (len(r), p.shape[1]), dtype=k,
-                             device=target.device) for p, r, k in zip(params, rows, bits)]
+    backups = [
+        torch.randint(torch.iinfo(k).min, torch.iinfo(k).max, (len(r), p.shape[1]), dtype=k, device=target.device)
+        for p, r, k in zip(params, rows, bits)
+    ]
     untouched = clones(params)
     with poisoned_buffers():
         target.ops.restore(params, rows, [b.view(p.dtype) for p, b in zip(params, backups)])
@@ -457,8 +498,9 @@ INPUT_SHAPES = [(3, 9, 768), (4, 5, 130)]
 INPUT_ARGS = {"lr": 0.3, "denom_eps": 1e-6, "denom_floor": 1e-3}
 
 
-def input_case(target: Target, shape: tuple[int, int, int], dtype: torch.dtype, masked: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def input_case(
+    target: Target, shape: tuple[int, int, int], dtype: torch.dtype, masked: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``delta``, ``grad`` and ``mask`` of one call: padded examples (the first one all padding, the second none) with
     a NaN gradient on a padded token, which must not count; a NaN in example 0's first token and an inf in example
     1's last one, so their groups' norms are not finite (example 0 is padding only when masked); the last example's
@@ -479,9 +521,18 @@ def input_case(target: Target, shape: tuple[int, int, int], dtype: torch.dtype, 
     return delta, grad.to(dtype), mask
 
 
-def input_step_oracle(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, lr: float, norm: str,
-                      per_token: bool, denom_eps: float, denom_floor: float, bound: str, radius: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def input_step_oracle(
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    lr: float,
+    norm: str,
+    per_token: bool,
+    denom_eps: float,
+    denom_floor: float,
+    bound: str,
+    radius: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract of ``input_step`` (:class:`fastadv.backends.contract.Backend`) in float64: the new ``delta`` and
     the group norms ``n``, neither rounded to the backend's precision."""
     dims = (-1,) if per_token else (-2, -1)
@@ -518,10 +569,14 @@ def test_input_step(target, seed, dtype, per_token, norm, bound, masked):
         pytest.skip(f"{target.name} does not take {dtype}")
     for shape in INPUT_SHAPES:
         delta, grad, mask = input_case(target, shape, dtype, masked)
-        unbounded, _ = input_step_oracle(delta, grad, mask, norm=norm, per_token=per_token, bound="none", radius=0.0,
-                                         **INPUT_ARGS)
-        radius = {"none": 0.0, "l2": group_norms(unbounded, per_token).median().item(),
-                  "inf": unbounded.abs().median().item()}[bound]
+        unbounded, _ = input_step_oracle(
+            delta, grad, mask, norm=norm, per_token=per_token, bound="none", radius=0.0, **INPUT_ARGS
+        )
+        radius = {
+            "none": 0.0,
+            "l2": group_norms(unbounded, per_token).median().item(),
+            "inf": unbounded.abs().median().item(),
+        }[bound]
         args = dict(norm=norm, per_token=per_token, bound=bound, radius=radius, **INPUT_ARGS)
         expected, expected_norms = input_step_oracle(delta, grad, mask, **args)
         if bound != "none":

@@ -169,8 +169,11 @@ def test_training_loop_half_precision(backend, seed, dtype, kind):
         torch.testing.assert_close(a, b, rtol=4 * ulp, atol=4 * ulp * 0.05)
 
 
-@pytest.mark.parametrize(("kind", "k", "options"), [("fgm", None, {"eps": 1.0}), ("pgd", 1, {"eps": 0.1, "alpha": 0.3}),
-                                               ("pgd", 3, {"eps": 0.1, "alpha": 0.3})], ids=["fgm", "pgd-k1", "pgd-k3"])
+@pytest.mark.parametrize(
+    ("kind", "k", "options"),
+    [("fgm", None, {"eps": 1.0}), ("pgd", 1, {"eps": 0.1, "alpha": 0.3}), ("pgd", 3, {"eps": 0.1, "alpha": 0.3})],
+    ids=["fgm", "pgd-k1", "pgd-k3"],
+)
 def test_step_matches_the_seeds_loop(backend, seed, kind, k, options):
     assert_step_matches_the_seed(kind, backend, k, **options)
 
@@ -213,8 +216,10 @@ def test_zero_and_nan_gradient_skip_like_the_seed(backend, seed, kind):
 
     fused, ref, _ = twins_with_grads(zero_and_nan)
     defaults = {"eps": 1.0} if kind == "fgm" else {"eps": 1.0, "alpha": 0.3}  # the classes' defaults
-    for attacker in (make_attacker(kind, fused, backend, emb_name="embeddings", **defaults),
-                     make_attacker(kind, ref, emb_name="embeddings", **defaults)):
+    for attacker in (
+        make_attacker(kind, fused, backend, emb_name="embeddings", **defaults),
+        make_attacker(kind, ref, emb_name="embeddings", **defaults),
+    ):
         attacker.attack() if kind == "fgm" else attacker.attack(is_first_attack=True)
     assert_same_params(fused, ref)
 
@@ -222,6 +227,7 @@ def test_zero_and_nan_gradient_skip_like_the_seed(backend, seed, kind):
 @pytest.mark.parametrize("kind", ["fgm", "pgd"])
 def test_inf_gradient_is_skipped_and_counted(backend, seed, kind):
     """Deviation: the seed writes NaN into the embedding for an inf norm; fastadv skips that tensor and counts it."""
+
     def inf(m, ids):
         m.embeddings.word_embeddings.weight.grad[ids[0, 0], 0] = float("inf")
 

@@ -31,8 +31,17 @@ LORA = {
 
 def lora_llama(config: str, seed: int = 0):
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+        )
+    )
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **LORA[config]))
     return model  # init_lora_weights=False: lora_B random, so that the adapters have a gradient from the start
 
@@ -63,6 +72,7 @@ def test_input_space_methods_train_lora_models_as_their_reference_steps(config, 
     for net, step in ((model, None), (twin, ref_step)):
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
         for i, b in enumerate(batches()):
+
             def forward(net=net, b=b):
                 out = net(**b)
                 return out.loss if kind.startswith("freelb") else out
@@ -120,8 +130,17 @@ def test_awp_on_fresh_lora_adapters_does_nothing_at_first():
     gradient): its first attacks perturb nothing, so the gradients are those of the step without AWP. Documented
     (README, LLM fine-tuning): start AWP later, or take FreeLB/SMART/R3F."""
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+        )
+    )
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     plain = copy.deepcopy(model)
     b = batches(1)[0]

@@ -88,8 +88,11 @@ def test_default_takes_the_rows_from_the_lookups_and_matches_the_seed(backend, s
     assert attacker._rows.row_source.hints.verified  # the hints were used, checked once
 
 
-@pytest.mark.parametrize(("model", "emb_name"), [(TinyEncoder(tied=True), "word_embeddings"),
-                                                 (TinyEncoder(), "embeddings")], ids=["tied-head", "layernorm-too"])
+@pytest.mark.parametrize(
+    ("model", "emb_name"),
+    [(TinyEncoder(tied=True), "word_embeddings"), (TinyEncoder(), "embeddings")],
+    ids=["tied-head", "layernorm-too"],
+)
 def test_targets_without_exact_hints_are_scanned_without_a_warning(backend, seed, model, emb_name):
     model = copy.deepcopy(model)
     hooks = dict(model.embeddings.word_embeddings._forward_hooks)
@@ -213,9 +216,16 @@ def checks(monkeypatch) -> list[bool]:
     return answers
 
 
-@pytest.mark.parametrize(("kind", "use", "scaled"), [("fgm", "decode", False), ("fgm", "penalty", False),
-                                                     ("pgd", "decode", False), ("pgd", "penalty", False),
-                                                     ("fgm", "penalty", True)])
+@pytest.mark.parametrize(
+    ("kind", "use", "scaled"),
+    [
+        ("fgm", "decode", False),
+        ("fgm", "penalty", False),
+        ("pgd", "decode", False),
+        ("pgd", "penalty", False),
+        ("fgm", "penalty", True),
+    ],
+)
 def test_a_use_switched_on_later_warns_at_once_and_matches_the_seed(backend, seed, kind, use, scaled):
     """The decode is dense and the penalty sparse, out of the sweep's reach here: each is found at the first attack
     after the backward pass that used it (provenance, through a scaled lookup too), and that attack is a scan."""

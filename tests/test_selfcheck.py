@@ -293,13 +293,21 @@ def test_fault_is_named(fake, op, fault, expected, dtype):
     assert failure is not None and failure.startswith(expected), failure
 
 
-INPUT_MODES = [(norm, bound, per_token, masked, shape) for per_token in (False, True)
-               for shape in selfcheck._INPUT_SHAPES[per_token] for masked in (False, True)
-               for norm in selfcheck._NORMS for bound in selfcheck._BOUNDS]
+INPUT_MODES = [
+    (norm, bound, per_token, masked, shape)
+    for per_token in (False, True)
+    for shape in selfcheck._INPUT_SHAPES[per_token]
+    for masked in (False, True)
+    for norm in selfcheck._NORMS
+    for bound in selfcheck._BOUNDS
+]
 
 
-@pytest.mark.parametrize(("norm", "bound", "per_token", "masked", "shape"), INPUT_MODES,
-                         ids=["-".join(map(str, mode)) for mode in INPUT_MODES])
+@pytest.mark.parametrize(
+    ("norm", "bound", "per_token", "masked", "shape"),
+    INPUT_MODES,
+    ids=["-".join(map(str, mode)) for mode in INPUT_MODES],
+)
 def test_every_input_step_mode_is_checked(fake, norm, bound, per_token, masked, shape):
     """A fault in one mode of input_step at one shape only (a wrong kernel specialisation) is caught, and named."""
 
@@ -311,8 +319,10 @@ def test_every_input_step_mode_is_checked(fake, norm, bound, per_token, masked, 
         return norms
 
     fake.input_step = op
-    what = (f"{norm} per {'token' if per_token else 'example'}, {bound} bound, {'masked' if masked else 'no mask'},"
-            f" {'x'.join(map(str, shape))}")
+    what = (
+        f"{norm} per {'token' if per_token else 'example'}, {bound} bound, {'masked' if masked else 'no mask'},"
+        f" {'x'.join(map(str, shape))}"
+    )
     assert selfcheck.check("fake", CPU, torch.bfloat16).startswith(f"input_step: delta ({what}) differ by up to")
 
 

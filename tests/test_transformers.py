@@ -266,8 +266,11 @@ def test_bf16_autocast(tmp_path, method):
     assert 0 < error.norm() < 0.03 * update.norm()  # bf16 did run (not 0), and close (measured 0.3-0.5%)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling (GradScaler) runs on CUDA only: with "
-                    "use_cpu, accelerate turns neither autocast nor the scaler on for fp16")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="fp16 loss scaling (GradScaler) runs on CUDA only: with "
+    "use_cpu, accelerate turns neither autocast nor the scaler on for fp16",
+)
 @pytest.mark.parametrize("method", ["fgm", "pgd", "awp"])
 def test_fp16_grad_scaler_cuda(tmp_path, method):
     trainer = run_trainer(tiny_bert(), tmp_path, method, fp16=True, use_cpu=False)
@@ -346,8 +349,13 @@ INPUT_PARAMS = {
     "vat": {"eps": 1.0, "alpha": 2.0},
     "gradient_penalty": {"epsilon": 10.0},
 }
-REFERENCE_STEPS = {"freelb": reference.freelb_step, "smart": reference.smart_step, "r3f": reference.r3f_step,
-                   "vat": reference.vat_step, "gradient_penalty": reference.gradient_penalty_step}
+REFERENCE_STEPS = {
+    "freelb": reference.freelb_step,
+    "smart": reference.smart_step,
+    "r3f": reference.r3f_step,
+    "vat": reference.vat_step,
+    "gradient_penalty": reference.gradient_penalty_step,
+}
 
 
 def masked_data() -> list[dict[str, torch.Tensor]]:
@@ -384,8 +392,13 @@ def input_hand_loop(model, method: str, ga: int, attack: bool = True) -> None:
             return (out.loss, out.logits) if METHODS[method].needs_logits else out.loss
 
         if attack:
-            REFERENCE_STEPS[method](model.bert.embeddings.word_embeddings, forward, batch["attention_mask"],
-                                    backward=lambda loss: (loss / ga).backward(), **INPUT_PARAMS[method])
+            REFERENCE_STEPS[method](
+                model.bert.embeddings.word_embeddings,
+                forward,
+                batch["attention_mask"],
+                backward=lambda loss: (loss / ga).backward(),
+                **INPUT_PARAMS[method],
+            )
         else:
             (model(**batch).loss / ga).backward()
         if (i + 1) % ga == 0:
@@ -401,9 +414,14 @@ def test_input_space_methods_match_their_reference_loop(tmp_path, method, ga):
     model = tiny_bert()
     model.accepts_loss_kwargs = False  # the Trainer divides by GA
     twin, plain = copy.deepcopy(model), copy.deepcopy(model)
-    trainer = SeededTrainer(model=model, args=make_args(tmp_path, ga=ga), train_dataset=masked_data(),
-                            optimizers=(make_optimizer(model, "sgd"), None), adversarial=method,
-                            adv_options=INPUT_PARAMS[method])
+    trainer = SeededTrainer(
+        model=model,
+        args=make_args(tmp_path, ga=ga),
+        train_dataset=masked_data(),
+        optimizers=(make_optimizer(model, "sgd"), None),
+        adversarial=method,
+        adv_options=INPUT_PARAMS[method],
+    )
     trainer.train()
     input_hand_loop(twin, method, ga)
     assert_same_weights(model, twin, rtol=1e-5, atol=1e-6)
@@ -418,8 +436,10 @@ def test_input_space_options_are_checked(tmp_path):
     lacks, and any adv_options key it lacks, is refused at construction."""
     smart = AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1)
     assert smart.attacker.adv_eps == 0.1
-    assert AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="r3f",
-                              adv_eps=0.1).attacker.eps == 0.1
+    assert (
+        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="r3f", adv_eps=0.1).attacker.eps
+        == 0.1
+    )
     with pytest.raises(ValueError, match="adv_param does not apply to 'smart'.*adv_options="):
         AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_param="x")
     with pytest.raises(ValueError, match="a: not an option of 'fgm'"):
@@ -427,8 +447,9 @@ def test_input_space_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="alpha: not an option of 'r3f'"):
         AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="r3f", adv_options={"alpha": 1})
     with pytest.raises(ValueError, match="adv_eps given both"):
-        AdversarialTrainer(model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1,
-                           adv_options={"adv_eps": 0.2})
+        AdversarialTrainer(
+            model=tiny_bert(), args=make_args(tmp_path), adversarial="smart", adv_eps=0.1, adv_options={"adv_eps": 0.2}
+        )
 
 
 # ---- a causal LM: the Trainer's defaults (loss kwargs, num_items_in_batch) ----
@@ -440,9 +461,16 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=LM_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=LM_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -460,21 +488,30 @@ def run_lm(tmp_path, method, batch: int, ga: int, gradient_checkpointing: bool =
     model = tiny_llama()
     args = make_args(tmp_path, ga=ga, gradient_checkpointing=gradient_checkpointing)
     args.per_device_train_batch_size = batch
-    trainer = CheckedTrainer(model=model, args=args, train_dataset=lm_data(),
-                             optimizers=(make_optimizer(model, "sgd"), None), adversarial=method,
-                             emb_name="embed_tokens", **kwargs)
+    trainer = CheckedTrainer(
+        model=model,
+        args=args,
+        train_dataset=lm_data(),
+        optimizers=(make_optimizer(model, "sgd"), None),
+        adversarial=method,
+        emb_name="embed_tokens",
+        **kwargs,
+    )
     assert trainer.model_accepts_loss_kwargs  # the default for a causal LM: num_items_in_batch, no GA division
     trainer.train()
     return model
 
 
-@pytest.mark.parametrize("method, options", [
-    ("smart", {"alpha": 5.0}),
-    ("r3f", {"r3f_lambda": 200.0, "eps": 0.05}),
-    ("freelb", {"adv_init_mag": 0.1}),  # per-example steps (FGM's and PGD's whole-gradient norm do depend on it)
-    ("vat", {"eps": 2.0, "alpha": 20.0}),
-    ("gradient_penalty", {"epsilon": 0.1}),  # of the accumulated batch's loss: num_items_in_batch normalises it
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("smart", {"alpha": 5.0}),
+        ("r3f", {"r3f_lambda": 200.0, "eps": 0.05}),
+        ("freelb", {"adv_init_mag": 0.1}),  # per-example steps (FGM's and PGD's whole-gradient norm do depend on it)
+        ("vat", {"eps": 2.0, "alpha": 20.0}),
+        ("gradient_penalty", {"epsilon": 0.1}),  # of the accumulated batch's loss: num_items_in_batch normalises it
+    ],
+)
 def test_a_causal_lm_update_does_not_depend_on_how_the_batch_is_split(tmp_path, method, options):
     """With a loss normalised by num_items_in_batch the Trainer does not divide by the accumulation steps; SMART's and
     R3F's regulariser (a per-micro-batch mean in 0.3) was then counted once per micro-batch: exactly 2x at GA=2. Now
@@ -506,9 +543,15 @@ def test_each_pass_gets_its_own_copy_of_the_batch(tmp_path, method, loss):
     args = make_args(tmp_path, **extra)
     trainer_kwargs = {"compute_loss_func": smoothed} if loss == "compute_loss_func" else {}
     options = {"adv_options": INPUT_PARAMS[method]} if method in INPUT_PARAMS else PARAMS[method]
-    trainer = SeededTrainer(model=model, args=args, train_dataset=masked_data(),
-                            optimizers=(make_optimizer(model, "sgd"), None), adversarial=method, **options,
-                            **trainer_kwargs)
+    trainer = SeededTrainer(
+        model=model,
+        args=args,
+        train_dataset=masked_data(),
+        optimizers=(make_optimizer(model, "sgd"), None),
+        adversarial=method,
+        **options,
+        **trainer_kwargs,
+    )
     trainer.train()
     optimizer = make_optimizer(twin, "sgd")
     data = masked_data()
@@ -525,8 +568,9 @@ def test_each_pass_gets_its_own_copy_of_the_batch(tmp_path, method, loss):
         if method == "fgm":
             reference.fgm_step(reference.FGM(twin, eps=PARAMS["fgm"]["adv_eps"]), forward)
         else:
-            REFERENCE_STEPS[method](twin.bert.embeddings.word_embeddings, forward, batch["attention_mask"],
-                                    **INPUT_PARAMS[method])
+            REFERENCE_STEPS[method](
+                twin.bert.embeddings.word_embeddings, forward, batch["attention_mask"], **INPUT_PARAMS[method]
+            )
         optimizer.step()
         twin.zero_grad()
     assert_same_weights(model, twin, rtol=1e-5, atol=1e-6)
@@ -575,10 +619,15 @@ def test_an_evaluation_between_steps_with_a_schedule_free_optimizer(tmp_path, me
         model.accepts_loss_kwargs = False
         extra = {"eval_strategy": "steps", "eval_steps": 1} if evaluate else {}
         options = {"adv_options": INPUT_PARAMS[method]} if method in INPUT_PARAMS else PARAMS[method]
-        trainer = _Unchecked(model=model, args=make_args(tmp_path, **extra), train_dataset=masked_data(),
-                             eval_dataset=masked_data()[:4] if evaluate else None,
-                             optimizers=(_ScheduleFreeLike(model.parameters(), lr=0.5), None),
-                             adversarial=method, **options)
+        trainer = _Unchecked(
+            model=model,
+            args=make_args(tmp_path, **extra),
+            train_dataset=masked_data(),
+            eval_dataset=masked_data()[:4] if evaluate else None,
+            optimizers=(_ScheduleFreeLike(model.parameters(), lr=0.5), None),
+            adversarial=method,
+            **options,
+        )
         trainer.train()
         trainer.optimizer.train()
         results.append(model)
@@ -594,9 +643,14 @@ def test_neftune_noise_is_shared_within_a_step(tmp_path, method):
     logs = {}
     for alpha in (None, 5.0):
         model = tiny_bert()
-        trainer = CheckedTrainer(model=model, args=make_args(tmp_path, neftune_noise_alpha=alpha),
-                                 train_dataset=masked_data(), optimizers=(make_optimizer(model, "sgd"), None),
-                                 adversarial=method, adv_options=options)
+        trainer = CheckedTrainer(
+            model=model,
+            args=make_args(tmp_path, neftune_noise_alpha=alpha),
+            train_dataset=masked_data(),
+            optimizers=(make_optimizer(model, "sgd"), None),
+            adversarial=method,
+            adv_options=options,
+        )
         trainer.train()
         logs[alpha] = max(train_logs(trainer, "adv_loss"))
     assert logs[5.0] < 10 * logs[None], logs
@@ -618,6 +672,8 @@ def test_gradient_checkpointing_changes_nothing(tmp_path, method):
     """transformers' gradient checkpointing (non-reentrant, its default) recomputes the layers in the backward:
     the same weights as without it, for every method."""
     options = {"fgm": {}, "pgd": {"adv_k": 2}}.get(method, {"adv_options": {}})
-    runs = [run_lm(tmp_path, method, 4, 1, gradient_checkpointing=checkpointing, **options)
-            for checkpointing in (False, True)]
+    runs = [
+        run_lm(tmp_path, method, 4, 1, gradient_checkpointing=checkpointing, **options)
+        for checkpointing in (False, True)
+    ]
     assert_same_weights(runs[1], runs[0], rtol=1e-5, atol=1e-6)

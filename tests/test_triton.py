@@ -41,14 +41,15 @@ from fastadv.kernels._common import col_block, plan, row_block  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not triton_backend.supports(DEVICE):
-    pytest.skip(f"the triton backend does not run on {DEVICE} here (TRITON_INTERPRET is for CPU tensors)",
-                allow_module_level=True)
+    pytest.skip(
+        f"the triton backend does not run on {DEVICE} here (TRITON_INTERPRET is for CPU tensors)",
+        allow_module_level=True,
+    )
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # (rows, cols, dtype) of the tensors in one call: dtype groups of 2, 3 and 1 tensors; (40, 130): two programs of 32
 # rows, three 64-column chunks; (7, 1100): nine 128-column chunks; (1, 24) and (1, 1): 1-D parameters.
 SPECS = [(40, 130, F32), (1, 24, BF16), (7, 1100, F16), (3, 5, F32), (1, 1, BF16), (20, 16, BF16)]
-
 
 
 def make_case(density: float = 0.4, specs=SPECS):
@@ -60,8 +61,9 @@ def test_block_heuristics():
     assert col_block([4096]) == 1024 and col_block([1000]) == 1024 and col_block([5]) == 8
     assert row_block(256, 100_000) == 8 and row_block(1024, 1) == 1
     tensors = [torch.zeros(r, c, dtype=d) for r, c, d in SPECS]
-    groups, first = plan([t.dtype for t in tensors], [t.shape[1] for t in tensors], [t.shape[0] for t in tensors],
-                         [[t] for t in tensors])
+    groups, first = plan(
+        [t.dtype for t in tensors], [t.shape[1] for t in tensors], [t.shape[0] for t in tensors], [[t] for t in tensors]
+    )
     # One launch per (dtype, vector width), whatever the list order: widths of 130, 1100 and 5 columns (or 1) allow
     # 2, 4 and 1 elements per access.
     assert [(g.key, g.meta["VEC"]) for g in groups] == [(F32, 2), (BF16, 8), (F16, 4), (F32, 1), (BF16, 1)]
@@ -76,8 +78,9 @@ def test_an_odd_tensor_keeps_the_others_vectorised():
     bias = torch.zeros(1, 3)
     offset = torch.zeros(8, 65)[:, 1:]  # 4 bytes past an aligned address
     tensors = [embedding, bias, offset, torch.zeros(30, 768)]
-    groups, _ = plan([t.dtype for t in tensors], [t.shape[1] for t in tensors], [t.shape[0] for t in tensors],
-                     [[t] for t in tensors])
+    groups, _ = plan(
+        [t.dtype for t in tensors], [t.shape[1] for t in tensors], [t.shape[0] for t in tensors], [[t] for t in tensors]
+    )
     assert [(g.members, g.meta["VEC"]) for g in groups] == [([0, 3], 4), ([1, 2], 1)]
 
 
@@ -102,8 +105,10 @@ def test_restore_moves_float64_as_pairs_of_words(seed):
     rows = [nonzero_rows(g) for g in grads]
     ptrs = [p.data_ptr() for p in params]
     bits = [torch.int64 if p.dtype == torch.float64 else torch.int32 for p in params]
-    backups = [torch.randint(torch.iinfo(k).min, torch.iinfo(k).max, (len(r), p.shape[1]), dtype=k, device=DEVICE)
-               for p, r, k in zip(params, rows, bits, strict=True)]
+    backups = [
+        torch.randint(torch.iinfo(k).min, torch.iinfo(k).max, (len(r), p.shape[1]), dtype=k, device=DEVICE)
+        for p, r, k in zip(params, rows, bits, strict=True)
+    ]
     untouched = clones(params)
     triton_backend.restore(params, rows, [b.view(p.dtype) for p, b in zip(params, backups, strict=True)])
     for p, r, b, k, u, ptr in zip(params, rows, backups, bits, untouched, ptrs, strict=True):
@@ -144,8 +149,9 @@ def test_programs_walking_several_blocks_match_one_block_each(seed, monkeypatch)
 
     sums_one, exact_one = run()
     monkeypatch.setattr(_common, "MAX_PROGRAMS", 4)
-    groups, _ = plan([p.dtype for p in params], [p.shape[1] for p in params], [len(r) for r in rows],
-                     [[p] for p in params])
+    groups, _ = plan(
+        [p.dtype for p in params], [p.shape[1] for p in params], [len(r) for r in rows], [[p] for p in params]
+    )
     assert groups[0].blocks_per_program == 10 and groups[0].grid == (5,)
     sums_few, exact_few = run()
     for a, b in zip(sums_few, sums_one, strict=True):
@@ -170,8 +176,13 @@ def test_listed_rows_outside_the_parameter_touch_nothing(seed):
         memory = torch.full((n_rows + 4, cols), math.nan, device=DEVICE)
         memory[2:-2] = weights
         alone = weights.clone()
-        return (memory, memory[2:-2], torch.full((len(idx), cols), math.nan, device=DEVICE),
-                alone, torch.full((int(inside.sum()), cols), math.nan, device=DEVICE))
+        return (
+            memory,
+            memory[2:-2],
+            torch.full((len(idx), cols), math.nan, device=DEVICE),
+            alone,
+            torch.full((int(inside.sum()), cols), math.nan, device=DEVICE),
+        )
 
     def check(memory, param, backup, alone, alone_backup):
         assert memory[:2].isnan().all() and memory[-2:].isnan().all()
@@ -192,8 +203,9 @@ def test_listed_rows_outside_the_parameter_touch_nothing(seed):
     triton_backend.project([alone], [grad], [idx[inside]], [alone_backup], scales, delta, 0.01)
     check(memory, param, backup, alone, alone_backup)
 
-    torch.testing.assert_close(triton_backend.row_sumsq([param], [idx]),
-                               triton_backend.row_sumsq([alone], [idx[inside]]), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(
+        triton_backend.row_sumsq([param], [idx]), triton_backend.row_sumsq([alone], [idx[inside]]), rtol=1e-6, atol=0.0
+    )
     backup = torch.randn(len(idx), cols, device=DEVICE)
     alone_backup = backup[inside]
     triton_backend.restore([param], [idx], [backup])
@@ -201,19 +213,32 @@ def test_listed_rows_outside_the_parameter_touch_nothing(seed):
     check(memory, param, backup.masked_fill(~inside[:, None], math.nan), alone, alone_backup)
 
 
-@pytest.mark.parametrize(("change", "complaint"), [
-    ({"delta": torch.zeros(2, 3, 8, dtype=torch.float64)}, r"delta must be a contiguous \[B, T, D\] float32"),
-    ({"delta": torch.zeros(2, 8, 3).transpose(1, 2)}, r"delta must be a contiguous \[B, T, D\] float32"),
-    ({"grad": torch.zeros(2, 3, 8, dtype=BF16)}, "grad must be contiguous and of delta's shape and dtype"),
-    ({"mask": torch.ones(2, 4, dtype=torch.bool)}, r"mask must be a bool \[B, T\] = \(2, 3\) tensor"),
-    ({"norm": "linf"}, "norm must be one of l2, inf, sign"),
-    ({"lr": math.inf}, "lr must be finite"),
-    ({"denom_eps": 0.0, "denom_floor": 0.0}, "not both 0"),
-    ({"radius": -1.0}, "radius must be finite and >= 0"),
-])
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"delta": torch.zeros(2, 3, 8, dtype=torch.float64)}, r"delta must be a contiguous \[B, T, D\] float32"),
+        ({"delta": torch.zeros(2, 8, 3).transpose(1, 2)}, r"delta must be a contiguous \[B, T, D\] float32"),
+        ({"grad": torch.zeros(2, 3, 8, dtype=BF16)}, "grad must be contiguous and of delta's shape and dtype"),
+        ({"mask": torch.ones(2, 4, dtype=torch.bool)}, r"mask must be a bool \[B, T\] = \(2, 3\) tensor"),
+        ({"norm": "linf"}, "norm must be one of l2, inf, sign"),
+        ({"lr": math.inf}, "lr must be finite"),
+        ({"denom_eps": 0.0, "denom_floor": 0.0}, "not both 0"),
+        ({"radius": -1.0}, "radius must be finite and >= 0"),
+    ],
+)
 def test_input_step_rejects_what_the_kernel_would_misread(change, complaint):
-    args = {"delta": torch.zeros(2, 3, 8), "grad": torch.zeros(2, 3, 8), "mask": None, "lr": 0.1, "norm": "l2",
-            "per_token": False, "denom_eps": 1e-6, "denom_floor": 1e-8, "bound": "l2", "radius": 1.0}
+    args = {
+        "delta": torch.zeros(2, 3, 8),
+        "grad": torch.zeros(2, 3, 8),
+        "mask": None,
+        "lr": 0.1,
+        "norm": "l2",
+        "per_token": False,
+        "denom_eps": 1e-6,
+        "denom_floor": 1e-8,
+        "bound": "l2",
+        "radius": 1.0,
+    }
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in {**args, **change}.items()}
     with pytest.raises(ValueError, match=complaint):
         triton_backend.input_step(**args)
@@ -232,17 +257,20 @@ class LaunchRecorder:
         return launch
 
 
-@pytest.mark.parametrize(("shape", "per_token", "bound", "launches"), [
-    # FreeLB's default batch: 16 slices of 8 tokens per example, 512 programs (a program per example: 32)
-    ((32, 128, 768), False, "l2", [(512, "NORM", 8), (512, "STEP", 8), (512, "SCALE", 8)]),
-    ((32, 128, 768), False, "inf", [(512, "NORM", 8), (512, "STEP", 8)]),
-    # one long example over 64 programs; a batch of them capped near MAX_PROGRAMS, 4 slices each (2 tokens of 4096)
-    ((1, 512, 768), False, "none", [(64, "NORM", 8), (64, "STEP", 8)]),
-    ((64, 512, 4096), False, "none", [(4096, "NORM", 2), (4096, "STEP", 2)]),
-    # a group of one slice: every token, an example of at most 8 tokens of 768
-    ((32, 128, 768), True, "l2", [(4096, "WHOLE", 1)]),
-    ((32, 8, 768), False, "l2", [(32, "WHOLE", 8)]),
-])
+@pytest.mark.parametrize(
+    ("shape", "per_token", "bound", "launches"),
+    [
+        # FreeLB's default batch: 16 slices of 8 tokens per example, 512 programs (a program per example: 32)
+        ((32, 128, 768), False, "l2", [(512, "NORM", 8), (512, "STEP", 8), (512, "SCALE", 8)]),
+        ((32, 128, 768), False, "inf", [(512, "NORM", 8), (512, "STEP", 8)]),
+        # one long example over 64 programs; a batch of them capped near MAX_PROGRAMS, 4 slices each (2 tokens of 4096)
+        ((1, 512, 768), False, "none", [(64, "NORM", 8), (64, "STEP", 8)]),
+        ((64, 512, 4096), False, "none", [(4096, "NORM", 2), (4096, "STEP", 2)]),
+        # a group of one slice: every token, an example of at most 8 tokens of 768
+        ((32, 128, 768), True, "l2", [(4096, "WHOLE", 1)]),
+        ((32, 8, 768), False, "l2", [(32, "WHOLE", 8)]),
+    ],
+)
 def test_input_step_spreads_examples_over_programs(monkeypatch, shape, per_token, bound, launches):
     from fastadv.kernels import input_step
 
@@ -250,8 +278,9 @@ def test_input_step_spreads_examples_over_programs(monkeypatch, shape, per_token
     monkeypatch.setattr(input_step, "_input_step_kernel", recorder)
     delta = torch.empty(shape, device="meta")
     input_step.input_step(delta, torch.empty_like(delta), None, 0.1, "l2", per_token, 1e-6, 1e-8, bound, 1.0)
-    assert recorder.launches == [(grid, getattr(input_step, "_" + phase).value, block_t)
-                                 for grid, phase, block_t in launches]
+    assert recorder.launches == [
+        (grid, getattr(input_step, "_" + phase).value, block_t) for grid, phase, block_t in launches
+    ]
 
 
 def test_input_step_bits_do_not_depend_on_the_grid(seed, monkeypatch):
@@ -272,8 +301,9 @@ def test_input_step_bits_do_not_depend_on_the_grid(seed, monkeypatch):
         def run(cap: int, examples: slice = slice(None), delta=delta, grad=grad, m=m, args=args):
             monkeypatch.setattr(_common, "MAX_PROGRAMS", cap)
             out = delta[examples].clone()
-            norms = triton_backend.input_step(out, grad[examples].contiguous(), None if m is None else m[examples],
-                                              *args)
+            norms = triton_backend.input_step(
+                out, grad[examples].contiguous(), None if m is None else m[examples], *args
+            )
             return out, norms
 
         out, norms = run(4096)

@@ -52,25 +52,50 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         pad_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=VOCAB - 2,
+        eos_token_id=VOCAB - 1,
+        tie_word_embeddings=tied,
+    )
     return LlamaForCausalLM(config)
 
 
 def dataset(n: int = 8) -> Dataset:
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 9, (n,), generator=g).tolist()
-    return Dataset.from_dict({"text": [" ".join(f"w{int(i)}" for i in torch.randint(1, VOCAB - 2, (k,), generator=g))
-                                       for k in lengths]})
+    return Dataset.from_dict(
+        {"text": [" ".join(f"w{int(i)}" for i in torch.randint(1, VOCAB - 2, (k,), generator=g)) for k in lengths]}
+    )
 
 
 def config(tmp_path, **kwargs) -> SFTConfig:
     """TRL's defaults (bf16 among them) but for the settings the comparisons need (exactness: pass bf16=False)."""
-    return SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, use_cpu=True,
-                     report_to=[], logging_steps=1, save_strategy="no", max_length=16, disable_tqdm=True,
-                     learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-                     weight_decay=0.0, seed=0, dataloader_num_workers=0, **kwargs)
+    return SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        max_length=16,
+        disable_tqdm=True,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        seed=0,
+        dataloader_num_workers=0,
+        **kwargs,
+    )
 
 
 class _Sequential:
@@ -96,8 +121,13 @@ def sft(tmp_path, method: str | None, cls=SequentialSFT, **kwargs) -> SFTTrainer
     options = {} if method is None else {"adversarial": method, **SETTINGS[method]}
     if cls is SequentialPlainSFT:
         options = {}
-    trainer = cls(model=tiny_llama(), args=config(tmp_path, **kwargs), train_dataset=dataset(),
-                  processing_class=tokenizer(), **options)
+    trainer = cls(
+        model=tiny_llama(),
+        args=config(tmp_path, **kwargs),
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+        **options,
+    )
     trainer.train()
     return trainer
 
@@ -113,9 +143,14 @@ def test_each_method_trains_as_the_trainer_does_on_the_same_batches(tmp_path, me
     trainer = sft(tmp_path, method, bf16=False)
     batches = list(trainer.get_train_dataloader())
     twin = tiny_llama()
-    plain = SequentialTrainer(model=twin, args=config(tmp_path, bf16=False),
-                              train_dataset=[dict(b) for b in _rows(batches)],
-                              data_collator=trainer.data_collator, adversarial=method, **SETTINGS[method])
+    plain = SequentialTrainer(
+        model=twin,
+        args=config(tmp_path, bf16=False),
+        train_dataset=[dict(b) for b in _rows(batches)],
+        data_collator=trainer.data_collator,
+        adversarial=method,
+        **SETTINGS[method],
+    )
     plain.train()
     for (name, a), b in zip(trainer.model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
@@ -145,16 +180,23 @@ def test_num_tokens_and_metrics_count_each_step_once(tmp_path, method):
 
 def test_methods_that_compare_logits_need_the_nll_loss(tmp_path):
     with pytest.raises(NotImplementedError, match="loss_type='nll'"):
-        AdversarialSFTTrainer(model=tiny_llama(), args=config(tmp_path, loss_type="dft"), train_dataset=dataset(),
-                              processing_class=tokenizer(), adversarial="smart", emb_name="embed_tokens")
+        AdversarialSFTTrainer(
+            model=tiny_llama(),
+            args=config(tmp_path, loss_type="dft"),
+            train_dataset=dataset(),
+            processing_class=tokenizer(),
+            adversarial="smart",
+            emb_name="embed_tokens",
+        )
 
 
 def test_neftune_and_the_hooks_leave_nothing_behind(tmp_path):
     """SFTConfig(neftune_noise_alpha=...) with SMART: the noise is shared within a step (see the Trainer's test) and
     after train() the model carries neither fastadv's hooks nor NEFTune's."""
     trainer = sft(tmp_path, "smart", neftune_noise_alpha=5.0)
-    hooks = [hook for m in trainer.model.modules() for hook in (*m._forward_hooks.values(),
-                                                                   *m._forward_pre_hooks.values())]
+    hooks = [
+        hook for m in trainer.model.modules() for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    ]
     # what TRL leaves for gradient checkpointing (enable_input_require_grads), nothing else: not NEFTune's, not ours
     assert [getattr(h, "__name__", type(h).__name__) for h in hooks] == ["make_inputs_require_grads"]
     assert not torch.nn.modules.module._global_forward_hooks

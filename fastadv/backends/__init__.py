@@ -78,11 +78,17 @@ def backend_for(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch
         return load(next(n for n in candidates if _supports(n, device, pairs) and _checked(n, device, pairs)))
     backend = resolve_backend(name, device)
     if not _supports(name, device, pairs):
-        what = ", ".join(sorted(f"{str(p).removeprefix('torch.')} weights with {str(g).removeprefix('torch.')} grads"
-                                for p, g in pairs))
+        what = ", ".join(
+            sorted(
+                f"{str(p).removeprefix('torch.')} weights with {str(g).removeprefix('torch.')} grads" for p, g in pairs
+            )
+        )
         if (name, what) not in _fallback_warned:
             _fallback_warned.add((name, what))
-            warnings.warn(f"backend {name!r} can't run {what} on {device}; the torch backend does these",
-                          RuntimeWarning, stacklevel=user_stacklevel())
+            warnings.warn(
+                f"backend {name!r} can't run {what} on {device}; the torch backend does these",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
         return load("torch")
     return backend if _checked(name, device, pairs) else load("torch")

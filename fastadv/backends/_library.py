@@ -28,9 +28,17 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 #: Schema types of the contract's type hints.
-_TYPES: dict[object, str] = {Tensor: "Tensor", list[Tensor]: "Tensor[]", list[int]: "int[]", float: "float",
-                             list[Tensor] | None: "Tensor[]?", float | None: "float?", Tensor | None: "Tensor?",
-                             str: "str", bool: "bool"}
+_TYPES: dict[object, str] = {
+    Tensor: "Tensor",
+    list[Tensor]: "Tensor[]",
+    list[int]: "int[]",
+    float: "float",
+    list[Tensor] | None: "Tensor[]?",
+    float | None: "float?",
+    Tensor | None: "Tensor?",
+    str: "str",
+    bool: "bool",
+}
 
 
 def schema(op: str) -> str:
@@ -59,8 +67,14 @@ def _sums(tensors: list[Tensor], *_: object, **__: object) -> Tensor:
     return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
 
-def _delta_sumsq(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
-                 n_backed: list[int], scales: Tensor) -> Tensor:
+def _delta_sumsq(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+) -> Tensor:
     return scales.new_empty((len(params),), dtype=torch.float32)
 
 
@@ -68,15 +82,22 @@ def _nothing(*_: object, **__: object) -> None:
     return None
 
 
-def _group_norms(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
-                 *_: object) -> Tensor:
+def _group_norms(
+    delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool, *_: object
+) -> Tensor:
     return delta.new_empty(delta.shape[:2] if per_token else delta.shape[:1], dtype=torch.float32)
 
 
 #: The fake kernel of each op that a compiled backend implements (``tests/test_contract.py`` checks that each has one).
-_FAKES: dict[str, Callable[..., Any]] = {"scan": _stats, "row_sumsq": _sums, "perturb": _nothing,
-                                         "measure": _delta_sumsq, "project": _nothing, "restore": _nothing,
-                                         "input_step": _group_norms}
+_FAKES: dict[str, Callable[..., Any]] = {
+    "scan": _stats,
+    "row_sumsq": _sums,
+    "perturb": _nothing,
+    "measure": _delta_sumsq,
+    "project": _nothing,
+    "restore": _nothing,
+    "input_step": _group_norms,
+}
 
 
 def register_fakes(namespace: str, ops: Iterable[str]) -> None:
@@ -89,8 +110,12 @@ def register_fakes(namespace: str, ops: Iterable[str]) -> None:
 
 #: How an entry point converts an argument of each type hint for the schema (ints and floats of other types, such as
 #: numpy's, are not what ``int[]``, ``float`` or ``bool`` take); other arguments are passed as they are.
-_CONVERSIONS: dict[object, str] = {list[int]: "[int(n) for n in {0}]", float: "float({0})",
-                                   float | None: "None if {0} is None else float({0})", bool: "bool({0})"}
+_CONVERSIONS: dict[object, str] = {
+    list[int]: "[int(n) for n in {0}]",
+    float: "float({0})",
+    float | None: "None if {0} is None else float({0})",
+    bool: "bool({0})",
+}
 
 
 def _entry_point(op: str, target: Callable[..., Any]) -> Callable[..., Any]:

@@ -36,8 +36,12 @@ def complete(module: ModuleType) -> ModuleType:
         """``module.supports``, looked up at each call."""
         return module.supports(device, dtype, grad_dtype)
 
-    vars(backend).update({op: getattr(module if op in native else torch_ops, op) for op in contract.OPS},
-                         supports=supports, native=native, module=module)
+    vars(backend).update(
+        {op: getattr(module if op in native else torch_ops, op) for op in contract.OPS},
+        supports=supports,
+        native=native,
+        module=module,
+    )
     return backend
 
 
@@ -103,8 +107,12 @@ def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None
     except (ValueError, RuntimeError) as err:
         raise type(err)(f"{asked}: {err}") from err
     if device is not None and not backend.supports(device):
-        hint = (" (Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing"
-                " triton, for tests)" if name == "triton" and device.type == "cpu" else "")
+        hint = (
+            " (Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing"
+            " triton, for tests)"
+            if name == "triton" and device.type == "cpu"
+            else ""
+        )
         where = "unset FASTADV_BACKEND" if asked.startswith("FASTADV_BACKEND") else "use backend='auto' or 'torch'"
         raise RuntimeError(f"{asked}: the {name!r} backend does not run on {device} tensors{hint}; {where}")
     return backend

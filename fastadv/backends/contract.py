@@ -71,8 +71,9 @@ class Backend(Protocol):
     """
 
     @_op("fresh", required=True)
-    def scan(self, grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor],
-             params: list[Tensor] | None = None) -> Tensor:
+    def scan(
+        self, grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None
+    ) -> Tensor:
         """One read of each gradient (and of each parameter when ``params`` is given). ``stats`` is a float64
         ``[n, 3]`` tensor: the sum of squares of ``grads[i]``; the number of rows that are non-zero in ``grads[i]``
         (any element non-zero, NaN included, even when its square underflows) and not yet in ``touched[i]``; the sum
@@ -94,24 +95,47 @@ class Backend(Protocol):
         ...
 
     @_op("params", "backups", required=True)
-    def perturb(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
-                n_backed: list[int], scales: Tensor, box_eps: float | None = None) -> None:
+    def perturb(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rows: list[Tensor],
+        backups: list[Tensor],
+        n_backed: list[int],
+        scales: Tensor,
+        box_eps: float | None = None,
+    ) -> None:
         """For every row ``r = rows[i][j]``: if ``j >= n_backed[i]`` first save ``backups[i][j] = params[i][r]``
         (the bits); then, where ``scales[i] != 0``, ``W = W + scales[i] * G``, and with ``box_eps`` (AWP) clamped
         elementwise into ``[B - d, B + d]`` with ``d = float32(box_eps) * |B|``; stored rounded once."""
         ...
 
     @_op("backups", required=True)
-    def measure(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
-                n_backed: list[int], scales: Tensor) -> Tensor:
+    def measure(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rows: list[Tensor],
+        backups: list[Tensor],
+        n_backed: list[int],
+        scales: Tensor,
+    ) -> Tensor:
         """PGD's first pass: the backups as in ``perturb``, and a float32 (float64 for float64 parameters) ``[n]``
         vector of ``||W + scales[i] * G - B||^2`` over ``rows[i]`` (0 where the scale is 0); the weights are not
         written."""
         ...
 
     @_op("params", required=True)
-    def project(self, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
-                scales: Tensor, delta_sumsq: Tensor, eps: float) -> None:
+    def project(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rows: list[Tensor],
+        backups: list[Tensor],
+        scales: Tensor,
+        delta_sumsq: Tensor,
+        eps: float,
+    ) -> None:
         """PGD's second pass, where ``scales[i] != 0``: ``new = W + scales[i] * G`` as in ``measure``; with
         ``norm = sqrt(float32(delta_sumsq[i]))``, where ``norm > eps`` ``new = lerp(B, new, eps / norm)``
         (``torch.lerp``'s formula); stored rounded once. Between the two passes a caller may all-reduce
@@ -124,8 +148,19 @@ class Backend(Protocol):
         ...
 
     @_op("delta", required=True)
-    def input_step(self, delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
-                   denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+    def input_step(
+        self,
+        delta: Tensor,
+        grad: Tensor,
+        mask: Tensor | None,
+        lr: float,
+        norm: str,
+        per_token: bool,
+        denom_eps: float,
+        denom_floor: float,
+        bound: str,
+        radius: float,
+    ) -> Tensor:
         """One ascent step of an input perturbation (FreeLB, SMART), in place, one pass over ``[B, T, D]``.
 
         ``delta`` and ``grad`` (its gradient, same shape and dtype) are contiguous ``[B, T, D]``; ``mask`` is a bool
@@ -140,8 +175,9 @@ class Backend(Protocol):
         ``per_token``)."""
         ...
 
-    def supports(self, device: torch.device, dtype: torch.dtype | None = None,
-                 grad_dtype: torch.dtype | None = None) -> bool:
+    def supports(
+        self, device: torch.device, dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None
+    ) -> bool:
         """Whether the ops run on tensors of ``device`` (and, when given, on parameters of ``dtype`` with gradients
         of ``grad_dtype``)."""
         ...

@@ -177,8 +177,15 @@ def _buffers(param: Tensor, idx: Tensor) -> _Buffers:
     return _Buffers(param, _chunk_rows(param, len(idx)))
 
 
-def perturb(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int],
-            scales: Tensor, box_eps: float | None = None) -> None:
+def perturb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+    box_eps: float | None = None,
+) -> None:
     backup(params, rows, backups, n_backed)
     for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
@@ -211,8 +218,14 @@ def _step_in_own_dtype(param: Tensor, grad: Tensor, idx: Tensor, done: int, scal
         _index_copy(param, rows, weights.addcmul_(_rows_in(grad, rows, param.dtype, buffers, "grad"), one, value=scale))
 
 
-def measure(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int],
-            scales: Tensor) -> Tensor:
+def measure(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+) -> Tensor:
     backup(params, rows, backups, n_backed)
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     out = torch.zeros(len(params), dtype=wide, device=scales.device)
@@ -228,8 +241,15 @@ def measure(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backu
     return out
 
 
-def project(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], scales: Tensor,
-            delta_sumsq: Tensor, eps: float) -> None:
+def project(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    scales: Tensor,
+    delta_sumsq: Tensor,
+    eps: float,
+) -> None:
     for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
         on_cpu = param.device.type == "cpu"
@@ -264,8 +284,18 @@ def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> 
             _index_copy(param, idx, saved)
 
 
-def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
-               denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+def input_step(
+    delta: Tensor,
+    grad: Tensor,
+    mask: Tensor | None,
+    lr: float,
+    norm: str,
+    per_token: bool,
+    denom_eps: float,
+    denom_floor: float,
+    bound: str,
+    radius: float,
+) -> Tensor:
     wide = _math_dtype(delta)
     dims = (-1,) if per_token else (-2, -1)
     g = grad.to(wide, copy=True)  # a copy even in the math dtype: the step is computed in it in place

@@ -32,9 +32,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The ops of the contract that Triton kernels implement, as module functions (the others are the torch backend's:
 # fastadv.backends.resolve_backend).
-_OPS = _library.define("fastadv_triton", {"scan": _scan.scan, "row_sumsq": _rows.row_sumsq, "perturb": _rows.perturb,
-                                          "measure": _rows.measure, "project": _rows.project,
-                                          "restore": _restore.restore, "input_step": _input_step.input_step})
+_OPS = _library.define(
+    "fastadv_triton",
+    {
+        "scan": _scan.scan,
+        "row_sumsq": _rows.row_sumsq,
+        "perturb": _rows.perturb,
+        "measure": _rows.measure,
+        "project": _rows.project,
+        "restore": _restore.restore,
+        "input_step": _input_step.input_step,
+    },
+)
 globals().update(_OPS)
 __all__ = [*_OPS, "supports"]
 

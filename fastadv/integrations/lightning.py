@@ -104,8 +104,14 @@ class AdversarialTraining(pl.Callback):
         attention_mask: str | Callable[[Any], Tensor | None] | None = "attention_mask",
     ) -> None:
         self._method = find_method(method)
-        given = {"eps": eps, "alpha": alpha, "emb_name": emb_name, "adv_param": adv_param, "adv_lr": adv_lr,
-                 "adv_eps": adv_eps}
+        given = {
+            "eps": eps,
+            "alpha": alpha,
+            "emb_name": emb_name,
+            "adv_param": adv_param,
+            "adv_lr": adv_lr,
+            "adv_eps": adv_eps,
+        }
         options = {option: value for option, value in given.items() if value is not None}
         clash = sorted(set(options) & set(adv_options or {}))
         if clash:
@@ -141,8 +147,9 @@ class AdversarialTraining(pl.Callback):
             )
         self._attacker = self._method.build(pl_module, **self._options)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-                             ) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._uninstall()
         if self._attacker is not None and trainer.current_epoch >= self.start_epoch:
             strategy = trainer.strategy
@@ -188,8 +195,9 @@ class AdversarialTraining(pl.Callback):
             return self._mask_of(batch)
         return batch.get(self._mask_of) if isinstance(batch, Mapping) else None
 
-    def _step(self, trainer: pl.Trainer, training_step: Callable[..., Any], window_starts: bool, args: tuple,
-              kwargs: dict) -> Any:
+    def _step(
+        self, trainer: pl.Trainer, training_step: Callable[..., Any], window_starts: bool, args: tuple, kwargs: dict
+    ) -> Any:
         """The method's step in place of the strategy's ``training_step`` (once: the batch's call)."""
         self._uninstall()
         params = [p for p in trainer.lightning_module.parameters() if p.requires_grad]

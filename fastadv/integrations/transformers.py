@@ -51,8 +51,10 @@ def _options(m: Method, given: dict[str, Any], adv_options: dict[str, Any]) -> d
             continue
         option = name.removeprefix("adv_") if name.removeprefix("adv_") in m.options else name
         if option not in m.options:
-            raise ValueError(f"{name} does not apply to {m.name!r} (its options: {', '.join(m.options)}); pass"
-                             f" the method's own arguments in adv_options= (see fastadv.{m.cls.__name__})")
+            raise ValueError(
+                f"{name} does not apply to {m.name!r} (its options: {', '.join(m.options)}); pass"
+                f" the method's own arguments in adv_options= (see fastadv.{m.cls.__name__})"
+            )
         options[option], names[option] = value, name
     clash = sorted(set(options) & set(adv_options))
     if clash:
@@ -222,8 +224,14 @@ class AdversarialTrainingMixin:
                 self._loss_to_backpropagate = None
 
         with self._engine_step(attacker):
-            loss, adversarial = m.step(attacker, forward, backward, attention_mask=inputs.get("attention_mask"),
-                                       k=self.adv_k, **self._logit_counts(inputs, num_items_in_batch))
+            loss, adversarial = m.step(
+                attacker,
+                forward,
+                backward,
+                attention_mask=inputs.get("attention_mask"),
+                k=self.adv_k,
+                **self._logit_counts(inputs, num_items_in_batch),
+            )
         divisor = self._divisor(num_items_in_batch)
         self._record_adv_loss(adversarial.mean() / divisor)
         return loss.mean().detach() / divisor
@@ -233,8 +241,9 @@ class AdversarialTrainingMixin:
         step = super().training_step
         step(model, inputs) if num_items_in_batch is None else step(model, inputs, num_items_in_batch)  # < 4.46: none
 
-    def _loss_and_logits(self, model: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any], counted: bool
-                         ) -> tuple[Tensor, Tensor]:
+    def _loss_and_logits(
+        self, model: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any], counted: bool
+    ) -> tuple[Tensor, Tensor]:
         """A forward pass of a method that compares logits: the loss, and the logits with their graph (``counted``:
         the step's first pass, see :meth:`_pass_counted`)."""
         loss, outputs = self.compute_loss(model, inputs, return_outputs=True, **kwargs)
@@ -245,8 +254,9 @@ class AdversarialTrainingMixin:
         pass of a step counts, the method's other passes of the same batch do not."""
         return contextlib.nullcontext()
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     **kwargs: Any) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
         """The Trainer's, except inside a method's backward: the loss given to backpropagate."""
         loss = self._loss_to_backpropagate
         if loss is None:

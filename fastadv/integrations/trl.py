@@ -72,10 +72,10 @@ class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer):
     def _backward_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> None:
         Trainer.training_step(self, model, inputs, num_items_in_batch)
 
-    def _loss_and_logits(self, model: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any], counted: bool
-                         ) -> tuple[Tensor, Tensor]:
-        loss, outputs = Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs=True,
-                                             **kwargs)
+    def _loss_and_logits(
+        self, model: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any], counted: bool
+    ) -> tuple[Tensor, Tensor]:
+        loss, outputs = Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs=True, **kwargs)
         if counted:
             self._count_tokens(inputs)
         return loss, outputs["logits"]
@@ -104,5 +104,5 @@ class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer):
                 if key not in sizes:
                     del self._metrics["train"][key]
                 elif key != "num_tokens":
-                    del self._metrics["train"][key][sizes[key]:]
+                    del self._metrics["train"][key][sizes[key] :]
             self._metrics["train"]["num_tokens"] = [tokens]

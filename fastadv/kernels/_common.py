@@ -32,8 +32,12 @@ _VEC_BYTES = 16
 #: not per device, so that the partition, hence the rounding of the sums, is the same on every GPU.
 MAX_PROGRAMS = 4096
 
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-             torch.float64: tl.float64}
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
 
 
 def col_block(widths: Iterable[int]) -> int:
@@ -163,8 +167,10 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 def check(tensor: Tensor, name: str, dim: int, dtype: torch.dtype | None = None) -> None:
     """The kernels read raw addresses, which Triton can't type-check: reject what they would misread."""
     if tensor.dim() != dim or (tensor.numel() > 1 and tensor.stride(-1) != 1):
-        raise ValueError(f"{name} must be {dim}-D with unit stride along its last dim: {tuple(tensor.shape)},"
-                         f" strides {tuple(tensor.stride())}")
+        raise ValueError(
+            f"{name} must be {dim}-D with unit stride along its last dim: {tuple(tensor.shape)},"
+            f" strides {tuple(tensor.stride())}"
+        )
     if dtype is not None and tensor.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
 
@@ -176,8 +182,10 @@ def check_rows(params: Sequence[Tensor], rows: Sequence[Tensor], backups: Sequen
         check(idx, f"rows[{i}]", 1, torch.int64)
         check(backup, f"backups[{i}]", 2, param.dtype)
         if backup.shape[0] < len(idx) or backup.shape[1] != param.shape[1]:
-            raise ValueError(f"backups[{i}] is {tuple(backup.shape)}, too small for {len(idx)} rows of params[{i}]"
-                             f" {tuple(param.shape)}")
+            raise ValueError(
+                f"backups[{i}] is {tuple(backup.shape)}, too small for {len(idx)} rows of params[{i}]"
+                f" {tuple(param.shape)}"
+            )
 
 
 @triton.jit
@@ -248,5 +256,6 @@ def segment_sum(partials: Tensor, first: list[int], out: Tensor) -> None:
     ``[len(first) - 1, K]`` (every row written, empty segments as zero)."""
     if out.shape[0]:
         k = partials.shape[1]
-        _segment_sum_kernel[(out.shape[0],)](partials, table([first], out.device), out, K=k,
-                                             BLOCK_K=triton.next_power_of_2(k), BLOCK=_SEGMENT_BLOCK)
+        _segment_sum_kernel[(out.shape[0],)](
+            partials, table([first], out.device), out, K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK=_SEGMENT_BLOCK
+        )

@@ -86,8 +86,9 @@ def _stepped(d_ptrs, inside, g, lr, n, denominator, norm):
 
 
 @triton.jit
-def _slice_norm(grad, mask, first_token, t, c, tokens, masked_tokens, cols, norm, BLOCK_T: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _slice_norm(
+    grad, mask, first_token, t, c, tokens, masked_tokens, cols, norm, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """The slice's partial norm: the sum of the squares of the masked gradient (``max |g|`` for "inf")."""
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for c0 in range(0, cols, BLOCK_D):
@@ -104,8 +105,27 @@ def _slice_norm(grad, mask, first_token, t, c, tokens, masked_tokens, cols, norm
 
 
 @triton.jit
-def _slice_step(delta, grad, mask, first_token, t, c, tokens, masked_tokens, cols, lr, n, denominator, radius,
-                factor, norm, bound, SCALED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _slice_step(
+    delta,
+    grad,
+    mask,
+    first_token,
+    t,
+    c,
+    tokens,
+    masked_tokens,
+    cols,
+    lr,
+    n,
+    denominator,
+    radius,
+    factor,
+    norm,
+    bound,
+    SCALED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The slice's new values: stored (clamped for the "inf" bound); with the "l2" bound, their sum of squares
     returned (nothing stored) unless ``SCALED``, then stored times ``factor``."""
     sizes = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -118,8 +138,11 @@ def _slice_step(delta, grad, mask, first_token, t, c, tokens, masked_tokens, col
             sizes += new * new
         else:
             if bound == _INF:
-                new = tl.minimum(tl.maximum(new, -radius, propagate_nan=tl.PropagateNan.ALL), radius,
-                                 propagate_nan=tl.PropagateNan.ALL)
+                new = tl.minimum(
+                    tl.maximum(new, -radius, propagate_nan=tl.PropagateNan.ALL),
+                    radius,
+                    propagate_nan=tl.PropagateNan.ALL,
+                )
             tl.store(d_ptrs, new.to(delta.dtype.element_ty), mask=inside)
     return tl.sum(tl.sum(sizes, axis=1), axis=0)
 
@@ -149,9 +172,28 @@ def _bound_factor(size, radius):
 
 
 @triton.jit(do_not_specialize=["slices", "slices_per_program", "masked_tokens", "norm", "bound"])
-def _input_step_kernel(delta, grad, mask, norms, partials, sizes, tokens, masked_tokens, cols, slices,
-                       slices_per_program, lr, denom_eps, denom_floor, radius, norm, bound, PHASE: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _input_step_kernel(
+    delta,
+    grad,
+    mask,
+    norms,
+    partials,
+    sizes,
+    tokens,
+    masked_tokens,
+    cols,
+    slices,
+    slices_per_program,
+    lr,
+    denom_eps,
+    denom_floor,
+    radius,
+    norm,
+    bound,
+    PHASE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # this program's group and its slices [first, last) (_WHOLE: the group's one slice)
     pid = tl.program_id(0).to(tl.int64)
     programs_per_group = tl.cdiv(slices, slices_per_program)
@@ -164,16 +206,16 @@ def _input_step_kernel(delta, grad, mask, norms, partials, sizes, tokens, masked
 
     if PHASE == _NORM:
         for k in range(first, last):
-            part = _slice_norm(grad, mask, first_token, k * BLOCK_T + rows, lanes, tokens, masked_tokens, cols, norm,
-                               BLOCK_T, BLOCK_D)
+            part = _slice_norm(
+                grad, mask, first_token, k * BLOCK_T + rows, lanes, tokens, masked_tokens, cols, norm, BLOCK_T, BLOCK_D
+            )
             tl.store(partials + group * slices + k, part)
     else:
         factor = 1.0
         if PHASE == _SCALE:  # before the norm: after it, ptxas spilled a register (fp32, aligned rows)
             factor = _bound_factor(tl.sqrt_rn(_combined(sizes + group * slices, slices, False)), radius)
         if PHASE == _WHOLE:
-            n = _slice_norm(grad, mask, first_token, rows, lanes, tokens, masked_tokens, cols, norm, BLOCK_T,
-                            BLOCK_D)
+            n = _slice_norm(grad, mask, first_token, rows, lanes, tokens, masked_tokens, cols, norm, BLOCK_T, BLOCK_D)
         else:
             n = _combined(partials + group * slices, slices, norm == _INF)
         if norm != _INF:
@@ -183,47 +225,112 @@ def _input_step_kernel(delta, grad, mask, norms, partials, sizes, tokens, masked
         denominator = tl.where(n <= _FLT_MAX, tl.maximum(n + denom_eps, denom_floor), 1.0)
         for k in range(first, last):
             t = k * BLOCK_T + rows
-            size = _slice_step(delta, grad, mask, first_token, t, lanes, tokens, masked_tokens, cols, lr, n,
-                               denominator, radius, factor, norm, bound, PHASE == _SCALE, BLOCK_T, BLOCK_D)
+            size = _slice_step(
+                delta,
+                grad,
+                mask,
+                first_token,
+                t,
+                lanes,
+                tokens,
+                masked_tokens,
+                cols,
+                lr,
+                n,
+                denominator,
+                radius,
+                factor,
+                norm,
+                bound,
+                PHASE == _SCALE,
+                BLOCK_T,
+                BLOCK_D,
+            )
             if PHASE == _STEP:
                 if bound == _L2:
                     tl.store(sizes + group * slices + k, size)
             if PHASE == _WHOLE:
                 if bound == _L2:
-                    _slice_step(delta, grad, mask, first_token, t, lanes, tokens, masked_tokens, cols, lr, n,
-                                denominator, radius, _bound_factor(tl.sqrt_rn(size), radius), norm, bound, True,
-                                BLOCK_T, BLOCK_D)
+                    _slice_step(
+                        delta,
+                        grad,
+                        mask,
+                        first_token,
+                        t,
+                        lanes,
+                        tokens,
+                        masked_tokens,
+                        cols,
+                        lr,
+                        n,
+                        denominator,
+                        radius,
+                        _bound_factor(tl.sqrt_rn(size), radius),
+                        norm,
+                        bound,
+                        True,
+                        BLOCK_T,
+                        BLOCK_D,
+                    )
 
 
-def _check(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, denom_eps: float,
-           denom_floor: float, bound: str, radius: float) -> None:
+def _check(
+    delta: Tensor,
+    grad: Tensor,
+    mask: Tensor | None,
+    lr: float,
+    norm: str,
+    denom_eps: float,
+    denom_floor: float,
+    bound: str,
+    radius: float,
+) -> None:
     """The kernel reads raw addresses and takes the arguments as given: reject what it would misread."""
     if delta.dim() != 3 or not delta.is_contiguous() or delta.dtype not in DTYPES:
-        raise ValueError(f"delta must be a contiguous [B, T, D] float32, bfloat16 or float16 tensor, got {delta.dtype}"
-                         f" {tuple(delta.shape)} with strides {tuple(delta.stride())}")
+        raise ValueError(
+            f"delta must be a contiguous [B, T, D] float32, bfloat16 or float16 tensor, got {delta.dtype}"
+            f" {tuple(delta.shape)} with strides {tuple(delta.stride())}"
+        )
     if grad.shape != delta.shape or grad.dtype != delta.dtype or not grad.is_contiguous():
-        raise ValueError(f"grad must be contiguous and of delta's shape and dtype ({delta.dtype}"
-                         f" {tuple(delta.shape)}), got {grad.dtype} {tuple(grad.shape)}")
+        raise ValueError(
+            f"grad must be contiguous and of delta's shape and dtype ({delta.dtype}"
+            f" {tuple(delta.shape)}), got {grad.dtype} {tuple(grad.shape)}"
+        )
     if mask is not None and (mask.dtype != torch.bool or mask.shape != delta.shape[:2]):
-        raise ValueError(f"mask must be a bool [B, T] = {tuple(delta.shape[:2])} tensor, got {mask.dtype}"
-                         f" {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be a bool [B, T] = {tuple(delta.shape[:2])} tensor, got {mask.dtype} {tuple(mask.shape)}"
+        )
     if any(t.device != delta.device for t in (grad, mask) if t is not None):
         raise ValueError(f"delta, grad and mask must be on one device ({delta.device})")
     if norm not in NORMS or bound not in BOUNDS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)} and bound one of {', '.join(BOUNDS)}, got"
-                         f" {norm!r} and {bound!r}")
+        raise ValueError(
+            f"norm must be one of {', '.join(NORMS)} and bound one of {', '.join(BOUNDS)}, got {norm!r} and {bound!r}"
+        )
     if not math.isfinite(lr):
         raise ValueError(f"lr must be finite, got {lr}")
-    if norm != "sign" and not (min(denom_eps, denom_floor) >= 0 and max(denom_eps, denom_floor) > 0
-                               and math.isfinite(denom_eps + denom_floor)):
-        raise ValueError(f"denom_eps and denom_floor must be finite, >= 0 and not both 0 (a zero gradient would"
-                         f" divide 0 by 0), got {denom_eps} and {denom_floor}")
+    if norm != "sign" and not (
+        min(denom_eps, denom_floor) >= 0 and max(denom_eps, denom_floor) > 0 and math.isfinite(denom_eps + denom_floor)
+    ):
+        raise ValueError(
+            f"denom_eps and denom_floor must be finite, >= 0 and not both 0 (a zero gradient would"
+            f" divide 0 by 0), got {denom_eps} and {denom_floor}"
+        )
     if bound != "none" and not (radius >= 0 and math.isfinite(radius)):
         raise ValueError(f"radius must be finite and >= 0, got {radius}")
 
 
-def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm: str, per_token: bool,
-               denom_eps: float, denom_floor: float, bound: str, radius: float) -> Tensor:
+def input_step(
+    delta: Tensor,
+    grad: Tensor,
+    mask: Tensor | None,
+    lr: float,
+    norm: str,
+    per_token: bool,
+    denom_eps: float,
+    denom_floor: float,
+    bound: str,
+    radius: float,
+) -> Tensor:
     """The ``input_step`` op of the backend contract: one launch per phase (see above), no host sync."""
     _check(delta, grad, mask, lr, norm, denom_eps, denom_floor, bound, radius)
     batch, tokens, cols = delta.shape
@@ -239,8 +346,9 @@ def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm
         modes = (float(lr), float(denom_eps), float(denom_floor), float(radius), NORMS[norm], BOUNDS[bound])
         with device_guard(delta.device):
             if slices <= 1:
-                _input_step_kernel[(groups,)](*args, norms, norms, *dims, 1, 1, *modes, PHASE=_WHOLE.value,
-                                              BLOCK_T=block_t, BLOCK_D=block_d)
+                _input_step_kernel[(groups,)](
+                    *args, norms, norms, *dims, 1, 1, *modes, PHASE=_WHOLE.value, BLOCK_T=block_t, BLOCK_D=block_d
+                )
             else:
                 # the partials are per slice, so how many slices a program takes changes no bit
                 per_program = max(1, triton.cdiv(groups * slices, _common.MAX_PROGRAMS))
@@ -248,6 +356,16 @@ def input_step(delta: Tensor, grad: Tensor, mask: Tensor | None, lr: float, norm
                 partials = torch.empty(groups * slices, dtype=torch.float32, device=delta.device)
                 squares = torch.empty_like(partials) if bound == "l2" else partials  # read only for "l2"
                 for phase in (_NORM, _STEP, _SCALE) if bound == "l2" else (_NORM, _STEP):
-                    _input_step_kernel[grid](*args, partials, squares, *dims, slices, per_program, *modes,
-                                             PHASE=phase.value, BLOCK_T=block_t, BLOCK_D=block_d)
+                    _input_step_kernel[grid](
+                        *args,
+                        partials,
+                        squares,
+                        *dims,
+                        slices,
+                        per_program,
+                        *modes,
+                        PHASE=phase.value,
+                        BLOCK_T=block_t,
+                        BLOCK_D=block_d,
+                    )
     return norms.view(batch, tokens) if per_token else norms

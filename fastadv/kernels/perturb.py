@@ -46,8 +46,22 @@ _STEP, _MEASURE, _PROJECT, _SUMSQ = (tl.constexpr(k) for k in range(4))
 _INTERPRETED = tl.constexpr(INTERPRETED)
 
 # Table fields, one row per tensor.
-(_PARAM, _GRAD, _ROWS, _BACKUP, _N_LISTED, _N_BACKED, _P_ROWS, _COLS, _P_STRIDE, _G_STRIDE, _B_STRIDE, _INDEX, _FIRST,
- _PART) = (tl.constexpr(k) for k in range(14))
+(
+    _PARAM,
+    _GRAD,
+    _ROWS,
+    _BACKUP,
+    _N_LISTED,
+    _N_BACKED,
+    _P_ROWS,
+    _COLS,
+    _P_STRIDE,
+    _G_STRIDE,
+    _B_STRIDE,
+    _INDEX,
+    _FIRST,
+    _PART,
+) = (tl.constexpr(k) for k in range(14))
 _FIELDS = tl.constexpr(14)
 
 
@@ -64,14 +78,30 @@ def _mul_rn(a, b):
     if _INTERPRETED:  # no inline assembly there; numpy rounds each product anyway
         return a * b
     else:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
-                                         pack=1)
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
-def _rows_kernel(table, n, blocks_per_program, scales, box_eps, delta_sumsq, eps, partials, P_DTYPE: tl.constexpr,
-                 G_DTYPE: tl.constexpr, STAGE: tl.constexpr, BOX: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rows_kernel(
+    table,
+    n,
+    blocks_per_program,
+    scales,
+    box_eps,
+    delta_sumsq,
+    eps,
+    partials,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    STAGE: tl.constexpr,
+    BOX: tl.constexpr,
+    NT: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     t, program = locate(table, n, _FIELDS, _FIRST, NT)
     fields = table + t * _FIELDS
     param = typed(fields + _PARAM, P_DTYPE, VEC)
@@ -127,8 +157,9 @@ def _rows_kernel(table, n, blocks_per_program, scales, box_eps, delta_sumsq, eps
                 if STAGE != _PROJECT:
                     tl.store(b_ptrs + start, w, mask=mask & to_back)
                 if STAGE != _STEP or BOX:
-                    origin = tl.where(to_back, old,
-                                      tl.load(b_ptrs + start, mask=from_backup & cols_ok, other=0.0).to(tl.float32))
+                    origin = tl.where(
+                        to_back, old, tl.load(b_ptrs + start, mask=from_backup & cols_ok, other=0.0).to(tl.float32)
+                    )
                 if STAGE == _MEASURE:
                     acc += tl.where(usable, (new - origin) * (new - origin), 0.0)
                 else:
@@ -143,28 +174,66 @@ def _rows_kernel(table, n, blocks_per_program, scales, box_eps, delta_sumsq, eps
         tl.store(partials + tl.load(fields + _PART) + program, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-def _launch(stage: tl.constexpr, params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor],
-            n_backed: list[int], scales: Tensor | None, *, box_eps: float | None = None,
-            delta_sumsq: Tensor | None = None, eps: float = 0.0, out: Tensor | None = None) -> None:
+def _launch(
+    stage: tl.constexpr,
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor | None,
+    *,
+    box_eps: float | None = None,
+    delta_sumsq: Tensor | None = None,
+    eps: float = 0.0,
+    out: Tensor | None = None,
+) -> None:
     """``stage`` over the lists: one launch per (param, grad) dtype pair and vector width (one in practice); with
     ``out`` (``[n]``), one more that sums each tensor's partials into it. No host sync."""
     device = params[0].device if params else torch.device("cpu")
-    groups, first_part = plan([(p.dtype, g.dtype) for p, g in zip(params, grads, strict=True)],
-                              [p.shape[1] for p in params], [len(idx) for idx in rows],
-                              list(zip(params, grads, backups, strict=True)))
+    groups, first_part = plan(
+        [(p.dtype, g.dtype) for p, g in zip(params, grads, strict=True)],
+        [p.shape[1] for p in params],
+        [len(idx) for idx in rows],
+        list(zip(params, grads, backups, strict=True)),
+    )
     partials = None if out is None else torch.empty((first_part[-1], 1), dtype=torch.float32, device=device)
     dummy = scales if scales is not None else partials  # for the pointers a stage does not read
     scales, delta_sumsq, partials = (dummy if v is None else v for v in (scales, delta_sumsq, partials))
     with device_guard(device):
         for group in groups:
-            fields = [(params[i].data_ptr(), grads[i].data_ptr(), rows[i].data_ptr(), backups[i].data_ptr(),
-                       len(rows[i]), n_backed[i], *params[i].shape, params[i].stride(0), grads[i].stride(0),
-                       backups[i].stride(0), i, group.first[k], first_part[i]) for k, i in enumerate(group.members)]
+            fields = [
+                (
+                    params[i].data_ptr(),
+                    grads[i].data_ptr(),
+                    rows[i].data_ptr(),
+                    backups[i].data_ptr(),
+                    len(rows[i]),
+                    n_backed[i],
+                    *params[i].shape,
+                    params[i].stride(0),
+                    grads[i].stride(0),
+                    backups[i].stride(0),
+                    i,
+                    group.first[k],
+                    first_part[i],
+                )
+                for k, i in enumerate(group.members)
+            ]
             p_dtype, g_dtype = group.key
             _rows_kernel[group.grid](
-                table(fields, device), len(group.members), group.blocks_per_program, scales, float(box_eps or 0.0),
-                delta_sumsq, float(eps), partials,
-                P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], STAGE=stage.value, BOX=box_eps is not None,
+                table(fields, device),
+                len(group.members),
+                group.blocks_per_program,
+                scales,
+                float(box_eps or 0.0),
+                delta_sumsq,
+                float(eps),
+                partials,
+                P_DTYPE=TL_DTYPES[p_dtype],
+                G_DTYPE=TL_DTYPES[g_dtype],
+                STAGE=stage.value,
+                BOX=box_eps is not None,
                 **group.meta,
             )
         if out is not None:
@@ -180,20 +249,34 @@ def _checked(params, grads, rows, backups, *vectors: Tensor) -> list[Tensor]:
             raise ValueError(f"grads[{i}] is {tuple(grad.shape)} but params[{i}] {tuple(param.shape)}")
     for vector in vectors:
         if vector.shape != (len(params),) or not vector.is_floating_point():
-            raise ValueError(f"expected a float vector of {len(params)} values, got {vector.dtype}"
-                             f" {tuple(vector.shape)}")
+            raise ValueError(
+                f"expected a float vector of {len(params)} values, got {vector.dtype} {tuple(vector.shape)}"
+            )
     return [vector.contiguous() for vector in vectors]
 
 
-def perturb(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int],
-            scales: Tensor, box_eps: float | None = None) -> None:
+def perturb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+    box_eps: float | None = None,
+) -> None:
     """The ``perturb`` op of the backend contract: back up, step, clamp into the box; one launch per dtype pair."""
     (scales,) = _checked(params, grads, rows, backups, scales)
     _launch(_STEP, params, grads, rows, backups, n_backed, scales.float(), box_eps=box_eps)
 
 
-def measure(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int],
-            scales: Tensor) -> Tensor:
+def measure(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    n_backed: list[int],
+    scales: Tensor,
+) -> Tensor:
     """The ``measure`` op of the backend contract: back up, float32 ``[n]`` ``||W + scale * G - B||^2``."""
     (scales,) = _checked(params, grads, rows, backups, scales)
     out = torch.empty(len(params), dtype=torch.float32, device=scales.device)
@@ -201,12 +284,28 @@ def measure(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backu
     return out
 
 
-def project(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], backups: list[Tensor], scales: Tensor,
-            delta_sumsq: Tensor, eps: float) -> None:
+def project(
+    params: list[Tensor],
+    grads: list[Tensor],
+    rows: list[Tensor],
+    backups: list[Tensor],
+    scales: Tensor,
+    delta_sumsq: Tensor,
+    eps: float,
+) -> None:
     """The ``project`` op of the backend contract: the step pulled back onto the ``eps`` ball around the backups."""
     scales, delta_sumsq = _checked(params, grads, rows, backups, scales, delta_sumsq)
-    _launch(_PROJECT, params, grads, rows, backups, [len(idx) for idx in rows], scales.float(),
-            delta_sumsq=delta_sumsq, eps=eps)
+    _launch(
+        _PROJECT,
+        params,
+        grads,
+        rows,
+        backups,
+        [len(idx) for idx in rows],
+        scales.float(),
+        delta_sumsq=delta_sumsq,
+        eps=eps,
+    )
 
 
 def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:

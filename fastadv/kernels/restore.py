@@ -18,14 +18,21 @@ from ._common import block_range, check_rows, device_guard, listed_rows, locate,
 _BITS = {1: tl.int8, 2: tl.int16, 4: tl.int32}
 
 # Table fields, one row per tensor.
-(_PARAM, _ROWS, _BACKUP, _N_LISTED, _P_ROWS, _COLS, _P_STRIDE, _B_STRIDE,
- _FIRST) = (tl.constexpr(k) for k in range(9))
+(_PARAM, _ROWS, _BACKUP, _N_LISTED, _P_ROWS, _COLS, _P_STRIDE, _B_STRIDE, _FIRST) = (tl.constexpr(k) for k in range(9))
 _FIELDS = tl.constexpr(9)
 
 
 @triton.jit
-def _restore_kernel(table, n, blocks_per_program, DTYPE: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _restore_kernel(
+    table,
+    n,
+    blocks_per_program,
+    DTYPE: tl.constexpr,
+    NT: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     t, program = locate(table, n, _FIELDS, _FIRST, NT)
     fields = table + t * _FIELDS
     param = typed(fields + _PARAM, DTYPE, VEC)
@@ -57,12 +64,31 @@ def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> 
     device = params[0].device
     # The same bytes, and no int64 variant of the kernel (it spilled a register in the copy loop).
     params, backups = ([t.view(torch.int32) if t.element_size() == 8 else t for t in ts] for ts in (params, backups))
-    groups, _ = plan([p.element_size() for p in params], [p.shape[1] for p in params], [len(idx) for idx in rows],
-                     list(zip(params, backups, strict=True)))
+    groups, _ = plan(
+        [p.element_size() for p in params],
+        [p.shape[1] for p in params],
+        [len(idx) for idx in rows],
+        list(zip(params, backups, strict=True)),
+    )
     with device_guard(device):
         for group in groups:
-            fields = [(params[i].data_ptr(), rows[i].data_ptr(), backups[i].data_ptr(), len(rows[i]),
-                       *params[i].shape, params[i].stride(0), backups[i].stride(0), group.first[k])
-                      for k, i in enumerate(group.members)]
-            _restore_kernel[group.grid](table(fields, device), len(group.members), group.blocks_per_program,
-                                        DTYPE=_BITS[group.key], **group.meta)
+            fields = [
+                (
+                    params[i].data_ptr(),
+                    rows[i].data_ptr(),
+                    backups[i].data_ptr(),
+                    len(rows[i]),
+                    *params[i].shape,
+                    params[i].stride(0),
+                    backups[i].stride(0),
+                    group.first[k],
+                )
+                for k, i in enumerate(group.members)
+            ]
+            _restore_kernel[group.grid](
+                table(fields, device),
+                len(group.members),
+                group.blocks_per_program,
+                DTYPE=_BITS[group.key],
+                **group.meta,
+            )

@@ -18,15 +18,26 @@ from torch import Tensor
 from ._common import TL_DTYPES, block_range, check, device_guard, locate, plan, segment_sum, table, typed
 
 # Table fields, one row per tensor.
-(_GRAD, _PARAM, _TOUCHED, _FRESH, _ROWS, _COLS, _G_STRIDE, _P_STRIDE, _FIRST,
- _PART) = (tl.constexpr(k) for k in range(10))
+(_GRAD, _PARAM, _TOUCHED, _FRESH, _ROWS, _COLS, _G_STRIDE, _P_STRIDE, _FIRST, _PART) = (
+    tl.constexpr(k) for k in range(10)
+)
 _FIELDS = tl.constexpr(10)
 
 
 @triton.jit
-def _scan_kernel(table, n, blocks_per_program, partials, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr,
-                 HAS_PARAMS: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _scan_kernel(
+    table,
+    n,
+    blocks_per_program,
+    partials,
+    G_DTYPE: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    HAS_PARAMS: tl.constexpr,
+    NT: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     t, program = locate(table, n, _FIELDS, _FIRST, NT)
     fields = table + t * _FIELDS
     grad = typed(fields + _GRAD, G_DTYPE, VEC)
@@ -90,18 +101,40 @@ def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params
             if params[i].shape != grad.shape:
                 raise ValueError(f"params[{i}] is {tuple(params[i].shape)} but grads[{i}] {tuple(grad.shape)}")
     ps = grads if params is None else params  # without params the kernel never reads the second pointer
-    groups, first_part = plan([(g.dtype, p.dtype) for g, p in zip(grads, ps, strict=True)], [g.shape[1] for g in grads],
-                              [g.shape[0] for g in grads], list(zip(grads, ps, strict=True)))
+    groups, first_part = plan(
+        [(g.dtype, p.dtype) for g, p in zip(grads, ps, strict=True)],
+        [g.shape[1] for g in grads],
+        [g.shape[0] for g in grads],
+        list(zip(grads, ps, strict=True)),
+    )
     partials = torch.empty((first_part[-1], 3), dtype=torch.float32, device=device)
     stats = torch.empty((len(grads), 3), dtype=torch.float64, device=device)
     with device_guard(device):
         for group in groups:
-            fields = [(grads[i].data_ptr(), ps[i].data_ptr(), touched[i].data_ptr(), fresh[i].data_ptr(),
-                       *grads[i].shape, grads[i].stride(0), ps[i].stride(0), group.first[k], first_part[i])
-                      for k, i in enumerate(group.members)]
+            fields = [
+                (
+                    grads[i].data_ptr(),
+                    ps[i].data_ptr(),
+                    touched[i].data_ptr(),
+                    fresh[i].data_ptr(),
+                    *grads[i].shape,
+                    grads[i].stride(0),
+                    ps[i].stride(0),
+                    group.first[k],
+                    first_part[i],
+                )
+                for k, i in enumerate(group.members)
+            ]
             g_dtype, p_dtype = group.key
-            _scan_kernel[group.grid](table(fields, device), len(group.members), group.blocks_per_program, partials,
-                                     G_DTYPE=TL_DTYPES[g_dtype], P_DTYPE=TL_DTYPES[p_dtype],
-                                     HAS_PARAMS=params is not None, **group.meta)
+            _scan_kernel[group.grid](
+                table(fields, device),
+                len(group.members),
+                group.blocks_per_program,
+                partials,
+                G_DTYPE=TL_DTYPES[g_dtype],
+                P_DTYPE=TL_DTYPES[p_dtype],
+                HAS_PARAMS=params is not None,
+                **group.meta,
+            )
         segment_sum(partials, first_part, stats)
     return stats
