@@ -32,17 +32,18 @@ def _math_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(tensor: Tensor, count: int) -> int:
-    """Rows per chunk when walking ``count`` rows of ``tensor``."""
+def _chunk_rows(tensor: Tensor, count: int, itemsize: int = 4) -> int:
+    """Rows per chunk when walking ``count`` rows of ``tensor`` through buffers of ``itemsize``-byte elements (the
+    math dtype's, fp32 unless the rows stay in their own dtype)."""
     if tensor.device.type != "cpu":
         return max(1, count)
     chunk = min(_MAX_CHUNK_BYTES, _CHUNK_BYTES * torch.get_num_threads())
-    return max(1, chunk // (4 * max(1, tensor.shape[1])))
+    return max(1, chunk // (itemsize * max(1, tensor.shape[1])))
 
 
-def _spans(tensor: Tensor, count: int) -> list[slice]:
+def _spans(tensor: Tensor, count: int, itemsize: int = 4) -> list[slice]:
     """Chunks of the positions ``0..count-1`` of ``count`` rows of ``tensor``."""
-    step = _chunk_rows(tensor, count)
+    step = _chunk_rows(tensor, count, itemsize)
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
@@ -52,10 +53,10 @@ def _every_row(param: Tensor, idx: Tensor, done: int) -> bool:
     return len(idx) == param.shape[0] and done in (0, len(idx))
 
 
-def _pieces(param: Tensor, idx: Tensor, done: int) -> list[tuple[slice | Tensor, slice]]:
+def _pieces(param: Tensor, idx: Tensor, done: int, itemsize: int = 4) -> list[tuple[slice | Tensor, slice]]:
     """The perturbed rows in chunks: ``(rows of param, their positions in idx and the backup)``; the rows are slices
     when they are every row in order, else pieces of the index list."""
-    spans = _spans(param, len(idx))
+    spans = _spans(param, len(idx), itemsize)
     if _every_row(param, idx, done):
         return [(span, span) for span in spans]
     return [(idx[span], span) for span in spans]
@@ -191,10 +192,10 @@ def perturb(
         keep = scales[i] != 0
         if param.device.type == "cpu" and not keep:
             continue  # free to check on the CPU; elsewhere the writes are masked instead of synced
-        buffers = _buffers(param, idx)
         if box_eps is None and param.device.type == "cpu" and grad.dtype == param.dtype:
-            _step_in_own_dtype(param, grad, idx, n_backed[i], scales[i].item(), buffers)
+            _step_in_own_dtype(param, grad, idx, n_backed[i], scales[i].item())
             continue
+        buffers = _buffers(param, idx)
         for piece, new, origin in _steps(param, grad, idx, saved, n_backed[i], scales[i], buffers):
             if box_eps is not None:
                 origin = _widened(origin, new.dtype, buffers)
@@ -205,7 +206,7 @@ def perturb(
             _store(param, piece, new, keep, buffers)
 
 
-def _step_in_own_dtype(param: Tensor, grad: Tensor, idx: Tensor, done: int, scale: float, buffers: _Buffers) -> None:
+def _step_in_own_dtype(param: Tensor, grad: Tensor, idx: Tensor, done: int, scale: float) -> None:
     """``W += scale * G`` on the CPU without widening: addcmul with a Python ``value`` computes bf16/fp16 elements as
     ``float(W) + value * float(G)`` and rounds once (the contract's fp32 math; the op table checks it), where widening
     the rows, stepping and narrowing them took ten times as long. In place on every row, else chunk by chunk."""
@@ -213,7 +214,9 @@ def _step_in_own_dtype(param: Tensor, grad: Tensor, idx: Tensor, done: int, scal
     if _every_row(param, idx, done):
         param.addcmul_(grad, one, value=scale)
         return
-    for rows, _ in _pieces(param, idx, done):
+    size = param.element_size()
+    buffers = _Buffers(param, _chunk_rows(param, len(idx), size))
+    for rows, _ in _pieces(param, idx, done, size):
         weights = _rows_in(param, rows, param.dtype, buffers, "new")
         _index_copy(param, rows, weights.addcmul_(_rows_in(grad, rows, param.dtype, buffers, "grad"), one, value=scale))
 
