@@ -4,9 +4,10 @@
 the call and the memory still held after it (at full scale a row of fastadv under 1.5x the seed is red); then FGM's
 scan against one read of the gradient, and FGM with the defaults on a Llama-3-sized bf16 embedding, untied and tied,
 against their targets. ``--quick`` runs the BERT-base shapes only, ``--e2e`` adds whole training steps of a
-``transformers`` BERT with a 250002-token vocabulary (and FreeLB, SMART and R3F steps against a plain step),
-``--plot FILE.png`` draws the speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``) shrinks every shape, for CI. The
-pytest-benchmark suite in ``benchmarks/`` uses the same cases and checks the targets at full scale.
+``transformers`` BERT with a 250002-token vocabulary at full scale (and FreeLB, SMART and R3F steps against a plain
+step), ``--plot FILE.png`` draws the speed-ups. ``FASTADV_BENCH_SCALE`` (e.g. ``0.01``) shrinks every shape, for CI;
+every caption prints the shapes it used. The pytest-benchmark suite in ``benchmarks/`` uses the same cases and checks
+the targets at full scale.
 
 A "call" is what an attack costs besides the forward/backward passes: FGM ``attack`` + ``restore``; PGD k=3
 ``backup_grad``, three ``attack``s, ``restore_grad``, ``restore``; AWP ``attack`` + ``restore``. An implementation
@@ -18,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
 import functools
+import importlib
 import math
 import os
+import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -55,6 +61,11 @@ LLM_SPEEDUP, LLM_PEAK_SHARE = 50.0, 0.02
 #: norm, W and G read and W written, the backup read and W written): 3.5 copies of the weight, timed in the same run.
 #: Target: within TIED_TARGET of that floor.
 TIED_FLOOR_COPIES, TIED_TARGET = 3.5, 1.2
+#: The end-to-end BERT (:func:`_e2e_bert`): its vocabulary before scaling (XLM-R's), hidden size, layers and batch
+#: (sequences, tokens); the padded batch masks tokens from ``E2E_PAD_FROM`` on in every other sequence.
+E2E_VOCAB, E2E_HIDDEN, E2E_LAYERS, E2E_BATCH, E2E_PAD_FROM = 250002, 256, 2, (16, 64), 48
+#: ``input_step`` alone (:func:`_input_step_bandwidth`): examples, tokens before scaling, hidden size.
+INPUT_STEP_SHAPE = (32, 512, 1024)
 
 
 def bench_scale() -> float:
@@ -85,6 +96,42 @@ class Case:
         rows = max(2, int(rows * bench_scale()))
         touched = rows if self.gradient != "rows" else max(1, min(rows // 2, int(TOUCHED_ROWS * bench_scale())))
         return rows, dim, touched
+
+    def describe(self) -> str:
+        """The shape actually used, e.g. ``xlm-r 2500x768 bfloat16, 40 rows touched``."""
+        rows, dim, touched = self.size()
+        what = f"{touched} rows touched" if self.gradient == "rows" else f"every row ({self.gradient})"
+        return f"{self.shape} {rows}x{dim} {str(self.dtype).removeprefix('torch.')}, {what}"
+
+
+def e2e_vocab() -> int:
+    """The vocabulary of the end-to-end BERT after scaling (at least 1000 tokens)."""
+    return max(1000, int(E2E_VOCAB * bench_scale()))
+
+
+def input_step_shape() -> tuple[int, int, int]:
+    """The shape of :func:`_input_step_bandwidth`'s perturbation after scaling (its tokens scale)."""
+    examples, tokens, hidden = INPUT_STEP_SHAPE
+    return examples, max(2, int(tokens * bench_scale())), hidden
+
+
+def machine(device: torch.device) -> str:
+    """The machine in words: the GPU's name, or the CPU's model with its cores and torch's threads."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.multi_processor_count} SMs"
+    return f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -132,12 +179,20 @@ def is_fastadv(impl: str) -> bool:
     return impl not in _PEERS
 
 
-def build_model(case: Case, device: torch.device) -> nn.Module:
+class BenchModel(nn.Module):
+    """What :func:`build_model` returns: a module holding one embedding (and, tied, an LM head sharing its weight)."""
+
+    word_embeddings: nn.Embedding
+    ids: torch.Tensor  # the rows the batch looked up
+    lm_head: nn.Module
+
+
+def build_model(case: Case, device: torch.device) -> BenchModel:
     """A module holding one ``word_embeddings`` embedding with the case's gradient already set; ``model.ids`` are the
     rows the batch looked up (every row for a dense gradient)."""
     rows, dim, touched = case.size()
     gen = torch.Generator(device=device).manual_seed(0)
-    model = nn.Module()
+    model = BenchModel()
     model.word_embeddings = nn.Embedding(rows, dim, device=device, dtype=case.dtype)
     weight = model.word_embeddings.weight
     with torch.no_grad():
@@ -155,7 +210,7 @@ def build_model(case: Case, device: torch.device) -> nn.Module:
     return model
 
 
-def _record_lookup(model: nn.Module) -> None:
+def _record_lookup(model: BenchModel) -> None:
     """What ``rows="batch"`` adds to a forward pass: its hooks record the looked-up ids (the lookup itself is part of
     the forward pass with or without fastadv, so it is not timed)."""
     embedding = model.word_embeddings
@@ -186,7 +241,7 @@ def _pgd_math(weight: torch.Tensor, grad: torch.Tensor, origin: torch.Tensor, al
 
 class _CompiledFGM(FGM):
     def attack(self, emb_name: str = "word_embeddings") -> None:
-        for name, param in self.model.named_parameters():
+        for name, param in cast(nn.Module, self.model).named_parameters():
             if param.requires_grad and emb_name in name:
                 self.backup[name] = param.data.clone()
                 _compiled(_fgm_math)(param.data, param.grad, self.eps)
@@ -194,7 +249,7 @@ class _CompiledFGM(FGM):
 
 class _CompiledPGD(PGD):
     def attack(self, emb_name: str = "word_embeddings", is_first_attack: bool = False) -> None:
-        for name, param in self.model.named_parameters():
+        for name, param in cast(nn.Module, self.model).named_parameters():
             if param.requires_grad and emb_name in name:
                 if is_first_attack:
                     self.emb_backup[name] = param.data.clone()
@@ -204,31 +259,36 @@ class _CompiledPGD(PGD):
 _PEERS = {"seed": (FGM, PGD, AWP), COMPILED_SEED: (_CompiledFGM, _CompiledPGD, None)}
 _FUSED = (FusedFGM, FusedPGD, FusedAWP)
 _METHODS = ("fgm", "pgd3", "awp")
-_compiled_fns: dict[Callable, Callable] = {}
+_compiled_fns: dict[Callable[..., None], Callable[..., None]] = {}
 
 
-def _compiled(fn: Callable) -> Callable:
+def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
     if fn not in _compiled_fns:
         _compiled_fns[fn] = torch.compile(fn, dynamic=False)
     return _compiled_fns[fn]
 
 
-def make_attacker(impl: str, method: str, model: nn.Module):
+def make_attacker(impl: str, method: str, model: nn.Module) -> Any:
     """The attack object of ``method`` for ``impl``: "seed", ``COMPILED_SEED``, ``DEFAULT``, a backend
     (``rows="scan"``), or "<backend>+<rows>" (``rows="batch"``, or ``"auto"``, the default)."""
     which = _METHODS.index(method)
     if impl in _PEERS:
-        return _PEERS[impl][which](model)
+        peer = _PEERS[impl][which]
+        if peer is None:
+            raise ValueError(f"{impl!r} has no {method}")
+        return peer(model)
     if impl == DEFAULT:
         return _FUSED[which](model)
     backend, _, rows = impl.partition("+")
-    return _FUSED[which](model, backend=backend, **({"rows": rows or "scan"} if which != 2 else {}))
+    if method == "awp":
+        return FusedAWP(model, backend=backend)
+    return (FusedFGM if method == "fgm" else FusedPGD)(model, backend=backend, rows=rows or "scan")
 
 
-def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
+def attack_call(impl: str, method: str, model: BenchModel) -> Callable[[], None]:
     """One call of ``method`` through ``impl`` on ``model``."""
     attacker = make_attacker(impl, method, model)
-    record = _record_lookup if impl.endswith("+batch") or impl == DEFAULT else lambda model: None
+    record: Callable[[BenchModel], None] = _record_lookup if impl.endswith("+batch") or impl == DEFAULT else _no_lookup
     record(model)  # construction registered the hooks; the first attack needs a recorded lookup
     if method in ("fgm", "awp"):
 
@@ -239,7 +299,7 @@ def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
 
         return call
 
-    def call() -> None:
+    def pgd_call() -> None:
         attacker.backup_grad()
         for t in range(PGD_K):
             attacker.attack(is_first_attack=t == 0)
@@ -247,7 +307,11 @@ def attack_call(impl: str, method: str, model: nn.Module) -> Callable[[], None]:
         attacker.restore_grad()
         attacker.restore()
 
-    return call
+    return pgd_call
+
+
+def _no_lookup(model: BenchModel) -> None:
+    """Nothing to record: without row hints the lookup has no hooks."""
 
 
 def _sync(device: torch.device) -> None:
@@ -255,7 +319,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], None], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds."""
     for _ in range(warmup):
         fn()
@@ -285,7 +349,7 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_of(fn: Callable[[], None], device: torch.device) -> tuple[int | None, int | None]:
+def memory_of(fn: Callable[[], object], device: torch.device) -> tuple[int | None, int | None]:
     """Peak memory ``fn`` needs above what was live before it, and what it still holds when it returns (CUDA
     allocator stats; resident set size on Linux, with freed memory given back to the OS)."""
     if device.type == "cuda":
@@ -377,8 +441,8 @@ def llm_measures(
     the memory held after restore as a share of one backup."""
     rows, dim, _ = default.case.size()
     backup = rows * dim * default.case.dtype.itemsize
-    known = default.extra_bytes is not None and seed.extra_bytes
-    share = default.extra_bytes / seed.extra_bytes if known else math.nan
+    extra, seed_extra = default.extra_bytes, seed.extra_bytes
+    share = extra / seed_extra if extra is not None and seed_extra else math.nan
     if floor is None:
         return {
             "x seed": (seed.seconds / default.seconds, ">=", LLM_SPEEDUP),
@@ -387,7 +451,11 @@ def llm_measures(
     seconds, copy = floor
     return {
         "x floor": (seconds / (TIED_FLOOR_COPIES * copy), "<=", TIED_TARGET),
-        "peak/seed's": (share, "<=", backup / seed.extra_bytes + LLM_PEAK_SHARE if known else math.nan),
+        "peak/seed's": (
+            share,
+            "<=",
+            backup / seed_extra + LLM_PEAK_SHARE if extra is not None and seed_extra else math.nan,
+        ),
         "held/backup": (default.held_bytes / backup if default.held_bytes is not None else math.nan, "<=", 0.02),
     }
 
@@ -397,9 +465,11 @@ def meets(value: float, how: str, target: float) -> bool:
     return not (value > target if how == "<=" else value < target)
 
 
-def _red(text: str, miss: bool) -> str:
-    """``text`` in red on a terminal where it misses its target."""
-    return f"\033[31m{text}\033[0m" if miss and sys.stdout.isatty() else text
+def _red(text: str, miss: bool, colour: bool | None = None) -> str:
+    """``text`` in red where it misses its target and ``colour`` (by default: on a terminal)."""
+    if colour is None:
+        colour = sys.stdout.isatty()
+    return f"\033[31m{text}\033[0m" if miss and colour else text
 
 
 class NoAttack:
@@ -426,32 +496,44 @@ class NoAttack:
 
 
 def _e2e_bert(device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The end-to-end model, a transformers BERT (250002-token vocabulary, hidden 256, 2 layers), and a batch of
-    16x64 tokens whose attention mask pads the end of half the rows."""
+    """The end-to-end model, a transformers BERT (:data:`E2E_VOCAB` tokens scaled by :func:`e2e_vocab`, hidden 256,
+    2 layers), and a batch of 16x64 tokens whose attention mask pads the end of half the rows."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    vocab = max(1000, int(250002 * bench_scale()))
+    vocab = e2e_vocab()
     config = BertConfig(
-        vocab_size=vocab, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024
+        vocab_size=vocab,
+        hidden_size=E2E_HIDDEN,
+        num_hidden_layers=E2E_LAYERS,
+        num_attention_heads=4,
+        intermediate_size=4 * E2E_HIDDEN,
     )
     torch.manual_seed(0)
-    model = BertForSequenceClassification(config).to(device)
-    mask = torch.ones(16, 64, dtype=torch.long, device=device)
-    mask[::2, 48:] = 0
+    model = cast(nn.Module, BertForSequenceClassification(config)).to(device)
+    mask = torch.ones(E2E_BATCH, dtype=torch.long, device=device)
+    mask[::2, E2E_PAD_FROM:] = 0
     batch = {
-        "input_ids": torch.randint(0, vocab, (16, 64), device=device),
+        "input_ids": torch.randint(0, vocab, E2E_BATCH, device=device),
         "attention_mask": mask,
-        "labels": torch.randint(0, 2, (16,), device=device),
+        "labels": torch.randint(0, 2, E2E_BATCH[:1], device=device),
     }
     return model, batch
 
 
+def e2e_caption() -> str:
+    """The end-to-end BERT in words, with the vocabulary it really has."""
+    sequences, tokens = E2E_BATCH
+    return (
+        f"BERT, vocabulary {e2e_vocab()}, hidden {E2E_HIDDEN}, {E2E_LAYERS} layers, batch {sequences}x{tokens} tokens"
+    )
+
+
 def _alternating(
-    baseline: Callable[[], None], attacked: Callable[[], None], device: torch.device, repeats: int
+    baseline: Callable[[], object], attacked: Callable[[], object], device: torch.device, repeats: int
 ) -> tuple[float, float]:
     """Median seconds of ``baseline`` and ``attacked``, timed alternately so that drifts of the machine's speed cancel
     in their ratio, each first in turn so that neither always pays for freeing what the other allocated."""
-    times: dict[Callable[[], None], list[float]] = {baseline: [], attacked: []}
+    times: dict[Callable[[], object], list[float]] = {baseline: [], attacked: []}
     for r in range(2 * repeats + 1):
         for fn in (baseline, attacked) if r % 2 else (attacked, baseline):
             times[fn].append(time_call(fn, device, 1, 0))
@@ -462,7 +544,7 @@ def _alternating(
 def end_to_end(
     device: torch.device, impls: list[str], repeats: int, methods: tuple[str, ...] = _METHODS
 ) -> list[tuple[str, str, float, float]]:
-    """Training steps of a transformers BERT (250002-token vocabulary, hidden 256, 2 layers, batch 16x64).
+    """Training steps of a transformers BERT (:func:`_e2e_bert`; 250002-token vocabulary at full scale).
 
     Returns rows of (method, impl, seconds per step, step time / that of the same loop with attacks that do nothing:
     the attack's own cost), each step timed alternately with the no-attack step; ``impls`` with row hints run as the
@@ -474,7 +556,7 @@ def end_to_end(
     def closure() -> torch.Tensor:
         return model(**batch).loss
 
-    def step(attacker, method: str) -> None:
+    def step(attacker: Any, method: str) -> None:
         model.zero_grad()
         k = PGD_K if method == "pgd3" else 1
         if isinstance(attacker, (FusedFGM, FusedPGD, FusedAWP)):
@@ -501,7 +583,7 @@ def end_to_end(
 
 #: The input-space methods end to end: their class, reference step and hyperparameters (GLUE-like FreeLB with K=3;
 #: SMART and R3F with their defaults).
-INPUT_METHODS = {
+INPUT_METHODS: dict[str, tuple[Callable[..., Any], Callable[..., object], dict[str, Any]]] = {
     "freelb": (FusedFreeLB, freelb_step, {"adv_lr": 0.1, "adv_steps": 3, "adv_init_mag": 0.6, "adv_max_norm": 1.0}),
     "smart": (FusedSMART, smart_step, {}),
     "r3f": (FusedR3F, r3f_step, {}),
@@ -519,7 +601,7 @@ def input_end_to_end(
     ratio; the fused ops' share shows in the seed/backend difference.
     """
     model, batch = _e2e_bert(device)
-    embedding = model.bert.embeddings.word_embeddings
+    embedding = cast(nn.Embedding, model.get_submodule("bert.embeddings.word_embeddings"))
 
     def plain() -> None:
         model.zero_grad()
@@ -533,7 +615,9 @@ def input_end_to_end(
         cls, reference_step, options = INPUT_METHODS[method]
         closure = forward(method != "freelb")
         rows.append((method, "plain step", time_call(plain, device, repeats=repeats), 1.0))
-        steps = {"seed": functools.partial(reference_step, embedding, closure, batch["attention_mask"], **options)}
+        steps: dict[str, Callable[[], object]] = {
+            "seed": functools.partial(reference_step, embedding, closure, batch["attention_mask"], **options)
+        }
         for name in backends:
             attacker = cls(model, backend=name, **options)
             steps[name] = functools.partial(attacker.step, closure, batch["attention_mask"])
@@ -548,7 +632,22 @@ def input_end_to_end(
     return rows
 
 
-def _op_calls(ops, weight: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor) -> dict[str, Callable[[], object]]:
+def bandwidth_case(dtype: torch.dtype = torch.float32) -> Case:
+    """The embedding :func:`op_bandwidth` times each op on: XLM-R's, the batch's rows touched (or every row)."""
+    return Case("xlm-r", dtype, "rows", "fgm")
+
+
+def _ops(name: str, device: torch.device) -> ModuleType:
+    """The ops of backend ``name`` on ``device``."""
+    ops = resolve_backend(name, device)
+    if ops is None:  # only without a device
+        raise RuntimeError(f"backend {name!r} has no ops on {device}")
+    return ops
+
+
+def _op_calls(
+    ops: ModuleType, weight: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor
+) -> dict[str, Callable[[], object]]:
     """One call of each op of the backend module ``ops`` on one tensor whose gradient is non-zero in rows ``idx``."""
     backup = torch.empty(len(idx), weight.shape[1], device=weight.device, dtype=weight.dtype)
     flags = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
@@ -576,8 +675,7 @@ def op_bandwidth(
     measure reads W and G rows and writes the backup; project reads W, G and backup rows and writes W; restore reads
     the backup and writes W.
     """
-    rows, dim = SHAPES["xlm-r"]
-    rows = max(2, int(rows * bench_scale()))
+    rows, dim, touched_rows = bandwidth_case(dtype).size()
     weight = torch.randn(rows, dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
     row_bytes = weight.element_size() * dim
     out = []
@@ -585,7 +683,7 @@ def op_bandwidth(
         if gradient == "dense":
             idx = torch.arange(rows, device=device)
         else:
-            idx = torch.randperm(rows, device=device)[: max(1, min(rows // 2, int(TOUCHED_ROWS * bench_scale())))]
+            idx = torch.randperm(rows, device=device)[:touched_rows]
         grad = torch.zeros_like(weight)
         grad[idx] = torch.randn(len(idx), dim, device=device, dtype=dtype)
         touched = len(idx) * row_bytes
@@ -600,13 +698,13 @@ def op_bandwidth(
         src = torch.empty(max(moved.values()) // 8 + 1, device=device, dtype=torch.float32)
         dst = torch.empty_like(src)
         for name in backends:
-            ops = resolve_backend(name, device)
+            ops = _ops(name, device)
             calls = _op_calls(ops, weight, grad, idx.sort().values)
             for op, call in ((op, calls[op]) for op in contract.OPS if op in calls and op in ops.native):
                 if op == "scan" and gradient == "dense":
                     continue  # the same read either way
                 half = moved[op] // 8  # fp32 elements: a copy of n bytes moves 2n, a read and a write
-                copy_seconds = time_call(lambda a=dst[:half], b=src[:half]: a.copy_(b), device, repeats)
+                copy_seconds = time_call(functools.partial(dst[:half].copy_, src[:half]), device, repeats)
                 seconds = time_call(call, device, repeats)
                 out.append((op, gradient, name, moved[op] / seconds / 1e9, copy_seconds / seconds))
     out.extend(_input_step_bandwidth(device, backends, dtype, repeats))
@@ -619,7 +717,7 @@ def _input_step_bandwidth(
     """``input_step`` at a large FreeLB/SMART batch (32 x 512 tokens x 1024, a quarter padded): FreeLB's per-example
     l2 step with its l2 bound, and SMART's per-token inf step with its box. Bytes counted: one read of the gradient and
     of delta, one write of delta (the passes a group's norm and bound need again are the op's own cost)."""
-    shape = (32, max(2, int(512 * bench_scale())), 1024)
+    shape = input_step_shape()
     gen = torch.Generator(device).manual_seed(0)
     delta = 0.01 * torch.randn(shape, device=device, dtype=dtype, generator=gen)
     grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
@@ -631,7 +729,7 @@ def _input_step_bandwidth(
     copy_seconds = time_call(lambda: dst.copy_(src), device, repeats)  # a read and a write of moved / 2 bytes
     out = []
     for name in backends:
-        ops = resolve_backend(name, device)
+        ops = _ops(name, device)
         for what, options in (
             ("example-l2", ("l2", False, 0.0, 1e-8, "l2", 1.0)),
             ("token-inf", ("inf", True, 1e-6, 0.0, "inf", 1e-3)),
@@ -643,37 +741,169 @@ def _input_step_bandwidth(
 
 
 def _fmt_bytes(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
+    return "n/a" if n is None else f"{round(n / 2**20):,d} MiB"
+
+
+def _fmt(value: float, spec: str = ".3g") -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    align: str,
+    misses: Sequence[bool] = (),
+    colour: bool | None = None,
+) -> list[str]:
+    """The lines of a table: the header, a rule, then ``rows``; each column as wide as its widest cell (the header's
+    included), two spaces apart, aligned as ``align`` says, a character a column: ``>`` right (numbers), ``<`` left.
+    A row whose ``misses`` is true is red (``colour``: on a terminal by default), coloured after padding, so that the
+    escape codes take no column."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        assert len(cells) == len(widths), cells
+        return "  ".join(c.rjust(w) if a == ">" else c.ljust(w) for c, w, a in zip(cells, widths, align)).rstrip()
+
+    out = [line(header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    out.extend(_red(line(row), k < len(misses) and misses[k], colour) for k, row in enumerate(rows))
+    return out
+
+
+def _print(lines: list[str]) -> None:
+    print("\n".join(lines))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+EPILOG = f"""environment:
+  FASTADV_BENCH_SCALE  factor on every shape: the rows of each embedding (at
+                       least 2) and the rows a batch touches, the end-to-end
+                       BERT's vocabulary (at least 1000) and input_step's
+                       tokens; e.g. 0.01 for a smoke run. Every caption prints
+                       the shapes used. The targets (red rows, yes/no verdicts)
+                       are checked at full scale only (default: 1)
+  FASTADV_BACKEND      the backend that backend="auto" stands for in the
+                       "{DEFAULT}" rows (the LLM cases: fastadv's defaults);
+                       every other row names its backend (default: unset, the
+                       first backend that runs on the device)
+
+examples:
+  python -m fastadv.bench --quick
+  FASTADV_BENCH_SCALE=0.01 python -m fastadv.bench --repeats 1 --e2e --plot a.png
+  python -m fastadv.bench --bandwidth --device cuda"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fastadv.bench``."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(
+        prog="python -m fastadv.bench",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="time the BERT-base cases only: no XLM-R, LLaMA or Llama-3 cases, no scan against a read of the gradient"
+        " (default: every case)",
+    )
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help=f"also time whole training steps of a transformers BERT ({E2E_VOCAB}-token vocabulary at full scale):"
+        " FGM, PGD k=3 and AWP against the same loop with no attack, FreeLB, SMART and R3F against a plain step;"
+        ' needs transformers: pip install -e ".[transformers]" (default: off)',
+    )
+    parser.add_argument(
+        "--device",
+        default=device,
+        help="the device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when one is available, else cpu; here"
+        " %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="timed calls per measurement after one warm-up call; the median counts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also write a bar chart of each case's speed-ups over the seed to FILE.png; needs matplotlib, the plot"
+        ' extra: pip install -e ".[plot]" (default: no chart)',
+    )
+    parser.add_argument(
+        "--compiled-seed",
+        action="store_true",
+        help="also time the seed's math compiled by torch.compile, the peer a user would try first (compiles before"
+        " timing; default: off)",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        action="store_true",
+        help="instead of the cases, time each op of each backend alone on an XLM-R-sized embedding: GB/s and the"
+        f" fraction of a device copy's bandwidth, against the {COPY_TARGET * 100:.0f}%% target (default: off)",
+    )
+    return parser
+
+
+def _check_needs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit at once (before timing anything) where an option cannot be honoured at the end of the run."""
+    if args.plot and args.bandwidth:
+        parser.error("--plot draws the cases' speed-ups, and --bandwidth times none")
+    if args.plot:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            parser.error(f"--plot {args.plot}: there is no folder {folder}")
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            parser.error(
+                "--plot needs matplotlib, which is not installed; install the plot extra,"
+                ' from a checkout: pip install -e ".[plot]" (or pip install matplotlib)'
+            )
+    if args.e2e:
+        try:
+            importlib.import_module("transformers")
+        except ImportError:
+            parser.error(
+                "--e2e needs transformers, which is not installed; install the transformers extra,"
+                ' from a checkout: pip install -e ".[transformers]"'
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastadv.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="BERT-base shapes only")
-    parser.add_argument("--e2e", action="store_true", help="also time whole training steps of a transformers BERT")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speed-ups over the seed")
-    parser.add_argument(
-        "--compiled-seed", action="store_true", help="also time the seed's math under torch.compile (compiles first)"
-    )
-    parser.add_argument(
-        "--bandwidth", action="store_true", help="only each op alone: GB/s and the fraction of a device copy's"
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
+    _check_needs(parser, args)
     device = torch.device(args.device)
+    where = f"on {device} ({machine(device)}), torch {torch.__version__}, {datetime.date.today()}"
     if args.bandwidth:
         backends = [i for i in implementations(device) if i != "seed" and "+" not in i]
-        print(f"fastadv.bench --bandwidth on {device}, torch {torch.__version__}, XLM-R fp32, scale {bench_scale()}")
-        print(f"{'op':<10} {'gradient':<9} {'backend':<8} {'GB/s':>8} {'of copy':>8} {f'>= {COPY_TARGET:.0%}':>7}")
-        for op, gradient, name, rate, fraction in op_bandwidth(device, backends, repeats=args.repeats):
-            verdict = "yes" if fraction >= COPY_TARGET else "no"
-            print(f"{op:<10} {gradient:<9} {name:<8} {rate:>8.1f} {fraction:>7.0%} {verdict:>7}")
+        print(f"fastadv.bench --bandwidth {where}, scale {bench_scale()}")
+        examples, tokens, hidden = input_step_shape()
+        print(
+            f"each op alone on {bandwidth_case().describe()} (dense: every row);"
+            f" input_step on {examples}x{tokens}x{hidden} float32"
+        )
+        rows = [
+            [op, gradient, name, f"{rate:.1f}", f"{fraction:.0%}", "yes" if fraction >= COPY_TARGET else "no"]
+            for op, gradient, name, rate, fraction in op_bandwidth(device, backends, repeats=args.repeats)
+        ]
+        _print(table(["op", "gradient", "backend", "GB/s", "of copy", f">= {COPY_TARGET:.0%}"], rows, "<<<>>>"))
         return 0
     impls = implementations(device)
     if args.compiled_seed:
         impls.insert(1, COMPILED_SEED)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"fastadv.bench on {device} ({name}), torch {torch.__version__}, scale {bench_scale()}")
+    print(f"fastadv.bench {where}, scale {bench_scale()}")
     results = []
     matrix = cases(args.quick) + ([] if args.quick else llm_cases())
     for case in matrix:
@@ -687,87 +917,126 @@ def main(argv: list[str] | None = None) -> int:
     for case in matrix:  # memory last: see measure_peaks
         measure_peaks(case, device, [r for r in results if r.case == case])
 
-    header = f"{'case':<32} {'impl':<11} {'ms/call':>10} {'vs seed':>8} {'extra peak':>11} {'held after':>11}"
-    print(header + "\n" + "-" * len(header))
+    shapes = {case.shape: Case(case.shape, case.dtype, "rows", case.method).size() for case in matrix}
+    print(
+        "\nattack calls: time per call, the seed's time over it, the extra peak memory of a first call, what it holds"
+        " after\nshapes (rows x dim, rows a batch touches; dense and tied: every row): "
+        + ", ".join(f"{shape} {rows}x{dim} ({touched})" for shape, (rows, dim, touched) in shapes.items())
+    )
     seed = {r.case: r for r in results if r.impl == "seed"}
-    slow = 0
+    rows, misses = [], []
     for r in results:
         speedup = seed[r.case].seconds / r.seconds
-        miss = is_fastadv(r.impl) and full_scale() and speedup < MIN_SPEEDUP
-        slow += miss
-        print(
-            _red(
-                f"{r.case.group:<32} {r.impl:<11} {r.seconds * 1e3:>10.2f} {speedup:>7.1f}x"
-                f" {_fmt_bytes(r.extra_bytes):>11} {_fmt_bytes(r.held_bytes):>11}",
-                miss,
-            )
+        misses.append(is_fastadv(r.impl) and full_scale() and speedup < MIN_SPEEDUP)
+        rows.append(
+            [
+                r.case.group,
+                r.impl,
+                f"{r.seconds * 1e3:.2f}",
+                f"{speedup:.1f}x",
+                _fmt_bytes(r.extra_bytes),
+                _fmt_bytes(r.held_bytes),
+            ]
         )
-    if slow:
-        print(_red(f"{slow} rows of fastadv under {MIN_SPEEDUP}x the seed", True))
+    _print(table(["case", "impl", "ms/call", "vs seed", "extra peak", "held after"], rows, "<<>>>>", misses))
+    if any(misses):
+        print("\n" + _red(f"{sum(misses)} rows of fastadv under {MIN_SPEEDUP}x the seed", True))
     if scans:
-        print(
-            f"\n{'FGM scan (xlm-r fp32 rows)':<32} {'backend':<11} {'ms/call':>10} {'read G':>8} {'ratio':>7}"
-            f" {f'<= {SCAN_TARGET}x':>7}"
-        )
-    for name, seconds, read in scans:
         checked = device.type == "cpu" and full_scale()  # the target is the CPU's; shrunk, fixed costs dominate
-        miss = checked and seconds / read > SCAN_TARGET
-        verdict = ("no" if miss else "yes") if checked else "-"
         print(
-            _red(
-                f"{'attack+restore / one read of G':<32} {name:<11} {seconds * 1e3:>10.2f} {read * 1e3:>8.2f}"
-                f" {seconds / read:>6.2f}x {verdict:>7}",
-                miss,
+            '\nFGM attack + restore with rows="scan" against one read of the gradient, its floor;'
+            f" {Case('xlm-r', torch.float32, 'rows', 'fgm').describe()}"
+        )
+        rows, misses = [], []
+        for name, seconds, read in scans:
+            misses.append(checked and seconds / read > SCAN_TARGET)
+            verdict = ("no" if misses[-1] else "yes") if checked else "-"
+            rows.append([name, f"{seconds * 1e3:.2f}", f"{read * 1e3:.2f}", f"{seconds / read:.2f}x", verdict])
+        header = ["backend", "ms/call", "ms read G", "ratio", f"<= {SCAN_TARGET}x"]
+        _print(table(header, rows, "<>>>>", misses))
+    llm = [case for case in matrix if case.shape in LLM_SHAPES]
+    if llm:
+        llm_shapes = {(case.shape, case.dtype): Case(case.shape, case.dtype, "rows", "fgm").size() for case in llm}
+        print(
+            f'\nLLM embedding: FGM with the defaults ("{DEFAULT}") against the seed, on '
+            + ", ".join(
+                f"{shape} {rows}x{dim} {str(dtype).removeprefix('torch.')} (rows: {touched} touched; tied: every row)"
+                for (shape, dtype), (rows, dim, touched) in llm_shapes.items()
             )
         )
-    if any(case.shape in LLM_SHAPES for case in matrix):
-        print("\nLLM embedding (fgm, defaults): measure = value (target)")
-    for case in matrix:
-        if case.shape in LLM_SHAPES:
+        rows, misses = [], []
+        for case in llm:
             by_impl = {r.impl: r for r in results if r.case == case}
-            measures = llm_measures(by_impl[DEFAULT], by_impl["seed"], floors.get(case))
-            floor = f"floor {TIED_FLOOR_COPIES * floors[case][1] * 1e3:.1f} ms, " if case in floors else ""
-            print(
-                f"{case.group:<32} {floor}"
-                + ", ".join(
-                    _red(f"{name} = {value:.3g} ({how} {target:.3g})", full_scale() and not meets(value, how, target))
-                    for name, (value, how, target) in measures.items()
+            if case in floors:
+                floor = TIED_FLOOR_COPIES * floors[case][1] * 1e3
+                rows.append([case.group, f"floor ({TIED_FLOOR_COPIES} copies), ms", f"{floor:.1f}", "-", "-"])
+                misses.append(False)
+            for name, (value, how, target) in llm_measures(by_impl[DEFAULT], by_impl["seed"], floors.get(case)).items():
+                met = meets(value, how, target)
+                misses.append(full_scale() and not met)
+                rows.append(
+                    [
+                        case.group,
+                        name,
+                        _fmt(value),
+                        f"{how} {_fmt(target)}",
+                        ("yes" if met else "no") if full_scale() else "-",
+                    ]
                 )
-            )
+        _print(table(["case", "measure", "value", "target", "met"], rows, "<<>>>", misses))
     if e2e:
-        print(f"\n{'end to end (BERT, 250002 vocab)':<32} {'impl':<11} {'ms/step':>10} {'/ no-op':>8}")
-        for method, impl, seconds, ratio in e2e:
-            print(f"{method:<32} {impl:<11} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
-        print(f"\n{'input space (BERT, padded batch)':<32} {'impl':<11} {'ms/step':>10} {'/ plain':>8}")
-        for method, impl, seconds, ratio in input_e2e:
-            print(f"{method:<32} {impl:<11} {seconds * 1e3:>10.1f} {ratio:>7.2f}x")
+        print(f"\nend to end: training steps against the same loop with no attack, on a transformers {e2e_caption()}")
+        rows = [[method, impl, f"{seconds * 1e3:.1f}", f"{ratio:.2f}x"] for method, impl, seconds, ratio in e2e]
+        _print(table(["method", "impl", "ms/step", "/ no attack"], rows, "<<>>"))
+    if input_e2e:
+        print(
+            f"\ninput space: training steps against a plain step, on the same {e2e_caption()}"
+            f"\n(every other sequence padded from token {E2E_PAD_FROM})"
+        )
+        rows = [[method, impl, f"{seconds * 1e3:.1f}", f"{ratio:.2f}x"] for method, impl, seconds, ratio in input_e2e]
+        _print(table(["method", "impl", "ms/step", "/ plain"], rows, "<<>>"))
     if args.plot:
-        _plot(results, args.plot)
+        _plot(results, args.plot, device)
     return 0
 
 
-def _plot(results: list[Result], path: str) -> None:
-    import matplotlib
-    import matplotlib.ticker
-
+def _plot(results: list[Result], path: str, device: torch.device) -> None:
+    """A bar chart of each case's speed-ups over the seed, one bar per implementation, titled with the machine, the
+    date and the scale; the legend outside the axes, so that it hides no bar."""
+    matplotlib = importlib.import_module("matplotlib")  # checked importable before the run (main)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = importlib.import_module("matplotlib.pyplot")
+    ticker = importlib.import_module("matplotlib.ticker")
 
     groups = list(dict.fromkeys(r.case.group for r in results))
     impls = [i for i in dict.fromkeys(r.impl for r in results) if i != "seed"]
     seed = {r.case.group: r.seconds for r in results if r.impl == "seed"}
-    fig, ax = plt.subplots(figsize=(max(6, len(groups) * 0.6), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.5 + 0.45 * len(groups)), 5.5))
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         speedup = {r.case.group: seed[r.case.group] / r.seconds for r in results if r.impl == impl}
-        ax.bar([i + k * width for i in range(len(groups))], [speedup.get(g, 0) for g in groups], width, label=impl)
+        at = [i for i, group in enumerate(groups) if group in speedup]
+        ax.bar([i + k * width for i in at], [speedup[groups[i]] for i in at], width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8, label="seed (1x)")
+    if full_scale():
+        ax.axhline(MIN_SPEEDUP, color="red", linestyle="--", linewidth=0.8, label=f"target ({MIN_SPEEDUP}x)")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(groups) - 0.5 + 0.8 - width)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
-    ax.set_ylabel("speed-up over the seed")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.set_ylabel("speed-up over the seed (its time / this one's; log scale)")
+    ax.set_xlabel("case: method-shape-dtype-gradient; a call is attack + restore (PGD: its k=3 steps)")
+    scale = "full shapes" if full_scale() else f"shapes scaled by {bench_scale()} (targets not checked)"
+    fig.suptitle("fastadv: attack-call speed-up over the seed", fontweight="bold")
+    ax.set_title(
+        f"{machine(device)}; torch {torch.__version__}; {datetime.date.today()}; {scale}", fontsize=8, color="dimgray"
+    )
+    ax.legend(title="implementation", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     print(f"wrote {path}")
 
 
