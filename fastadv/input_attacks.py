@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,21 @@ __all__ = ["FusedFreeLB", "FusedSMART", "FusedR3F", "FusedVAT", "FusedGradientPe
 Forward = Callable[[], Any]
 #: Backpropagates a loss (``loss.backward()``, ``scaler.scale(loss).backward()``, ``accelerator.backward(loss)``).
 Backward = Callable[[Tensor], None]
+#: What a summed divergence is divided by (``None``: how many rows count; see :func:`_reduced`).
+_Total: TypeAlias = "Tensor | float | None"
+
+
+class _Ascent(NamedTuple):
+    """The step and the bound of an ascent: the arguments of :meth:`~fastadv.backends.contract.Backend.input_step`
+    after ``delta``, ``grad`` and ``mask``, in its order."""
+
+    lr: float
+    norm: str
+    per_token: bool
+    denom_eps: float
+    denom_floor: float
+    bound: str
+    radius: float
 
 
 def _loss_of(out: Any) -> Tensor:
@@ -76,9 +91,9 @@ def embedding_module(model: nn.Module, emb_name: str | None) -> tuple[str, nn.Mo
     (``"encoder.embed_tokens"`` picks one of an encoder-decoder's two), or, for a name without a dot, whose last name
     part contains it. A clear error unless exactly one matches."""
     if emb_name is None:
-        found = input_embedding(model)
-        if found is not None:
-            return found
+        embedding = input_embedding(model)
+        if embedding is not None:
+            return embedding
         emb_name = DEFAULT_EMB_NAME
     if "." in emb_name:
         found = [(n, m) for n, m in model.named_modules() if n == emb_name or n.endswith("." + emb_name)]
@@ -108,7 +123,9 @@ def _sequence_mark() -> int:
     """The autograd sequence number the next node created on this thread gets: passes are told apart by it, since a
     node's number says which pass created it."""
     with torch.inference_mode(False), torch.enable_grad():
-        return torch.empty((), requires_grad=True).view(()).grad_fn._sequence_nr()
+        node = torch.empty((), requires_grad=True).view(()).grad_fn
+        assert node is not None  # a view of a tensor that requires grad, under enable_grad
+        return node._sequence_nr()
 
 
 class _EmbeddingOutput:
@@ -165,7 +182,8 @@ class _EmbeddingOutput:
         hooks = self.module._forward_hooks
         before = list(hooks.items())
         self._neftune = [hooks.pop(key) for key in (_neftune_hooks(self.module) if share_noise else [])]
-        self._handle = nn.modules.module.register_module_forward_hook(self._hook)
+        # torch types a forward hook as returning None; one may return the output to use instead
+        self._handle = nn.modules.module.register_module_forward_hook(self._hook)  # type: ignore[arg-type]
         try:
             yield self
         finally:
@@ -177,6 +195,13 @@ class _EmbeddingOutput:
                 hooks.clear()
                 hooks.update(kept + added)
             self._clear()
+
+    @property
+    def seen(self) -> Tensor:
+        """The output of the module's last call in the step (an error if the forward pass did not call it)."""
+        if self.output is None:
+            raise RuntimeError(f"the forward pass did not call {self.name}: nothing to perturb")
+        return self.output
 
     def perturb(self, delta: Tensor | None, detach: bool = False) -> None:
         """What the next passes add to the output (``None``: nothing)."""
@@ -319,23 +344,10 @@ class _InputAttack(Hyperparameters, abc.ABC):
         hook.pass_done()
         return out
 
-    def _ascend(
-        self,
-        delta: Tensor,
-        grad: Tensor,
-        mask: Tensor | None,
-        lr: float,
-        norm: str,
-        per_token: bool,
-        denom_eps: float,
-        denom_floor: float,
-        bound: str,
-        radius: float,
-    ) -> Tensor:
+    def _ascend(self, delta: Tensor, grad: Tensor, mask: Tensor | None, ascent: _Ascent) -> Tensor:
+        """``ascent``'s step of ``delta`` in place (``input_step``); returns the gradient norms."""
         backend = backend_for(self.backend, [delta], [grad])
-        return backend.input_step(
-            delta.detach(), grad.contiguous(), mask, lr, norm, per_token, denom_eps, denom_floor, bound, radius
-        )
+        return backend.input_step(delta.detach(), grad.contiguous(), mask, *ascent)
 
     @abc.abstractmethod
     def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -454,6 +466,8 @@ class FusedFreeLB(_InputAttack):
     def run(self, forward: Forward, backward: Backward, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the losses of the first and the last pass (each before the division by ``adv_steps``)."""
         bound = ("l2" if self.norm == "l2" else "inf") if self.adv_max_norm > 0 else "none"
+        norm = "inf" if self.norm == "linf" else "l2"
+        ascent = _Ascent(self.adv_lr, norm, False, 0.0, 1e-8, bound, self.adv_max_norm)
         with self._perturbation(attention_mask, init=self._init, replay_rng=self.shared_dropout) as hook:
             losses = []
             for t in range(self.adv_steps):
@@ -463,25 +477,14 @@ class FusedFreeLB(_InputAttack):
                 if t == self.adv_steps - 1:
                     break
                 delta = hook.delta
-                if delta.grad is None:
+                if delta is None or delta.grad is None:
                     raise RuntimeError(f"the loss does not depend on the output of {hook.name}: nothing to ascend")
-                self._ascend(
-                    delta,
-                    delta.grad,
-                    hook.mask,
-                    self.adv_lr,
-                    "inf" if self.norm == "linf" else "l2",
-                    False,
-                    0.0,
-                    1e-8,
-                    bound,
-                    self.adv_max_norm,
-                )
+                self._ascend(delta, delta.grad, hook.mask, ascent)
                 delta.grad = None
         return losses[0], losses[-1]
 
 
-def _reduced(per_row: Tensor, rows: Tensor | None, total: Tensor | float | None) -> Tensor:
+def _reduced(per_row: Tensor, rows: Tensor | None, total: _Total) -> Tensor:
     """The mean of ``per_row`` over the rows flagged in ``rows`` (every row without it), or their sum divided by
     ``total`` when given (the Trainer's count of the whole accumulated batch)."""
     if rows is None and total is None:
@@ -492,7 +495,7 @@ def _reduced(per_row: Tensor, rows: Tensor | None, total: Tensor | float | None)
     return per_row.sum() / torch.as_tensor(count, dtype=per_row.dtype, device=per_row.device).clamp_min(1)
 
 
-def _kl(logits: Tensor, target: Tensor, rows: Tensor | None = None, total: Tensor | float | None = None) -> Tensor:
+def _kl(logits: Tensor, target: Tensor, rows: Tensor | None = None, total: _Total = None) -> Tensor:
     """KL(softmax(logits) || softmax(target)) of each row of the logits, in fp32, reduced by :func:`_reduced` (the
     mean over the rows: ``batchmean``)."""
     with torch.autocast(logits.device.type, enabled=False):
@@ -501,11 +504,7 @@ def _kl(logits: Tensor, target: Tensor, rows: Tensor | None = None, total: Tenso
 
 
 def _squared_error(
-    prediction: Tensor,
-    target: Tensor,
-    rows: Tensor | None = None,
-    total: Tensor | float | None = None,
-    mean: bool = True,
+    prediction: Tensor, target: Tensor, rows: Tensor | None = None, total: _Total = None, mean: bool = True
 ) -> Tensor:
     """The squared error of two regression heads' outputs in fp32: its mean over the elements of the counted rows
     (``mean=False``: its sum over them)."""
@@ -534,6 +533,37 @@ class _ComparingAttack(_InputAttack):
         if hook.mask is not None and logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(hook.mask.shape):
             return hook.mask.reshape(-1)
         return None
+
+    def run(
+        self,
+        forward: Forward,
+        backward: Backward,
+        attention_mask: Tensor | None = None,
+        *,
+        logit_rows: Tensor | None = None,
+        logit_total: Tensor | float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns the task loss and the adversarial term (before its weight in the loss: ``alpha``, R3F's
+        ``r3f_lambda``), after one backward of ``loss + weight * term``.
+
+        ``logit_rows`` (bool, ``logits.shape[:-1]``): the rows of the logits the divergences count (default: every
+        row; for token-level logits the tokens of ``attention_mask``); ``logit_total``: what their summed divergence
+        is divided by (default: how many rows count). The Trainer passes the positions of the labels and the
+        accumulated batch's item count, so that the term is reduced as its loss is.
+        """
+        with self._perturbation(attention_mask) as hook:
+            loss, logits = _loss_and_logits(self._forward(forward, hook))
+            rows = self._rows(logits, hook, logit_rows)
+            term, weight = self._term(forward, hook, logits, rows, logit_total)
+            backward(loss + weight * term)
+        return loss.detach(), term.detach()
+
+    @abc.abstractmethod
+    def _term(
+        self, forward: Forward, hook: _EmbeddingOutput, logits: Tensor, rows: Tensor | None, total: _Total
+    ) -> tuple[Tensor, float]:
+        """The adversarial term, from the perturbed passes it runs after the clean one (``logits``), and its weight;
+        ``rows`` and ``total`` reduce its divergence (:func:`_reduced`)."""
 
 
 class FusedSMART(_ComparingAttack):
@@ -626,65 +656,45 @@ class FusedSMART(_ComparingAttack):
     def _step_noise(self, noise: Tensor, grad: Tensor, mask: Tensor | None) -> Tensor:
         """One ascent step of ``noise`` in place (see the class); returns the gradient norms (their finiteness)."""
         bound, radius = ("inf", self.adv_eps) if self.adv_eps is not None else ("none", 0.0)
+        ascent = _Ascent(self.step_size, self.norm, self.per_token, self.epsilon, 0.0, bound, radius)
         if self.update == "paper":
-            return self._ascend(
-                noise, grad, mask, self.step_size, self.norm, self.per_token, self.epsilon, 0.0, bound, radius
-            )
+            return self._ascend(noise, grad, mask, ascent)
         # N(noise + step_size * g): input_step's normalised step of that sum, from zero, in the math dtype (the noise
         # rounded once)
         wide = torch.float64 if noise.dtype == torch.float64 else torch.float32
         summed = torch.add(noise.detach().to(wide), grad.to(wide), alpha=self.step_size)
         step = torch.zeros_like(summed)
-        norms = self._ascend(step, summed, mask, 1.0, self.norm, self.per_token, self.epsilon, 0.0, bound, radius)
+        norms = self._ascend(step, summed, mask, ascent._replace(lr=1.0))
         noise.detach().copy_(step)
         return norms
 
-    def run(
-        self,
-        forward: Forward,
-        backward: Backward,
-        attention_mask: Tensor | None = None,
-        *,
-        logit_rows: Tensor | None = None,
-        logit_total: Tensor | float | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Returns the task loss and the adversarial term (before ``alpha``).
-
-        ``logit_rows`` (bool, ``logits.shape[:-1]``): the rows of the logits the divergences count (default: every
-        row; for token-level logits the tokens of ``attention_mask``); ``logit_total``: what their summed divergence
-        is divided by (default: how many rows count). The Trainer passes the positions of the labels and the
-        accumulated batch's item count, so that the term is reduced as its loss is.
-        """
-        with self._perturbation(attention_mask) as hook:
-            loss, logits = _loss_and_logits(self._forward(forward, hook))
-            embed = hook.output
-            rows = self._rows(logits, hook, logit_rows)
-            noise = hook.masked(embed.new_empty(embed.size()).normal_(0, 1) * self.noise_var).detach()
-            finite = torch.ones((), dtype=torch.bool, device=embed.device)
-            for _ in range(self.steps):
-                hook.perturb(noise.requires_grad_())
-                _, adv_logits = _loss_and_logits(self._forward(forward, hook))
-                # summed over the rows, as mt-dnn's stable_kl(reduce=False): a token's gradient does not depend on how
-                # many share its batch (only epsilon would see that)
-                if self.divergence == "mse":
-                    divergence = _squared_error(adv_logits, logits.detach(), rows, mean=False)
-                else:
-                    divergence = _kl(adv_logits, logits.detach(), rows, total=1)
-                (grad,) = torch.autograd.grad(divergence, noise)
-                norms = self._step_noise(noise, grad, hook.mask)
-                finite = finite & norms.isfinite().all()
-                noise = noise.detach()
-            hook.perturb(noise)
+    def _term(
+        self, forward: Forward, hook: _EmbeddingOutput, logits: Tensor, rows: Tensor | None, total: _Total
+    ) -> tuple[Tensor, float]:
+        """The symmetric divergence of the noise trained by the ascent (``alpha``)."""
+        embed = hook.seen
+        noise = hook.masked(embed.new_empty(embed.size()).normal_(0, 1) * self.noise_var).detach()
+        finite = torch.ones((), dtype=torch.bool, device=embed.device)
+        for _ in range(self.steps):
+            hook.perturb(noise.requires_grad_())
             _, adv_logits = _loss_and_logits(self._forward(forward, hook))
+            # summed over the rows, as mt-dnn's stable_kl(reduce=False): a token's gradient does not depend on how
+            # many share its batch (only epsilon would see that)
             if self.divergence == "mse":
-                term = _squared_error(adv_logits, logits, rows, logit_total)
+                divergence = _squared_error(adv_logits, logits.detach(), rows, mean=False)
             else:
-                term = _kl(adv_logits.detach(), logits, rows, logit_total) + _kl(
-                    logits.detach(), adv_logits, rows, logit_total
-                )
-            term = torch.where(finite, term, 0.0)
-            backward(loss + self.alpha * term)
-        return loss.detach(), term.detach()
+                divergence = _kl(adv_logits, logits.detach(), rows, total=1)
+            (grad,) = torch.autograd.grad(divergence, noise)
+            norms = self._step_noise(noise, grad, hook.mask)
+            finite = finite & norms.isfinite().all()
+            noise = noise.detach()
+        hook.perturb(noise)
+        _, adv_logits = _loss_and_logits(self._forward(forward, hook))
+        if self.divergence == "mse":
+            term = _squared_error(adv_logits, logits, rows, total)
+        else:
+            term = _kl(adv_logits.detach(), logits, rows, total) + _kl(logits.detach(), adv_logits, rows, total)
+        return torch.where(finite, term, 0.0), self.alpha
 
 
 class FusedR3F(_ComparingAttack):
@@ -728,33 +738,20 @@ class FusedR3F(_ComparingAttack):
         )
         super().__init__(model, emb_name, backend)
 
-    def run(
-        self,
-        forward: Forward,
-        backward: Backward,
-        attention_mask: Tensor | None = None,
-        *,
-        logit_rows: Tensor | None = None,
-        logit_total: Tensor | float | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Returns the task loss and the symmetric divergence (before ``r3f_lambda``); ``logit_rows`` and
-        ``logit_total`` as for :meth:`FusedSMART.run`."""
-        with self._perturbation(attention_mask) as hook:
-            loss, logits = _loss_and_logits(self._forward(forward, hook))
-            embed = hook.output
-            rows = self._rows(logits, hook, logit_rows)
-            if self.noise_type == "normal":
-                noise = torch.normal(torch.zeros_like(embed, dtype=torch.float32), self.eps)
-            else:
-                noise = torch.rand(embed.shape, device=embed.device) * (2 * self.eps) - self.eps
-            hook.perturb(hook.masked(noise).to(embed.dtype), detach=True)
-            _, noised_logits = _loss_and_logits(self._forward(forward, hook))
-            if self.divergence == "mse":
-                term = _squared_error(noised_logits, logits, rows, logit_total)
-            else:
-                term = _kl(logits, noised_logits, rows, logit_total) + _kl(noised_logits, logits, rows, logit_total)
-            backward(loss + self.r3f_lambda * term)
-        return loss.detach(), term.detach()
+    def _term(
+        self, forward: Forward, hook: _EmbeddingOutput, logits: Tensor, rows: Tensor | None, total: _Total
+    ) -> tuple[Tensor, float]:
+        """The symmetric divergence of the noised pass (``r3f_lambda``)."""
+        embed = hook.seen
+        if self.noise_type == "normal":
+            noise = torch.normal(torch.zeros_like(embed, dtype=torch.float32), self.eps)
+        else:
+            noise = torch.rand(embed.shape, device=embed.device) * (2 * self.eps) - self.eps
+        hook.perturb(hook.masked(noise).to(embed.dtype), detach=True)
+        _, noised_logits = _loss_and_logits(self._forward(forward, hook))
+        if self.divergence == "mse":
+            return _squared_error(noised_logits, logits, rows, total), self.r3f_lambda
+        return _kl(logits, noised_logits, rows, total) + _kl(noised_logits, logits, rows, total), self.r3f_lambda
 
 
 #: input_step's denominator floor for an exact l2 normalisation (``denom_eps=0``): the smallest normal fp32, below
@@ -819,41 +816,32 @@ class FusedVAT(_ComparingAttack):
     def _scaled(self, direction: Tensor, mask: Tensor | None, length: float) -> Tensor:
         """``length * N(direction)`` (see the class), a new contiguous tensor of its dtype."""
         r = torch.zeros(direction.shape, dtype=direction.dtype, device=direction.device)
-        self._ascend(r, direction, mask, length, "l2", False, 0.0, _EXACT_FLOOR, "none", 0.0)
+        self._ascend(r, direction, mask, _Ascent(length, "l2", False, 0.0, _EXACT_FLOOR, "none", 0.0))
         return r
 
-    def run(
-        self,
-        forward: Forward,
-        backward: Backward,
-        attention_mask: Tensor | None = None,
-        *,
-        logit_rows: Tensor | None = None,
-        logit_total: Tensor | float | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Returns the task loss and the virtual adversarial KL (before ``alpha``); ``logit_rows`` and
-        ``logit_total`` as for :meth:`FusedSMART.run`."""
-        with self._perturbation(attention_mask) as hook:
-            loss, logits = _loss_and_logits(self._forward(forward, hook))
-            if logits.size(-1) < 2:
-                raise ValueError(
-                    f"VAT compares softmax distributions over the last dimension of the logits, which "
-                    f"has size {logits.size(-1)} here: give a classifier's logits (two for a binary task)"
-                )
-            clean = logits.detach()
-            rows = self._rows(logits, hook, logit_rows)
-            direction = torch.randn_like(hook.output, memory_format=torch.contiguous_format)
-            for _ in range(self.power_iters):
-                r = self._scaled(direction, hook.mask, self.xi).requires_grad_()
-                hook.perturb(r)
-                _, adv_logits = _loss_and_logits(self._forward(forward, hook))
-                # its mean or sum: the same direction once normalised per example
-                (direction,) = torch.autograd.grad(_kl(clean, adv_logits, rows), r)
-            hook.perturb(self._scaled(direction, hook.mask, self.eps))
+    def _rows(self, logits: Tensor, hook: _EmbeddingOutput, logit_rows: Tensor | None) -> Tensor | None:
+        if logits.size(-1) < 2:  # the logits themselves first, then the rows that count in them
+            raise ValueError(
+                f"VAT compares softmax distributions over the last dimension of the logits, which "
+                f"has size {logits.size(-1)} here: give a classifier's logits (two for a binary task)"
+            )
+        return super()._rows(logits, hook, logit_rows)
+
+    def _term(
+        self, forward: Forward, hook: _EmbeddingOutput, logits: Tensor, rows: Tensor | None, total: _Total
+    ) -> tuple[Tensor, float]:
+        """The virtual adversarial KL (``alpha``)."""
+        clean = logits.detach()
+        direction = torch.randn_like(hook.seen, memory_format=torch.contiguous_format)
+        for _ in range(self.power_iters):
+            r = self._scaled(direction, hook.mask, self.xi).requires_grad_()
+            hook.perturb(r)
             _, adv_logits = _loss_and_logits(self._forward(forward, hook))
-            term = _kl(clean, adv_logits, rows, logit_total)
-            backward(loss + self.alpha * term)
-        return loss.detach(), term.detach()
+            # its mean or sum: the same direction once normalised per example
+            (direction,) = torch.autograd.grad(_kl(clean, adv_logits, rows), r)
+        hook.perturb(self._scaled(direction, hook.mask, self.eps))
+        _, adv_logits = _loss_and_logits(self._forward(forward, hook))
+        return _kl(clean, adv_logits, rows, total), self.alpha
 
 
 def _zero_delta(embeds: Tensor, mask: Tensor | None) -> Tensor:
@@ -909,6 +897,8 @@ class FusedGradientPenalty(_InputAttack):
         """Returns the task loss and the squared gradient norm (before ``epsilon / 2``)."""
         with sdpa_kernel(SDPBackend.MATH), self._perturbation(attention_mask, init=_zero_delta) as hook:
             loss = _loss_of(self._forward(forward, hook))
+            if hook.delta is None:  # made at the module's first call
+                raise RuntimeError(f"the forward pass did not call {hook.name}: nothing to penalise")
             (grad,) = torch.autograd.grad(loss, hook.delta, create_graph=True, allow_unused=True)
             if grad is None:
                 raise RuntimeError(f"the loss does not depend on the output of {hook.name}: nothing to penalise")

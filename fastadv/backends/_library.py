@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastadv.backends import contract
-from fastadv.backends.contract import Backend, signature
+from fastadv.backends.contract import Backend, Tensors, signature
 
 __all__ = ["schema", "register_fakes", "calls", "define"]
 
@@ -59,21 +59,16 @@ def schema(op: str) -> str:
 # ---- fake kernels: only shapes, for FakeTensor/meta tracing; perturb, project and restore only write their inputs ----
 
 
-def _stats(grads: list[Tensor], *_: object, **__: object) -> Tensor:
+def _stats(grads: Tensors, *_: object, **__: object) -> Tensor:
     return grads[0].new_empty((len(grads), 3), dtype=torch.float64)
 
 
-def _sums(tensors: list[Tensor], *_: object, **__: object) -> Tensor:
+def _sums(tensors: Tensors, *_: object, **__: object) -> Tensor:
     return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
 
 def _delta_sumsq(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    n_backed: list[int],
-    scales: Tensor,
+    params: Tensors, grads: Tensors, rows: Tensors, backups: Tensors, n_backed: list[int], scales: Tensor
 ) -> Tensor:
     return scales.new_empty((len(params),), dtype=torch.float32)
 

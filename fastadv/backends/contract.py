@@ -18,14 +18,17 @@ import inspect
 import typing
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "Op", "OPS", "signature", "mismatch", "mismatches"]
+__all__ = ["Backend", "Op", "OPS", "Tensors", "signature", "mismatch", "mismatches"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+#: What the ops take a list of tensors as (one per target parameter): ``Tensor[]`` in a schema.
+Tensors: TypeAlias = list[Tensor]
 
 
 class Op(NamedTuple):
@@ -71,9 +74,7 @@ class Backend(Protocol):
     """
 
     @_op("fresh", required=True)
-    def scan(
-        self, grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None
-    ) -> Tensor:
+    def scan(self, grads: Tensors, touched: Tensors, fresh: Tensors, params: Tensors | None = None) -> Tensor:
         """One read of each gradient (and of each parameter when ``params`` is given). ``stats`` is a float64
         ``[n, 3]`` tensor: the sum of squares of ``grads[i]``; the number of rows that are non-zero in ``grads[i]``
         (any element non-zero, NaN included, even when its square underflows) and not yet in ``touched[i]``; the sum
@@ -82,12 +83,12 @@ class Backend(Protocol):
         ...
 
     @_op(required=True)
-    def row_sumsq(self, tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+    def row_sumsq(self, tensors: Tensors, rows: Tensors) -> Tensor:
         """float64 ``[n]``: the sum of squares of the rows ``rows[i]`` of ``tensors[i]``, reading only those rows."""
         ...
 
     @_op("backups")
-    def backup(self, params: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int]) -> None:
+    def backup(self, params: Tensors, rows: Tensors, backups: Tensors, n_backed: list[int]) -> None:
         """``backups[i][j] = params[i][rows[i][j]]`` (the bits) for ``j >= n_backed[i]``; no weight is written. A
         gather: the compiled backends run the torch backend's (:func:`fastadv.backends.torch_ops.backup`). The attack
         classes back up the new rows with it before any weight is written, so an interrupted step never leaves a row
@@ -97,10 +98,10 @@ class Backend(Protocol):
     @_op("params", "backups", required=True)
     def perturb(
         self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        rows: list[Tensor],
-        backups: list[Tensor],
+        params: Tensors,
+        grads: Tensors,
+        rows: Tensors,
+        backups: Tensors,
         n_backed: list[int],
         scales: Tensor,
         box_eps: float | None = None,
@@ -112,13 +113,7 @@ class Backend(Protocol):
 
     @_op("backups", required=True)
     def measure(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        rows: list[Tensor],
-        backups: list[Tensor],
-        n_backed: list[int],
-        scales: Tensor,
+        self, params: Tensors, grads: Tensors, rows: Tensors, backups: Tensors, n_backed: list[int], scales: Tensor
     ) -> Tensor:
         """PGD's first pass: the backups as in ``perturb``, and a float32 (float64 for float64 parameters) ``[n]``
         vector of ``||W + scales[i] * G - B||^2`` over ``rows[i]`` (0 where the scale is 0); the weights are not
@@ -128,10 +123,10 @@ class Backend(Protocol):
     @_op("params", required=True)
     def project(
         self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        rows: list[Tensor],
-        backups: list[Tensor],
+        params: Tensors,
+        grads: Tensors,
+        rows: Tensors,
+        backups: Tensors,
         scales: Tensor,
         delta_sumsq: Tensor,
         eps: float,
@@ -143,7 +138,7 @@ class Backend(Protocol):
         ...
 
     @_op("params", required=True)
-    def restore(self, params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
+    def restore(self, params: Tensors, rows: Tensors, backups: Tensors) -> None:
         """``params[i][rows[i]] = backups[i]``, bit-exact, in place."""
         ...
 

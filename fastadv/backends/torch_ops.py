@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from fastadv.backends.contract import Tensors
+
 __all__ = ["scan", "row_sumsq", "backup", "perturb", "measure", "project", "restore", "input_step", "supports"]
 
 # On the CPU the ops walk rows in chunks, through buffers made once per tensor of a call and reused by its chunks.
@@ -66,7 +68,8 @@ class _Buffers:
     """Buffers of one chunk's shape, made on first use and reused by every chunk of a tensor."""
 
     def __init__(self, like: Tensor, rows: int) -> None:
-        self.like, self.rows, self._made = like, rows, {}
+        self.like, self.rows = like, rows
+        self._made: dict[str, Tensor] = {}
 
     def get(self, name: str, dtype: torch.dtype, rows: int) -> Tensor:
         buffer = self._made.get(name)
@@ -117,7 +120,7 @@ def _norms_and_sumsq(grad: Tensor) -> tuple[Tensor, Tensor]:
     return norms, _row_norms(grad, None if len(rows) == len(norms) else rows).square().sum()
 
 
-def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None) -> Tensor:
+def scan(grads: Tensors, touched: Tensors, fresh: Tensors, params: Tensors | None = None) -> Tensor:
     stats = torch.zeros(len(grads), 3, dtype=torch.float64, device=grads[0].device)
     for i, (grad, seen, new) in enumerate(zip(grads, touched, fresh)):
         norms, stats[i, 0] = _norms_and_sumsq(grad)
@@ -128,12 +131,12 @@ def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params
     return stats
 
 
-def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+def row_sumsq(tensors: Tensors, rows: Tensors) -> Tensor:
     sums = [_row_norms(tensor, idx).square().sum() for tensor, idx in zip(tensors, rows)]
     return torch.stack(sums).double() if sums else torch.zeros(0, dtype=torch.float64)
 
 
-def backup(params: list[Tensor], rows: list[Tensor], backups: list[Tensor], n_backed: list[int]) -> None:
+def backup(params: Tensors, rows: Tensors, backups: Tensors, n_backed: list[int]) -> None:
     for param, idx, saved, done in zip(params, rows, backups, n_backed):
         if done >= len(idx):
             continue
@@ -179,10 +182,10 @@ def _buffers(param: Tensor, idx: Tensor) -> _Buffers:
 
 
 def perturb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
+    params: Tensors,
+    grads: Tensors,
+    rows: Tensors,
+    backups: Tensors,
     n_backed: list[int],
     scales: Tensor,
     box_eps: float | None = None,
@@ -216,18 +219,14 @@ def _step_in_own_dtype(param: Tensor, grad: Tensor, idx: Tensor, done: int, scal
         return
     size = param.element_size()
     buffers = _Buffers(param, _chunk_rows(param, len(idx), size))
-    for rows, _ in _pieces(param, idx, done, size):
+    for span in _spans(param, len(idx), size):  # the pieces of the index list (_pieces)
+        rows = idx[span]
         weights = _rows_in(param, rows, param.dtype, buffers, "new")
         _index_copy(param, rows, weights.addcmul_(_rows_in(grad, rows, param.dtype, buffers, "grad"), one, value=scale))
 
 
 def measure(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    n_backed: list[int],
-    scales: Tensor,
+    params: Tensors, grads: Tensors, rows: Tensors, backups: Tensors, n_backed: list[int], scales: Tensor
 ) -> Tensor:
     backup(params, rows, backups, n_backed)
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -245,13 +244,7 @@ def measure(
 
 
 def project(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    scales: Tensor,
-    delta_sumsq: Tensor,
-    eps: float,
+    params: Tensors, grads: Tensors, rows: Tensors, backups: Tensors, scales: Tensor, delta_sumsq: Tensor, eps: float
 ) -> None:
     for i, (param, grad, idx, saved) in enumerate(zip(params, grads, rows, backups)):
         keep = scales[i] != 0
@@ -279,7 +272,7 @@ def _index_copy(param: Tensor, idx: Tensor, rows: Tensor) -> None:
     param.index_copy_(0, idx, rows)
 
 
-def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
+def restore(params: Tensors, rows: Tensors, backups: Tensors) -> None:
     for param, idx, saved in zip(params, rows, backups):
         if _every_row(param, idx, len(idx)):  # every listed row is backed up
             param.copy_(saved)

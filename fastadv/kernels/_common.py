@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+_K = TypeVar("_K", bound=Hashable)
 
 #: Elements per program tile (rows x columns): 16 per thread per live tensor at the default 4 warps.
 TILE = 2048
@@ -66,9 +69,9 @@ def vec_hint(tensors: Iterable[Tensor], ints: Iterable[int]) -> int:
     return vec
 
 
-def group_by(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+def group_by(keys: Sequence[_K]) -> dict[_K, list[int]]:
     """Indices of ``keys`` grouped by value, in first-seen order (one launch per group)."""
-    groups: dict[Hashable, list[int]] = {}
+    groups: dict[_K, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     return groups
@@ -157,6 +160,31 @@ def table(rows: Iterable[Iterable[int]], device: torch.device) -> Tensor:
         return on_device
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     return _cached_table(values, device, stream)
+
+
+def launch(
+    kernel: Any,
+    groups: Iterable[Group],
+    device: torch.device,
+    fields: Callable[[int, int], Sequence[int]],
+    *args: Any,
+    keyed: Callable[[Any], dict[str, Any]],
+    **constexprs: Any,
+) -> None:
+    """``kernel`` launched once per group of :func:`plan`, with its table (``fields(i, first)``: the row of tensor
+    ``i`` of the list, whose first program is ``first``), its tensor count, the row blocks per program, then ``args``;
+    compile-time, ``keyed(group.key)`` (the dtypes), ``constexprs`` and the group's tile."""
+    for group in groups:
+        rows = [fields(i, first) for i, first in zip(group.members, group.first)]
+        kernel[group.grid](
+            table(rows, device),
+            len(group.members),
+            group.blocks_per_program,
+            *args,
+            **keyed(group.key),
+            **constexprs,
+            **group.meta,
+        )
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:

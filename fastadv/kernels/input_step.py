@@ -105,49 +105,6 @@ def _slice_norm(
 
 
 @triton.jit
-def _slice_step(
-    delta,
-    grad,
-    mask,
-    first_token,
-    t,
-    c,
-    tokens,
-    masked_tokens,
-    cols,
-    lr,
-    n,
-    denominator,
-    radius,
-    factor,
-    norm,
-    bound,
-    SCALED: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """The slice's new values: stored (clamped for the "inf" bound); with the "l2" bound, their sum of squares
-    returned (nothing stored) unless ``SCALED``, then stored times ``factor``."""
-    sizes = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for c0 in range(0, cols, BLOCK_D):
-        d_ptrs, inside, g = _tile(delta, grad, mask, first_token, t, c0 + c, tokens, masked_tokens, cols)
-        new = _stepped(d_ptrs, inside, g, lr, n, denominator, norm)
-        if SCALED:
-            tl.store(d_ptrs, (new * factor).to(delta.dtype.element_ty), mask=inside)
-        elif bound == _L2:
-            sizes += new * new
-        else:
-            if bound == _INF:
-                new = tl.minimum(
-                    tl.maximum(new, -radius, propagate_nan=tl.PropagateNan.ALL),
-                    radius,
-                    propagate_nan=tl.PropagateNan.ALL,
-                )
-            tl.store(d_ptrs, new.to(delta.dtype.element_ty), mask=inside)
-    return tl.sum(tl.sum(sizes, axis=1), axis=0)
-
-
-@triton.jit
 def _combined(values, count, by_max):
     """The group's ``count`` per-slice partials at ``values``, summed (maximum with ``by_max``) in a fixed order."""
     s = tl.arange(0, _BLOCK_S)
@@ -224,54 +181,39 @@ def _input_step_kernel(
         # a group whose norm is not finite takes no step: 1 spares it inf / inf (which numpy warns about, interpreted)
         denominator = tl.where(n <= _FLT_MAX, tl.maximum(n + denom_eps, denom_floor), 1.0)
         for k in range(first, last):
+            # the slice's new values: stored (clamped for the "inf" bound); with the "l2" bound, their sum of squares
+            # stored to sizes and nothing else (_STEP), stored times factor (_SCALE), or both (_WHOLE: the slice is its
+            # group, stored times the factor of its own sum)
             t = k * BLOCK_T + rows
-            size = _slice_step(
-                delta,
-                grad,
-                mask,
-                first_token,
-                t,
-                lanes,
-                tokens,
-                masked_tokens,
-                cols,
-                lr,
-                n,
-                denominator,
-                radius,
-                factor,
-                norm,
-                bound,
-                PHASE == _SCALE,
-                BLOCK_T,
-                BLOCK_D,
-            )
+            squares = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            for c0 in range(0, cols, BLOCK_D):
+                d_ptrs, inside, g = _tile(delta, grad, mask, first_token, t, c0 + lanes, tokens, masked_tokens, cols)
+                new = _stepped(d_ptrs, inside, g, lr, n, denominator, norm)
+                if PHASE == _SCALE:
+                    tl.store(d_ptrs, (new * factor).to(delta.dtype.element_ty), mask=inside)
+                elif bound == _L2:
+                    squares += new * new
+                else:
+                    if bound == _INF:
+                        new = tl.minimum(
+                            tl.maximum(new, -radius, propagate_nan=tl.PropagateNan.ALL),
+                            radius,
+                            propagate_nan=tl.PropagateNan.ALL,
+                        )
+                    tl.store(d_ptrs, new.to(delta.dtype.element_ty), mask=inside)
+            size = tl.sum(tl.sum(squares, axis=1), axis=0)
             if PHASE == _STEP:
                 if bound == _L2:
                     tl.store(sizes + group * slices + k, size)
             if PHASE == _WHOLE:
-                if bound == _L2:
-                    _slice_step(
-                        delta,
-                        grad,
-                        mask,
-                        first_token,
-                        t,
-                        lanes,
-                        tokens,
-                        masked_tokens,
-                        cols,
-                        lr,
-                        n,
-                        denominator,
-                        radius,
-                        _bound_factor(tl.sqrt_rn(size), radius),
-                        norm,
-                        bound,
-                        True,
-                        BLOCK_T,
-                        BLOCK_D,
-                    )
+                if bound == _L2:  # the values recomputed bit for bit, as _SCALE does
+                    own = _bound_factor(tl.sqrt_rn(size), radius)
+                    for c0 in range(0, cols, BLOCK_D):
+                        d_ptrs, inside, g = _tile(
+                            delta, grad, mask, first_token, t, c0 + lanes, tokens, masked_tokens, cols
+                        )
+                        new = _stepped(d_ptrs, inside, g, lr, n, denominator, norm)
+                        tl.store(d_ptrs, (new * own).to(delta.dtype.element_ty), mask=inside)
 
 
 def _check(

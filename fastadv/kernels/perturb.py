@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastadv.backends.contract import Tensors
+
 from ._common import (
     INTERPRETED,
     TL_DTYPES,
@@ -34,11 +36,11 @@ from ._common import (
     check,
     check_rows,
     device_guard,
+    launch,
     listed_rows,
     locate,
     plan,
     segment_sum,
-    table,
     typed,
 )
 
@@ -176,10 +178,10 @@ def _rows_kernel(
 
 def _launch(
     stage: tl.constexpr,
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
+    params: Tensors,
+    grads: Tensors,
+    rows: Tensors,
+    backups: Tensors,
     n_backed: list[int],
     scales: Tensor | None,
     *,
@@ -199,48 +201,34 @@ def _launch(
     )
     partials = None if out is None else torch.empty((first_part[-1], 1), dtype=torch.float32, device=device)
     dummy = scales if scales is not None else partials  # for the pointers a stage does not read
-    scales, delta_sumsq, partials = (dummy if v is None else v for v in (scales, delta_sumsq, partials))
+    scales_at, delta_sumsq_at, partials_at = (dummy if v is None else v for v in (scales, delta_sumsq, partials))
+
+    def fields(i: int, first: int) -> tuple[int, ...]:
+        param, grad, idx, backup = params[i], grads[i], rows[i], backups[i]
+        addresses = (t.data_ptr() for t in (param, grad, idx, backup))
+        strides = (t.stride(0) for t in (param, grad, backup))
+        return (*addresses, len(idx), n_backed[i], *param.shape, *strides, i, first, first_part[i])
+
     with device_guard(device):
-        for group in groups:
-            fields = [
-                (
-                    params[i].data_ptr(),
-                    grads[i].data_ptr(),
-                    rows[i].data_ptr(),
-                    backups[i].data_ptr(),
-                    len(rows[i]),
-                    n_backed[i],
-                    *params[i].shape,
-                    params[i].stride(0),
-                    grads[i].stride(0),
-                    backups[i].stride(0),
-                    i,
-                    group.first[k],
-                    first_part[i],
-                )
-                for k, i in enumerate(group.members)
-            ]
-            p_dtype, g_dtype = group.key
-            _rows_kernel[group.grid](
-                table(fields, device),
-                len(group.members),
-                group.blocks_per_program,
-                scales,
-                float(box_eps or 0.0),
-                delta_sumsq,
-                float(eps),
-                partials,
-                P_DTYPE=TL_DTYPES[p_dtype],
-                G_DTYPE=TL_DTYPES[g_dtype],
-                STAGE=stage.value,
-                BOX=box_eps is not None,
-                **group.meta,
-            )
-        if out is not None:
+        launch(
+            _rows_kernel,
+            groups,
+            device,
+            fields,
+            scales_at,
+            float(box_eps or 0.0),
+            delta_sumsq_at,
+            float(eps),
+            partials_at,
+            keyed=lambda key: {"P_DTYPE": TL_DTYPES[key[0]], "G_DTYPE": TL_DTYPES[key[1]]},
+            STAGE=stage.value,
+            BOX=box_eps is not None,
+        )
+        if out is not None and partials is not None:  # the one implies the other
             segment_sum(partials, first_part, out.view(-1, 1))
 
 
-def _checked(params, grads, rows, backups, *vectors: Tensor) -> list[Tensor]:
+def _checked(params, grads, rows, backups, *vectors: Tensor) -> Tensors:
     """Reject what the kernel would misread; ``vectors`` (per-tensor device values) made contiguous."""
     check_rows(params, rows, backups)
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
@@ -256,10 +244,10 @@ def _checked(params, grads, rows, backups, *vectors: Tensor) -> list[Tensor]:
 
 
 def perturb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
+    params: Tensors,
+    grads: Tensors,
+    rows: Tensors,
+    backups: Tensors,
     n_backed: list[int],
     scales: Tensor,
     box_eps: float | None = None,
@@ -270,12 +258,7 @@ def perturb(
 
 
 def measure(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    n_backed: list[int],
-    scales: Tensor,
+    params: Tensors, grads: Tensors, rows: Tensors, backups: Tensors, n_backed: list[int], scales: Tensor
 ) -> Tensor:
     """The ``measure`` op of the backend contract: back up, float32 ``[n]`` ``||W + scale * G - B||^2``."""
     (scales,) = _checked(params, grads, rows, backups, scales)
@@ -285,13 +268,7 @@ def measure(
 
 
 def project(
-    params: list[Tensor],
-    grads: list[Tensor],
-    rows: list[Tensor],
-    backups: list[Tensor],
-    scales: Tensor,
-    delta_sumsq: Tensor,
-    eps: float,
+    params: Tensors, grads: Tensors, rows: Tensors, backups: Tensors, scales: Tensor, delta_sumsq: Tensor, eps: float
 ) -> None:
     """The ``project`` op of the backend contract: the step pulled back onto the ``eps`` ball around the backups."""
     scales, delta_sumsq = _checked(params, grads, rows, backups, scales, delta_sumsq)
@@ -308,7 +285,7 @@ def project(
     )
 
 
-def row_sumsq(tensors: list[Tensor], rows: list[Tensor]) -> Tensor:
+def row_sumsq(tensors: Tensors, rows: Tensors) -> Tensor:
     """The ``row_sumsq`` op of the backend contract: float64 ``[n]``, reading only the listed rows."""
     check_rows(tensors, rows, tensors)
     out = torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device if tensors else "cpu")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from ._common import block_range, check_rows, device_guard, listed_rows, locate, plan, table, typed
+from fastadv.backends.contract import Tensors
+
+from ._common import block_range, check_rows, device_guard, launch, listed_rows, locate, plan, typed
 
 _BITS = {1: tl.int8, 2: tl.int16, 4: tl.int32}
 
@@ -56,7 +57,7 @@ def _restore_kernel(
             tl.store(p_ptrs + start, tl.load(b_ptrs + start, mask=mask), mask=mask)
 
 
-def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> None:
+def restore(params: Tensors, rows: Tensors, backups: Tensors) -> None:
     """The ``restore`` op of the backend contract; one launch per element size and vector width, no host sync."""
     check_rows(params, rows, backups)
     if not params:
@@ -70,25 +71,11 @@ def restore(params: list[Tensor], rows: list[Tensor], backups: list[Tensor]) -> 
         [len(idx) for idx in rows],
         list(zip(params, backups, strict=True)),
     )
+
+    def fields(i: int, first: int) -> tuple[int, ...]:
+        param, idx, backup = params[i], rows[i], backups[i]
+        addresses = (t.data_ptr() for t in (param, idx, backup))
+        return (*addresses, len(idx), *param.shape, param.stride(0), backup.stride(0), first)
+
     with device_guard(device):
-        for group in groups:
-            fields = [
-                (
-                    params[i].data_ptr(),
-                    rows[i].data_ptr(),
-                    backups[i].data_ptr(),
-                    len(rows[i]),
-                    *params[i].shape,
-                    params[i].stride(0),
-                    backups[i].stride(0),
-                    group.first[k],
-                )
-                for k, i in enumerate(group.members)
-            ]
-            _restore_kernel[group.grid](
-                table(fields, device),
-                len(group.members),
-                group.blocks_per_program,
-                DTYPE=_BITS[group.key],
-                **group.meta,
-            )
+        launch(_restore_kernel, groups, device, fields, keyed=lambda size: {"DTYPE": _BITS[size]})

@@ -15,7 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TL_DTYPES, block_range, check, device_guard, locate, plan, segment_sum, table, typed
+from fastadv.backends.contract import Tensors
+
+from ._common import TL_DTYPES, block_range, check, device_guard, launch, locate, plan, segment_sum, typed
 
 # Table fields, one row per tensor.
 (_GRAD, _PARAM, _TOUCHED, _FRESH, _ROWS, _COLS, _G_STRIDE, _P_STRIDE, _FIRST, _PART) = (
@@ -80,7 +82,7 @@ def _scan_kernel(
     tl.store(part + 2, tl.sum(tl.sum(acc_p, axis=1), axis=0))
 
 
-def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params: list[Tensor] | None = None) -> Tensor:
+def scan(grads: Tensors, touched: Tensors, fresh: Tensors, params: Tensors | None = None) -> Tensor:
     """float64 ``[n, 3]`` stats (sum of squares of ``grads[i]``, its fresh row count, sum of squares of ``params[i]``
     or 0); flags ``fresh[i]``.
 
@@ -109,32 +111,20 @@ def scan(grads: list[Tensor], touched: list[Tensor], fresh: list[Tensor], params
     )
     partials = torch.empty((first_part[-1], 3), dtype=torch.float32, device=device)
     stats = torch.empty((len(grads), 3), dtype=torch.float64, device=device)
+
+    def fields(i: int, first: int) -> tuple[int, ...]:
+        addresses = (t.data_ptr() for t in (grads[i], ps[i], touched[i], fresh[i]))
+        return (*addresses, *grads[i].shape, grads[i].stride(0), ps[i].stride(0), first, first_part[i])
+
     with device_guard(device):
-        for group in groups:
-            fields = [
-                (
-                    grads[i].data_ptr(),
-                    ps[i].data_ptr(),
-                    touched[i].data_ptr(),
-                    fresh[i].data_ptr(),
-                    *grads[i].shape,
-                    grads[i].stride(0),
-                    ps[i].stride(0),
-                    group.first[k],
-                    first_part[i],
-                )
-                for k, i in enumerate(group.members)
-            ]
-            g_dtype, p_dtype = group.key
-            _scan_kernel[group.grid](
-                table(fields, device),
-                len(group.members),
-                group.blocks_per_program,
-                partials,
-                G_DTYPE=TL_DTYPES[g_dtype],
-                P_DTYPE=TL_DTYPES[p_dtype],
-                HAS_PARAMS=params is not None,
-                **group.meta,
-            )
+        launch(
+            _scan_kernel,
+            groups,
+            device,
+            fields,
+            partials,
+            keyed=lambda key: {"G_DTYPE": TL_DTYPES[key[0]], "P_DTYPE": TL_DTYPES[key[1]]},
+            HAS_PARAMS=params is not None,
+        )
         segment_sum(partials, first_part, stats)
     return stats
