@@ -19,13 +19,16 @@ import contextlib
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastadv._sharding import Placement, Sharding
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine  # untyped (Any to mypy): deepspeed ships no type information
 
 MIN_VERSION = (0, 19, 1)  # DeepSpeedEngine.coalesce_grad_reduction
 
@@ -68,7 +71,7 @@ class EngineSupport:
     """What an attack class needs to train through a DeepSpeed engine: the :class:`ZeroPlacement` its driver uses,
     the engine's backward as the pass, and the ``coalesce_grad_reduction`` window of a ``step()``."""
 
-    def __init__(self, engine: nn.Module) -> None:
+    def __init__(self, engine: DeepSpeedEngine) -> None:
         import deepspeed
 
         if _version(deepspeed.__version__) < MIN_VERSION or not hasattr(engine, "coalesce_grad_reduction"):
@@ -145,11 +148,17 @@ class _Partition(NamedTuple):
     width: int
 
 
+def _zero3(param: nn.Parameter) -> Any:
+    """``param``, typed to have the attributes ZeRO-3 adds to its parameters at runtime (``ds_shape``, ``ds_tensor``,
+    ``ds_numel``, ``ds_process_group``, ``ds_status``, ``partition()``), which torch's types lack."""
+    return param
+
+
 class ZeroPlacement(Placement):
     """The gradients in ``.grad`` (inside ``coalesce_grad_reduction``), averaged over the data-parallel group before
     an attack; the weights where the next forward reads them (see the module's docstring)."""
 
-    def __init__(self, engine: nn.Module, *, stage: int) -> None:
+    def __init__(self, engine: DeepSpeedEngine, *, stage: int) -> None:
         self.engine = engine
         self.stage = stage
         self.group = engine.data_parallel_group
@@ -167,18 +176,21 @@ class ZeroPlacement(Placement):
             )
 
     def shape(self, param: nn.Parameter) -> torch.Size:
-        return param.ds_shape if self.stage == 3 else param.shape
+        return _zero3(param).ds_shape if self.stage == 3 else param.shape
 
     def prepare(self, named: list[tuple[str, nn.Parameter]]) -> None:
         world = dist.get_world_size(self.group)
         for _, param in named:
+            grad = param.grad
+            assert grad is not None  # the targets were checked to have gradients (fastadv._targets)
             # .data: averaging is not a modification PGD's gradient backup must refuse (its _version stays); the
             # flush averages again, which leaves averaged values as they are
-            dist.all_reduce(param.grad.data, group=self.group)
-            param.grad.data.div_(world)
+            dist.all_reduce(grad.data, group=self.group)
+            grad.data.div_(world)
 
     @staticmethod
-    def _partition(param: nn.Parameter) -> _Partition:
+    def _partition(parameter: nn.Parameter) -> _Partition:
+        param = _zero3(parameter)
         size = param.ds_tensor.ds_numel
         start = size * dist.get_rank(param.ds_process_group)
         length = max(0, min(size, param.ds_numel - start))
@@ -189,25 +201,28 @@ class ZeroPlacement(Placement):
         if self.stage != 3:
             return super().weights(param)
         part = self._partition(param)
-        return param.ds_tensor.narrow(0, 0, part.length).view(-1, part.width)
+        return _zero3(param).ds_tensor.narrow(0, 0, part.length).view(-1, part.width)
 
     def grad(self, param: nn.Parameter) -> Tensor:
         if self.stage != 3:
             return super().grad(param)
         part = self._partition(param)
-        return param.grad.contiguous().view(-1).narrow(0, part.start, part.length).view(-1, part.width)
+        grad = param.grad
+        assert grad is not None  # the targets were checked to have gradients (fastadv._targets)
+        return grad.contiguous().view(-1).narrow(0, part.start, part.length).view(-1, part.width)
 
     def sharding(self, named: list[tuple[str, nn.Parameter]]) -> Sharding:
         if self.stage != 3:
             return Sharding()
-        return Sharding([named[0][1].ds_process_group])  # the group ZeRO-3 partitions over
+        return Sharding([_zero3(named[0][1]).ds_process_group])  # the group ZeRO-3 partitions over
 
     def written(self, named: list[tuple[str, nn.Parameter]]) -> None:
         if self.stage != 3:
             return
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        for _, param in named:
+        for _, parameter in named:
+            param = _zero3(parameter)
             # a gathered copy (a persistent parameter, from the second step on) no longer matches the partitions: drop
             # it (the partitions are kept), so the next forward gathers the perturbed or restored weights
             if param.ds_status == ZeroParamStatus.AVAILABLE:

@@ -31,6 +31,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd.graph import Node
 
 from fastadv._rows import RowState
 from fastadv._sharding import Sharding, distributed
@@ -81,7 +82,7 @@ def _not_real(weight: Tensor) -> bool:
     )
 
 
-def _lookup_node(node: object, weight: Tensor) -> tuple[object, int] | None:
+def _lookup_node(node: Node, weight: Tensor) -> tuple[Node, int] | None:
     """The autograd node that passes a lookup's gradient to ``weight``, and that gradient's index among the node's
     outputs, from ``node``, the lookup's output's: that one, or one a few single-input steps up (a scaled embedding, a
     hook adding noise)."""
@@ -104,7 +105,7 @@ class _LookupRecorder:
     A copy (``copy.deepcopy`` or pickling of the model, ``torch.save``) is inert: it records nothing and refers to
     nothing of the original; an attack object copied with its model installs recorders of its own."""
 
-    def __init__(self, name: str, lookups: _Lookups | None, weight: nn.Parameter | None) -> None:
+    def __init__(self, name: str, lookups: _Lookups | None, weight: Tensor | None) -> None:
         self.name = name
         self.lookups = lookups
         self._weight = None if weight is None else weakref.ref(weight)  # the one that carries the gradient check
@@ -115,7 +116,7 @@ class _LookupRecorder:
     def __deepcopy__(self, memo: dict) -> _LookupRecorder:
         return _LookupRecorder(self.name, None, None)
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    def __call__(self, module: nn.Embedding, args: tuple, kwargs: dict, output: object) -> None:
         lookups = self.lookups
         ids = args[0] if args else kwargs.get("input")
         if lookups is None or ids is None or not torch.is_grad_enabled():
@@ -350,8 +351,9 @@ class RowSource:
                 f"rows must be 'auto' (row hints where exact, else a scan), 'scan' (from the gradient) or 'batch'"
                 f" (the looked-up ids), got {rows!r}"
             )
-        hinted = rows != "scan" and emb_name is not None
-        self.hints = batch_rows(model, emb_name, required=rows == "batch") if hinted else None
+        self.hints: BatchRows | None = None
+        if rows != "scan" and emb_name is not None:
+            self.hints = batch_rows(model, emb_name, required=rows == "batch")
         # rows="auto" scans where hints would not be exact (not an embedding's weight, a tied head)
         self.mode = rows if self.hints is not None else "scan"
         self._built_late = False  # rows="auto": the first attack found no lookup recorded at all
@@ -367,7 +369,7 @@ class RowSource:
 
     def check_target(self, name_part: str) -> None:
         """``rows="batch"`` attacks only the embedding whose lookups it records."""
-        if self.mode == "batch" and name_part != self.hints.emb_name:
+        if self.mode == "batch" and self.hints is not None and name_part != self.hints.emb_name:
             raise ValueError(
                 f"rows='batch' records lookups of emb_name={self.hints.emb_name!r} (given to the constructor),"
                 f" not {name_part!r}"
@@ -394,6 +396,7 @@ class RowSource:
             self._stop_hints()
 
     def _stop_hints(self) -> None:
+        assert self.hints is not None  # callers check
         self.hints.remove()
         self.hints, self.mode = None, "scan"
 

@@ -5,6 +5,8 @@ gradients elsewhere (DeepSpeed ZeRO, :mod:`fastadv._deepspeed`) subclass :class:
 
 from __future__ import annotations
 
+from typing import TypeGuard, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -14,7 +16,8 @@ try:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch without distributed support: nothing can be sharded
-    dist, DTensor = None, None
+    # mypy types both names by the import above (a module, a class) and has no way to say "or None" for them
+    dist, DTensor = None, None  # type: ignore[assignment,misc]
 
 
 def distributed() -> bool:
@@ -22,7 +25,7 @@ def distributed() -> bool:
     return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_sharded(tensor: Tensor) -> bool:
+def is_sharded(tensor: Tensor) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
@@ -54,8 +57,9 @@ def dtensor_sharding(named: list[tuple[str, nn.Parameter]]) -> Sharding:
     if not all(sharded):
         plain = [n for (n, _), s in zip(named, sharded) if not s]
         raise RuntimeError(f"some target parameters are sharded DTensors and some ({', '.join(plain)}) are not")
-    first = named[0][1]
-    for name, param in named:
+    first = cast(DTensor, named[0][1])  # every target is a DTensor (checked above)
+    for name, target in named:
+        param = cast(DTensor, target)
         bad = [p for p in param.placements if not (p.is_replicate() or p.is_shard(0))]
         if bad or param.device_mesh != first.device_mesh or param.placements != first.placements:
             raise RuntimeError(
@@ -87,7 +91,9 @@ class Placement:
 
     def grad(self, param: nn.Parameter) -> Tensor:
         """The ``[rows, cols]`` gradient matching :meth:`weights` row for row."""
-        return as_rows(local(param.grad).contiguous())
+        grad = param.grad
+        assert grad is not None  # the targets were checked to have gradients (fastadv._targets)
+        return as_rows(local(grad).contiguous())
 
     def sharding(self, named: list[tuple[str, nn.Parameter]]) -> Sharding:
         return dtensor_sharding(named)

@@ -7,7 +7,8 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from types import FrameType
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
@@ -15,7 +16,8 @@ from torch import nn
 def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside fastadv (the user's call)."""
     package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     return level
@@ -46,9 +48,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     while True:
         if isinstance(model, _wrapper_types()) or is_engine(model):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif _is_compiled(model):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 

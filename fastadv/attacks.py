@@ -44,9 +44,8 @@ class _Attack(Hyperparameters, abc.ABC):
         self.model = unwrap(model)
         named = matching_parameters(self.model, target, arg)  # what can fail before the first pass fails here
         resolve_backend(backend, named[0][1].device)
-        self._rows = RowPerturbation(
-            self.model, backend=backend, rows=rows, target=target, placement=self.engine and self.engine.placement
-        )
+        placement = None if self.engine is None else self.engine.placement
+        self._rows = RowPerturbation(self.model, backend=backend, rows=rows, target=target, placement=placement)
         self._placement = self._rows.placement  # where the loops and the gradient backup put gradients back
 
     @property
@@ -54,9 +53,9 @@ class _Attack(Hyperparameters, abc.ABC):
         """How many parameter attacks were skipped because the gradient (or, for AWP, weight) norm was inf or NaN."""
         return self._rows.skips.count
 
-    def restore(self, emb_name: str | None = None) -> None:
+    @abc.abstractmethod
+    def restore(self) -> None:
         """Put the original rows back, bit-exact and in place."""
-        self._rows.restore(emb_name)
 
     def cleanup(self) -> None:
         """After a failed pass: put back whatever an attack left changed (a no-op when nothing is)."""
@@ -109,6 +108,10 @@ class _EmbeddingAttack(_Attack):
         emb_name = embedding_weights_name(unwrap(model), emb_name)
         vars(self).update(self.checked({**hyperparameters, "emb_name": emb_name}))
         super().__init__(model, backend=backend, rows=rows, target=emb_name, arg="emb_name")
+
+    def restore(self, emb_name: str | None = None) -> None:
+        """Put the original rows back, bit-exact and in place."""
+        self._rows.restore(emb_name)
 
 
 class _GradStash:

@@ -161,7 +161,7 @@ def _library_name(kind: str, sources: list[Path], flags: list[str]) -> str:
 def _build_root() -> Path:
     """``<torch extensions dir>/fastadv``: torch's default (TORCH_EXTENSIONS_DIR, else the user cache), computed here so
     that loading a cached build does not import torch.utils.cpp_extension."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root: str | Path | None = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
     return Path(root) / "fastadv"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -68,7 +68,7 @@ class Method:
     @property
     def needs_logits(self) -> bool:
         """Whether its ``forward()`` must return ``(loss, logits)`` (SMART, R3F, VAT compare passes' logits)."""
-        return self.input_space and self.cls.compares_passes
+        return issubclass(self.cls, _InputAttack) and self.cls.compares_passes
 
     @property
     def default_k(self) -> int | None:
@@ -92,7 +92,7 @@ class Method:
         if wrong:
             what = "not an option" if len(wrong) == 1 else "not options"
             raise ValueError(f"{', '.join(wrong)}: {what} of {self.name!r} (its options: {', '.join(known)})")
-        if "k" in options:
+        if "k" in options and issubclass(self.cls, _Attack):  # known only to those (default_k)
             self.cls.check_k(options["k"], names.get("k", "k"))
         self.cls.checked({name: value for name, value in options.items() if name != "k"}, names)
 
@@ -128,14 +128,15 @@ class Method:
         """
         if self.input_space:
             extra = {"logit_rows": logit_rows, "logit_total": logit_total} if self.needs_logits else {}
-            return attacker.run(forward, backward, attention_mask, **extra)
+            return cast(_InputAttack, attacker).run(forward, backward, attention_mask, **extra)
 
         def run_pass() -> Tensor:
             loss = _loss_of(forward())
             backward(loss)
             return loss
 
-        return attacker.run(run_pass, self.default_k if k is None else k)
+        weights = cast(_Attack, attacker)
+        return weights.run(run_pass) if k is None else weights.run(run_pass, k)  # run's default k: default_k
 
 
 #: Every method, by name.

@@ -479,8 +479,9 @@ def _check_input_step(ops: ModuleType, case: _Case) -> None:
     for per_token in (False, True):
         for shape in _INPUT_SHAPES[per_token]:
             for masked in (False, True):
-                host = _input_case(shape, masked, dtype, gen)
-                delta, grad, mask = (None if t is None else t.to(device) for t in host)
+                delta, grad, mask = _input_case(shape, masked, dtype, gen)
+                delta, grad = delta.to(device), grad.to(device)
+                mask = None if mask is None else mask.to(device)
                 for norm in _NORMS:
                     unbounded = delta
                     for bound in _BOUNDS:
@@ -501,9 +502,15 @@ def _check_input_step(ops: ModuleType, case: _Case) -> None:
                         actual = delta.clone()
                         inputs, originals = _read_only(grad=[grad], mask=[] if mask is None else [mask])
                         norms = _run(
-                            device, ops.input_step, actual, inputs["grad"][0], (inputs["mask"] or [None])[0], *args
+                            device,
+                            ops.input_step,
+                            actual,
+                            inputs["grad"][0],
+                            inputs["mask"][0] if inputs["mask"] else None,
+                            *args,
                         )
-                        _expect_unchanged(inputs, originals, lambda i, what=what: what)
+                        # mypy infers no type for a lambda with a default argument (bound here: B023)
+                        _expect_unchanged(inputs, originals, lambda i, what=what: what)  # type: ignore[misc]
                         _expect_sums(norms, want, f"gradient norms ({what})")
                         # a step of at most lr per element: where it nearly cancels delta, a few fp32 ulps of both
                         slack = 8 * torch.finfo(torch.float32).eps * (delta.abs().max().item() + _INPUT_LR)
@@ -661,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.backends or [n for n in _registry.available_backends() if n != "torch"]
 
-    rows, skipped, failed, fallbacks = [], [], False, {}
+    rows, skipped, failed = [], [], False
+    fallbacks: dict[str, list[str]] = {}
     for name in names:
         for device in _devices():
             try:
@@ -685,9 +693,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if not rows:
         print("no compiled backend to check")
-    for name, ops in fallbacks.items():
-        if ops:
-            print(f"not checked: {', '.join(ops)} of {name} (the torch backend's)")
+    for name, missing in fallbacks.items():
+        if missing:
+            print(f"not checked: {', '.join(missing)} of {name} (the torch backend's)")
     for line in skipped:
         print(f"not run: {line}")
     return 1 if failed else 0

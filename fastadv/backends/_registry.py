@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import overload
 
 import torch
 
@@ -90,6 +91,10 @@ def requested(name: str) -> tuple[str, str]:
     return name, f"backend={name!r}"
 
 
+@overload
+def resolve_backend(name: str, device: torch.device) -> ModuleType: ...
+@overload
+def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None: ...
 def resolve_backend(name: str, device: torch.device | None) -> ModuleType | None:
     """The backend ``name`` (``"auto"`` or one of :data:`BACKENDS`) on ``device``.
 

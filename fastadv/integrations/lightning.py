@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     import lightning.pytorch as pl
@@ -123,11 +123,11 @@ class AdversarialTraining(pl.Callback):
         self.method = self._method.name
         self.k = k
         self.start_epoch = start_epoch
-        self._options = {**options, "backend": backend}
+        self._options: dict[str, Any] = {**options, "backend": backend}
         self._mask_of = attention_mask
         self._attacker: Attacker | None = None
         self._installed: pl.Trainer | None = None
-        self._aside: tuple[list[Tensor], list[Tensor | None]] | None = None  # the step's gradients, while zeroed
+        self._aside: tuple[list[nn.Parameter], list[Tensor | None]] | None = None  # the step's gradients, while zeroed
 
     @property
     def attacker(self) -> Attacker | None:
@@ -155,7 +155,10 @@ class AdversarialTraining(pl.Callback):
             strategy = trainer.strategy
             original = strategy.training_step
             window_starts = batch_idx % trainer.accumulate_grad_batches == 0  # where Lightning zeroes the gradients
-            strategy.training_step = lambda *args, **kwargs: self._step(trainer, original, window_starts, args, kwargs)
+            # an instance attribute over the method, for this batch's call (_uninstall takes it off)
+            strategy.training_step = lambda *args, **kwargs: self._step(  # type: ignore[method-assign]
+                trainer, original, window_starts, args, kwargs
+            )
             self._installed = trainer
 
     def _uninstall(self) -> None:
@@ -217,8 +220,10 @@ class AdversarialTraining(pl.Callback):
             trainer.strategy.backward(loss / trainer.accumulate_grad_batches, None)
 
         mask = self._attention_mask(args[0] if args else kwargs.get("batch"))
+        attacker = self._attacker
+        assert attacker is not None  # the step is installed only with an attack object
         try:
-            loss, adversarial = self._method.step(self._attacker, forward, backward, attention_mask=mask, k=self.k)
+            loss, adversarial = self._method.step(attacker, forward, backward, attention_mask=mask, k=self.k)
         except _Skipped:
             return None
         trainer.lightning_module.log("adv_loss", adversarial)

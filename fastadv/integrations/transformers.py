@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,11 @@ from fastadv.methods import METHODS as _REGISTRY
 from fastadv.methods import Attacker, Method, method
 
 __all__ = ["AdversarialTrainer", "AdversarialTrainingMixin", "METHODS"]
+
+if TYPE_CHECKING:  # the mixin's methods are a Trainer's (it is always put before one): typed as one
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
 #: The names ``adversarial=`` takes.
 METHODS = tuple(_REGISTRY)
@@ -64,7 +69,7 @@ def _options(m: Method, given: dict[str, Any], adv_options: dict[str, Any]) -> d
     return options
 
 
-class AdversarialTrainingMixin:
+class AdversarialTrainingMixin(_TrainerBase):
     """Adds a fastadv method to the training step of a ``transformers.Trainer`` subclass (put it first:
     ``class MyTrainer(AdversarialTrainingMixin, Trainer)``); see :class:`AdversarialTrainer` for the arguments."""
 
@@ -131,6 +136,7 @@ class AdversarialTrainingMixin:
         return self._attacker
 
     def _build_attacker(self, model: nn.Module) -> Attacker:
+        assert self._method is not None  # built only where a method is set
         try:
             return self._method.build(model, backend=self.adv_backend, **self.adv_options)
         except ValueError as err:
@@ -179,6 +185,7 @@ class AdversarialTrainingMixin:
         loss counts (labels not -100; shifted for a causal LM) and is divided by the same count, so that the update
         does not change with how a batch is split into micro-batches. Elsewhere the divergence is the micro-batch's
         mean, divided for accumulation by ``training_step`` as the loss is."""
+        assert self._method is not None  # called from a method's step
         labels = inputs.get("shift_labels", inputs.get("labels"))
         if not (self._method.needs_logits and self._loss_scaled_for_ga(num_items_in_batch)) or labels is None:
             return {}
@@ -198,13 +205,15 @@ class AdversarialTrainingMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         attacker = self._attacker_for(model)
         m = self._method
+        assert m is not None  # adversarial_now(): a method is set
         # what training_step does before its forward pass, in its order (schedule-free optimizers switch to their
         # training weights in train())
         model.train()
-        if callable(getattr(self.optimizer, "train", None)):
-            self.optimizer.train()
+        optimizer_train = getattr(self.optimizer, "train", None)
+        if callable(optimizer_train):
+            optimizer_train()
         inputs = self._prepare_inputs(inputs)
-        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        kwargs: dict[str, Any] = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         passes = 0
 
         def forward() -> Any:
@@ -254,7 +263,9 @@ class AdversarialTrainingMixin:
         pass of a step counts, the method's other passes of the same batch do not."""
         return contextlib.nullcontext()
 
-    def compute_loss(
+    # The Trainer's other arguments pass through by keyword, as the Trainer gives them (num_items_in_batch exists from
+    # transformers 4.46 only), so this signature is not the installed Trainer's
+    def compute_loss(  # type: ignore[override]
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         """The Trainer's, except inside a method's backward: the loss given to backpropagate."""

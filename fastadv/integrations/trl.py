@@ -36,7 +36,8 @@ from fastadv.integrations.transformers import AdversarialTrainingMixin
 __all__ = ["AdversarialSFTTrainer"]
 
 
-class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer):
+# compute_loss: the mixin's takes the Trainer's other arguments by keyword only (see its definition)
+class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer):  # type: ignore[misc]
     """TRL's ``SFTTrainer`` whose training step is a fastadv method's; the arguments are
     :class:`~fastadv.integrations.transformers.AdversarialTrainer`'s (``adversarial=``, ``adv_options=``, ...) and
     SFTTrainer's.
