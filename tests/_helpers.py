@@ -1,5 +1,6 @@
 """What several test modules share: twin models and their comparisons, the attacker factory, the seed's usage loops;
-for the ops, the tensors of a case and poisoned buffers.
+for the ops, the tensors of a case, valid input_step arguments and poisoned buffers; for the training frameworks, the
+hand-written loop they must match, the two-process runs and tiny transformers models.
 
 Test modules import from here, never from conftest (fixtures only) or from one another; the bit and ulp comparisons
 are :mod:`fastadv._bits`, the self-check's.
@@ -16,9 +17,11 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from fastadv import FusedFreeLB, FusedGradientPenalty, FusedR3F, FusedSMART, FusedVAT, reference
@@ -27,8 +30,25 @@ from fastadv.backends import available_backends
 from fastadv.methods import method
 from fastadv.reference import AWP, FGM, PGD, awp_step, fgm_step, pgd_step
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = available_backends()
+
+
+class BertEmbeddings(nn.Module):
+    """BERT's embedding block, named as in BERT: word and position embeddings, summed, then a LayerNorm."""
+
+    def __init__(self, vocab: int, dim: int, positions: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, dim)
+        self.position_embeddings = nn.Embedding(positions, dim)
+        self.LayerNorm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(pos))
 
 
 class TinyEncoder(nn.Module):
@@ -43,10 +63,7 @@ class TinyEncoder(nn.Module):
         device: torch.device | str = DEVICE,
     ):
         super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
-        self.embeddings.position_embeddings = nn.Embedding(32, dim)
-        self.embeddings.LayerNorm = nn.LayerNorm(dim)
+        self.embeddings = BertEmbeddings(vocab, dim, positions=32)
         self.hidden = nn.Linear(dim, dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         if tied:
@@ -54,9 +71,7 @@ class TinyEncoder(nn.Module):
         self.to(device=device, dtype=dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
-        h = torch.tanh(self.hidden(self.embeddings.LayerNorm(h)))
+        h = torch.tanh(self.hidden(self.embeddings(ids)))
         logits = self.lm_head(h).float()
         return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
@@ -246,6 +261,23 @@ def clones(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone() for t in tensors]
 
 
+def input_step_args() -> dict[str, Any]:
+    """Keyword arguments of ``input_step`` that every backend takes: a ``[2, 3, 8]`` CPU ``delta``, its gradient, no
+    mask, an l2 step bounded to an l2 ball. Tests of the argument checks change one or two of them."""
+    return {
+        "delta": torch.zeros(2, 3, 8),
+        "grad": torch.zeros(2, 3, 8),
+        "mask": None,
+        "lr": 0.1,
+        "norm": "l2",
+        "per_token": False,
+        "denom_eps": 1e-6,
+        "denom_floor": 1e-8,
+        "bound": "l2",
+        "radius": 1.0,
+    }
+
+
 @contextlib.contextmanager
 def poisoned_buffers():
     """Every ``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` (the ops' outputs, partial sums) comes
@@ -433,15 +465,59 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
 
 
+_Model = TypeVar("_Model", bound="PreTrainedModel")
+
+#: The size of the tests' transformers models: one layer, hidden size 16, two attention heads, 32 positions.
+TINY_TRANSFORMER = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+
+def tiny_transformer(
+    model_cls: type[_Model], config_cls: type[PretrainedConfig], seed: int = 0, **config: Any
+) -> _Model:
+    """A randomly initialised ``model_cls`` (the random state seeded with ``seed``) of :data:`TINY_TRANSFORMER`'s
+    size; ``config``: the vocabulary and the other ``config_cls`` values (which may override the size's)."""
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**TINY_TRANSFORMER, **config}))
+
+
+def tiny_llama(vocab: int, seed: int = 0, tied: bool = False, **config: Any) -> LlamaForCausalLM:
+    """:func:`tiny_transformer` as a Llama causal LM of ``vocab`` tokens: two key/value heads, the LM head tied to the
+    input embedding if ``tied``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return tiny_transformer(
+        LlamaForCausalLM,
+        LlamaConfig,
+        seed,
+        vocab_size=vocab,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        **config,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def init_env_process_group(rank: int, world: int, port: int) -> None:
-    """A gloo process group from the environment variables a launcher (torchrun) sets, which Lightning and accelerate
-    read to find the processes they run in."""
+def spawn_ranks(worker: Callable[[int, int], dict], world: int, out_dir: Path) -> list[dict]:
+    """Runs ``worker(rank, world)`` in ``world`` spawned processes, on one thread each, in a gloo process group set up
+    from the environment variables a launcher (torchrun) sets, which Lightning and accelerate read to find the
+    processes they run in. Returns what each rank's ``worker`` returned (saved under ``out_dir``), in rank order."""
+    mp.spawn(_run_rank, args=(worker, world, free_port(), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank-{rank}.pt") for rank in range(world)]
+
+
+def _run_rank(rank: int, worker: Callable[[int, int], dict], world: int, port: int, out_dir: str) -> None:
+    """One process of :func:`spawn_ranks`."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -452,6 +528,11 @@ def init_env_process_group(rank: int, world: int, port: int) -> None:
         NODE_RANK="0",
     )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(worker(rank, world), f"{out_dir}/rank-{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # ---- the input-space methods (FreeLB, SMART, R3F, VAT, the gradient penalty) ----
@@ -471,19 +552,14 @@ class TinyClassifier(nn.Module):
         device: torch.device | str = DEVICE,
     ):
         super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
-        self.embeddings.position_embeddings = nn.Embedding(16, dim)
-        self.embeddings.LayerNorm = nn.LayerNorm(dim)
+        self.embeddings = BertEmbeddings(vocab, dim, positions=16)
         self.dropout = nn.Dropout(dropout)
         self.hidden = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, classes)
         self.to(device=device, dtype=dtype)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        h = self.embeddings.word_embeddings(ids) + self.embeddings.position_embeddings(pos)
-        h = torch.tanh(self.hidden(self.dropout(self.embeddings.LayerNorm(h))))
+        h = torch.tanh(self.hidden(self.dropout(self.embeddings(ids))))
         weights = mask.to(h.dtype).unsqueeze(-1)
         logits = self.head((h * weights).sum(1) / weights.sum(1))
         if labels.is_floating_point():

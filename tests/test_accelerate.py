@@ -13,7 +13,6 @@ import torch
 pytest.importorskip("accelerate")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from _helpers import (  # noqa: E402
     FRAMEWORK_HYPER,
     FRAMEWORK_K,
@@ -24,10 +23,9 @@ from _helpers import (  # noqa: E402
     ddp_start,
     flat_params,
     framework_batches,
-    free_port,
-    init_env_process_group,
     make_attacker,
     seed_loop,
+    spawn_ranks,
 )
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
@@ -106,30 +104,26 @@ def test_recipe_matches_the_seed_loop(config):
         assert_matches_and_attacked(flat_params(model), flat_params(want), flat_params(plain))
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    init_env_process_group(rank, WORLD, port)
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, world: int) -> dict:
+    """Per accumulation (1, 2) and method: the recipe and the hand-written loop on a DDP-wrapped model, this rank's
+    weights after each."""
     results = {}
-    try:
-        for accumulate in (1, 2):
-            batches, start, results[accumulate, "plain"] = ddp_start(rank, WORLD, STEPS, accumulate)
-            for kind in KINDS:
-                model, want = copy.deepcopy(start), copy.deepcopy(start)
-                recipe(model, kind, batches, accumulate=accumulate)
-                reset_accelerate(partial=False)
-                seed_loop(torch.nn.parallel.DistributedDataParallel(want), kind, batches, accumulate=accumulate)
-                results[accumulate, kind] = flat_params(model), flat_params(want)
-        torch.save(results, f"{out_dir}/accelerate-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    for accumulate in (1, 2):
+        batches, start, results[accumulate, "plain"] = ddp_start(rank, world, STEPS, accumulate)
+        for kind in KINDS:
+            model, want = copy.deepcopy(start), copy.deepcopy(start)
+            recipe(model, kind, batches, accumulate=accumulate)
+            reset_accelerate(partial=False)
+            seed_loop(torch.nn.parallel.DistributedDataParallel(want), kind, batches, accumulate=accumulate)
+            results[accumulate, kind] = flat_params(model), flat_params(want)
+    return results
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo")
 @pytest.mark.skipif(sys.platform != "linux", reason="spawns processes (Linux CI)")
 def test_recipe_two_processes(tmp_path):
     """One spawn for both accumulations; the ranks must agree and match the hand loop under DDP."""
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"accelerate-{rank}.pt") for rank in range(WORLD)]
+    ranks = spawn_ranks(_ddp_worker, WORLD, tmp_path)
     for key, value in ranks[0].items():
         if key[1] == "plain":
             continue

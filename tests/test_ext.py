@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import assert_matches, make_tensors, nonzero_rows
+from _helpers import assert_matches, input_step_args, make_tensors, nonzero_rows
 
 from fastadv import ext
 
@@ -181,18 +181,7 @@ def test_ops_reject_bad_arguments():
     ],
 )
 def test_input_step_rejects_bad_arguments(change, complaint):
-    args = {
-        "delta": torch.zeros(2, 3, 8),
-        "grad": torch.zeros(2, 3, 8),
-        "mask": None,
-        "lr": 0.1,
-        "norm": "l2",
-        "per_token": False,
-        "denom_eps": 1e-6,
-        "denom_floor": 1e-8,
-        "bound": "l2",
-        "radius": 1.0,
-    }
+    args = input_step_args()
     with pytest.raises(RuntimeError, match=complaint):
         ext_ops.input_step(**{**args, **change})
     # the denominators of a sign step and the radius of no bound are not used: not checked

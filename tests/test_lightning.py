@@ -9,6 +9,7 @@ import copy
 import importlib
 import importlib.util
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,6 @@ pytest.importorskip("lightning")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from _helpers import (  # noqa: E402
     FRAMEWORK_HYPER,
     FRAMEWORK_K,
@@ -30,12 +30,11 @@ from _helpers import (  # noqa: E402
     ddp_start,
     flat_params,
     framework_batches,
-    free_port,
-    init_env_process_group,
     input_batches,
     input_train,
     make_attacker,
     seed_loop,
+    spawn_ranks,
 )
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -142,6 +141,13 @@ def input_callback(kind: str) -> AdversarialTraining:
     return AdversarialTraining(kind.split("-")[0], adv_options=INPUT_CASES[kind][2])
 
 
+def quiet_trainer(**options: Any) -> pl.Trainer:
+    """A CPU Trainer that logs, shows and saves nothing (checkpoints with ``enable_checkpointing=True``), for one epoch
+    unless ``max_epochs`` says otherwise; ``options``: the Trainer's other arguments."""
+    options = {"max_epochs": 1, "enable_checkpointing": False, **options}
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **options)
+
+
 def fit(
     model: torch.nn.Module,
     batches,
@@ -153,16 +159,11 @@ def fit(
     **trainer_options,
 ) -> pl.Trainer:
     module = module_cls(model, *module_args)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=epochs,
         callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
         **trainer_options,
     )
@@ -271,60 +272,55 @@ def test_start_epoch():
     assert_matches_and_attacked(flat_params(model), flat_params(want), flat_params(plain))
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int) -> dict:
     """Per accumulation (1, 2) and method: the callback and the manual recipe (with clipping) under Lightning's DDP,
     each against the hand-written loop on a DDP-wrapped model in the same process group."""
-    init_env_process_group(rank, WORLD, port)
-    torch.set_num_threads(1)
     results = {}
-    try:
-        for accumulate in (1, 2):
-            batches, start, results[accumulate, "plain"] = ddp_start(rank, WORLD, STEPS, accumulate)
-            for kind in KINDS:
-                model, manual, want = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start)
-                fit(
-                    model,
-                    batches,
-                    [AdversarialTraining(kind, **OPTIONS[kind])],
-                    devices=WORLD,
-                    accumulate_grad_batches=accumulate,
-                )
-                seed_loop(torch.nn.parallel.DistributedDataParallel(want), kind, batches, accumulate=accumulate)
-                results[accumulate, kind] = flat_params(model), flat_params(want)
-                if accumulate == 2:
-                    fit(manual, batches, module_cls=ManualModule, module_args=(kind, 2, 0.5), devices=WORLD)
-                    clipped = copy.deepcopy(start)
-                    seed_loop(torch.nn.parallel.DistributedDataParallel(clipped), kind, batches, accumulate=2, clip=0.5)
-                    results["manual", kind] = flat_params(manual), flat_params(clipped)
-        for accumulate in (1, 2):
-            batches = input_batches(STEPS * accumulate, rows=slice(rank, None, WORLD), device=torch.device("cpu"))
-            torch.manual_seed(0)
-            start = TinyClassifier(device="cpu")
-            plain = copy.deepcopy(start)
-            fit(plain, batches, module_cls=ClassifierModule, devices=WORLD, accumulate_grad_batches=accumulate)
-            results["input", accumulate, "plain"] = flat_params(plain)
-            for kind in INPUT_KINDS:
-                model, want = copy.deepcopy(start), copy.deepcopy(start)
-                fit(
-                    model,
-                    batches,
-                    [input_callback(kind)],
-                    module_cls=ClassifierModule,
-                    devices=WORLD,
-                    accumulate_grad_batches=accumulate,
-                )
-                input_train(
-                    torch.nn.parallel.DistributedDataParallel(want),
-                    kind,
-                    None,
-                    batches,
-                    accumulate=accumulate,
-                    seed=INPUT_SEED,
-                )
-                results["input", accumulate, kind] = flat_params(model), flat_params(want)
-        torch.save(results, f"{out_dir}/lightning-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    for accumulate in (1, 2):
+        batches, start, results[accumulate, "plain"] = ddp_start(rank, world, STEPS, accumulate)
+        for kind in KINDS:
+            model, manual, want = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start)
+            fit(
+                model,
+                batches,
+                [AdversarialTraining(kind, **OPTIONS[kind])],
+                devices=world,
+                accumulate_grad_batches=accumulate,
+            )
+            seed_loop(torch.nn.parallel.DistributedDataParallel(want), kind, batches, accumulate=accumulate)
+            results[accumulate, kind] = flat_params(model), flat_params(want)
+            if accumulate == 2:
+                fit(manual, batches, module_cls=ManualModule, module_args=(kind, 2, 0.5), devices=world)
+                clipped = copy.deepcopy(start)
+                seed_loop(torch.nn.parallel.DistributedDataParallel(clipped), kind, batches, accumulate=2, clip=0.5)
+                results["manual", kind] = flat_params(manual), flat_params(clipped)
+    for accumulate in (1, 2):
+        batches = input_batches(STEPS * accumulate, rows=slice(rank, None, world), device=torch.device("cpu"))
+        torch.manual_seed(0)
+        start = TinyClassifier(device="cpu")
+        plain = copy.deepcopy(start)
+        fit(plain, batches, module_cls=ClassifierModule, devices=world, accumulate_grad_batches=accumulate)
+        results["input", accumulate, "plain"] = flat_params(plain)
+        for kind in INPUT_KINDS:
+            model, want = copy.deepcopy(start), copy.deepcopy(start)
+            fit(
+                model,
+                batches,
+                [input_callback(kind)],
+                module_cls=ClassifierModule,
+                devices=world,
+                accumulate_grad_batches=accumulate,
+            )
+            input_train(
+                torch.nn.parallel.DistributedDataParallel(want),
+                kind,
+                None,
+                batches,
+                accumulate=accumulate,
+                seed=INPUT_SEED,
+            )
+            results["input", accumulate, kind] = flat_params(model), flat_params(want)
+    return results
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo")
@@ -333,8 +329,7 @@ def test_ddp_two_processes(tmp_path):
     """One spawn for every configuration (starting processes is the slow part). Under DDP the ranks must agree, and
     each must match the hand loop (which all-reduces in every synchronised backward and runs the micro-batches
     before the last of a step under no_sync, so its perturbations there are per rank)."""
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"lightning-{rank}.pt") for rank in range(WORLD)]
+    ranks = spawn_ranks(_ddp_worker, WORLD, tmp_path)
     for key, value in ranks[0].items():
         if key[-1] == "plain":
             continue
@@ -466,28 +461,13 @@ def test_after_a_fit_that_raises_nothing_of_fastadv_is_left_and_a_plain_fit_is_p
     callback = input_callback(kind) if "-" in kind or kind == "r3f" else AdversarialTraining(kind)
     model = copy.deepcopy(start)
     module = _FailsAt(model, 5)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=[callback])
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, DataLoader(batches, batch_size=None))
     assert not _fastadv_left_on(module, trainer)
     failed = copy.deepcopy(model)
     module.n = -1  # fails no more
-    plain_trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    plain_trainer = quiet_trainer()
     plain_trainer.fit(module, DataLoader(batches, batch_size=None))
     want = copy.deepcopy(failed)
     fit(want, batches, module_cls=ClassifierModule)
@@ -518,17 +498,8 @@ def test_a_skipped_batch_and_validation_between_steps(kind):
     start = TinyClassifier(device="cpu")
     model = copy.deepcopy(start)
     module = _SkipsAndValidates(model)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[input_callback(kind)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        val_check_interval=1,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
+    trainer = quiet_trainer(
+        callbacks=[input_callback(kind)], val_check_interval=1, num_sanity_val_steps=0, limit_val_batches=1
     )
     trainer.fit(module, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
     assert not _fastadv_left_on(module, trainer)
@@ -552,25 +523,17 @@ def test_save_and_resume(tmp_path, kind):
         return AdversarialTraining(kind, **OPTIONS[kind]) if kind in OPTIONS else input_callback(kind)
 
     def trainer(epochs, **options):
-        return pl.Trainer(
-            accelerator="cpu",
-            max_epochs=epochs,
-            callbacks=[callback()],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            **options,
-        )
+        return quiet_trainer(max_epochs=epochs, callbacks=[callback()], **options)
 
     whole = copy.deepcopy(start)
-    trainer(2, enable_checkpointing=False).fit(ClassifierModule(whole), DataLoader(batches, batch_size=None))
+    trainer(2).fit(ClassifierModule(whole), DataLoader(batches, batch_size=None))
     first = copy.deepcopy(start)
-    halfway = trainer(1, default_root_dir=str(tmp_path))
+    halfway = trainer(1, enable_checkpointing=True, default_root_dir=str(tmp_path))
     halfway.fit(ClassifierModule(first), DataLoader(batches, batch_size=None))
     checkpoint = halfway.checkpoint_callback.best_model_path
     resumed_model = copy.deepcopy(start)
     resumed = ClassifierModule(resumed_model)
-    resuming = trainer(2, default_root_dir=str(tmp_path))
+    resuming = trainer(2, enable_checkpointing=True, default_root_dir=str(tmp_path))
     resuming.fit(resumed, DataLoader(batches, batch_size=None), ckpt_path=checkpoint)
     assert not _fastadv_left_on(resumed, resuming)
     torch.testing.assert_close(flat_params(resumed_model), flat_params(whole), rtol=1e-6, atol=1e-7)

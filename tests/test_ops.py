@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from _helpers import BACKENDS, assert_matches, clones, make_tensors, nonzero_rows, poisoned_buffers
 
-from fastadv.backends import resolve_backend, torch_ops
+from fastadv.backends import contract, resolve_backend, torch_ops
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 CPU = torch.device("cpu")
@@ -521,20 +522,12 @@ def input_case(
     return delta, grad.to(dtype), mask
 
 
-def input_step_oracle(
-    delta: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor | None,
-    lr: float,
-    norm: str,
-    per_token: bool,
-    denom_eps: float,
-    denom_floor: float,
-    bound: str,
-    radius: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract of ``input_step`` (:class:`fastadv.backends.contract.Backend`) in float64: the new ``delta`` and
-    the group norms ``n``, neither rounded to the backend's precision."""
+def input_step_oracle(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of ``input_step`` (:class:`fastadv.backends.contract.Backend`) in float64, called as the op is
+    (the arguments are bound to its signature in the contract): the new ``delta`` and the group norms ``n``, neither
+    rounded to the backend's precision."""
+    call = contract.signature("input_step").bind(*args, **kwargs)
+    delta, grad, mask, lr, norm, per_token, denom_eps, denom_floor, bound, radius = call.arguments.values()
     dims = (-1,) if per_token else (-2, -1)
     g = grad.double()
     if mask is not None:

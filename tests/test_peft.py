@@ -16,8 +16,8 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from _helpers import INPUT_CASES, run_example  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from _helpers import INPUT_CASES, run_example, tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from fastadv import FusedAWP, FusedFGM, FusedPGD, reference  # noqa: E402
 
@@ -29,20 +29,15 @@ LORA = {
 }
 
 
+def base_llama(seed: int = 0) -> LlamaForCausalLM:
+    """The model the adapters wrap: :func:`_helpers.tiny_llama` of this module's vocabulary, with 16 positions."""
+    return tiny_llama(VOCAB, seed, max_position_embeddings=16)
+
+
 def lora_llama(config: str, seed: int = 0):
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=16,
-        )
+    model = peft.get_peft_model(
+        base_llama(seed), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **LORA[config])
     )
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **LORA[config]))
     return model  # init_lora_weights=False: lora_B random, so that the adapters have a gradient from the start
 
 
@@ -129,19 +124,7 @@ def test_awp_on_fresh_lora_adapters_does_nothing_at_first():
     """AWP's step and box are relative to the weights' size, and a fresh LoRA's lora_B is zero (lora_A then has no
     gradient): its first attacks perturb nothing, so the gradients are those of the step without AWP. Documented
     (README, LLM fine-tuning): start AWP later, or take FreeLB/SMART/R3F."""
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=16,
-        )
-    )
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(base_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     plain = copy.deepcopy(model)
     b = batches(1)[0]
     FusedAWP(model, adv_param="lora_", adv_lr=1.0, adv_eps=0.01).step(lambda: model(**b).loss)

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _helpers import quiet_transformers, run_example  # noqa: E402
+from _helpers import quiet_transformers, run_example, tiny_llama, tiny_transformer  # noqa: E402
 from torch.utils.data import SequentialSampler, default_collate  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
@@ -39,18 +39,15 @@ def _quiet_and_single_threaded():
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
+    """A BERT classifier without dropout, of :data:`_helpers.TINY_TRANSFORMER`'s size."""
+    return tiny_transformer(
+        BertForSequenceClassification,
+        BertConfig,
+        seed,
         vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        max_position_embeddings=32,
     )
-    return BertForSequenceClassification(config)
 
 
 def make_data(n: int = N, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -101,14 +98,31 @@ def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
 
-def run_trainer(model, tmp_path, method, params=None, ga=1, opt="adamw", trainer_cls=CheckedTrainer, **kwargs):
-    trainer = trainer_cls(
+def make_trainer(
+    model: torch.nn.Module,
+    args: TrainingArguments,
+    data: list[dict[str, torch.Tensor]],
+    method: str,
+    opt: str = "sgd",
+    trainer_cls: type[AdversarialTrainer] = CheckedTrainer,
+    **options,
+) -> AdversarialTrainer:
+    """``trainer_cls`` training ``model`` on ``data`` with ``method`` and the optimizer ``opt`` of
+    :func:`make_optimizer`; ``options``: the trainer's other arguments."""
+    return trainer_cls(
         model=model,
-        args=make_args(tmp_path, ga=ga, **kwargs),
-        train_dataset=make_data(),
+        args=args,
+        train_dataset=data,
         optimizers=(make_optimizer(model, opt), None),
         adversarial=method,
-        **(PARAMS.get(method, {}) if params is None else params),
+        **options,
+    )
+
+
+def run_trainer(model, tmp_path, method, params=None, ga=1, opt="adamw", trainer_cls=CheckedTrainer, **kwargs):
+    options = PARAMS.get(method, {}) if params is None else params
+    trainer = make_trainer(
+        model, make_args(tmp_path, ga=ga, **kwargs), make_data(), method, opt, trainer_cls, **options
     )
     trainer.train()
     return trainer
@@ -414,12 +428,12 @@ def test_input_space_methods_match_their_reference_loop(tmp_path, method, ga):
     model = tiny_bert()
     model.accepts_loss_kwargs = False  # the Trainer divides by GA
     twin, plain = copy.deepcopy(model), copy.deepcopy(model)
-    trainer = SeededTrainer(
-        model=model,
-        args=make_args(tmp_path, ga=ga),
-        train_dataset=masked_data(),
-        optimizers=(make_optimizer(model, "sgd"), None),
-        adversarial=method,
+    trainer = make_trainer(
+        model,
+        make_args(tmp_path, ga=ga),
+        masked_data(),
+        method,
+        trainer_cls=SeededTrainer,
         adv_options=INPUT_PARAMS[method],
     )
     trainer.train()
@@ -457,23 +471,6 @@ def test_input_space_options_are_checked(tmp_path):
 LM_VOCAB, LM_SEQ = 48, 8
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=LM_VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
 def lm_data(n: int = 8, seed: int = 3) -> list[dict[str, torch.Tensor]]:
     """Right-padded sequences of different lengths; padding has label -100, as a collator sets it."""
     g = torch.Generator().manual_seed(seed)
@@ -485,18 +482,10 @@ def lm_data(n: int = 8, seed: int = 3) -> list[dict[str, torch.Tensor]]:
 
 
 def run_lm(tmp_path, method, batch: int, ga: int, gradient_checkpointing: bool = False, **kwargs) -> torch.nn.Module:
-    model = tiny_llama()
+    model = tiny_llama(LM_VOCAB)
     args = make_args(tmp_path, ga=ga, gradient_checkpointing=gradient_checkpointing)
     args.per_device_train_batch_size = batch
-    trainer = CheckedTrainer(
-        model=model,
-        args=args,
-        train_dataset=lm_data(),
-        optimizers=(make_optimizer(model, "sgd"), None),
-        adversarial=method,
-        emb_name="embed_tokens",
-        **kwargs,
-    )
+    trainer = make_trainer(model, args, lm_data(), method, emb_name="embed_tokens", **kwargs)
     assert trainer.model_accepts_loss_kwargs  # the default for a causal LM: num_items_in_batch, no GA division
     trainer.train()
     return model
@@ -543,15 +532,7 @@ def test_each_pass_gets_its_own_copy_of_the_batch(tmp_path, method, loss):
     args = make_args(tmp_path, **extra)
     trainer_kwargs = {"compute_loss_func": smoothed} if loss == "compute_loss_func" else {}
     options = {"adv_options": INPUT_PARAMS[method]} if method in INPUT_PARAMS else PARAMS[method]
-    trainer = SeededTrainer(
-        model=model,
-        args=args,
-        train_dataset=masked_data(),
-        optimizers=(make_optimizer(model, "sgd"), None),
-        adversarial=method,
-        **options,
-        **trainer_kwargs,
-    )
+    trainer = make_trainer(model, args, masked_data(), method, trainer_cls=SeededTrainer, **options, **trainer_kwargs)
     trainer.train()
     optimizer = make_optimizer(twin, "sgd")
     data = masked_data()
@@ -643,13 +624,8 @@ def test_neftune_noise_is_shared_within_a_step(tmp_path, method):
     logs = {}
     for alpha in (None, 5.0):
         model = tiny_bert()
-        trainer = CheckedTrainer(
-            model=model,
-            args=make_args(tmp_path, neftune_noise_alpha=alpha),
-            train_dataset=masked_data(),
-            optimizers=(make_optimizer(model, "sgd"), None),
-            adversarial=method,
-            adv_options=options,
+        trainer = make_trainer(
+            model, make_args(tmp_path, neftune_noise_alpha=alpha), masked_data(), method, adv_options=options
         )
         trainer.train()
         logs[alpha] = max(train_logs(trainer, "adv_loss"))
@@ -659,10 +635,10 @@ def test_neftune_noise_is_shared_within_a_step(tmp_path, method):
 def test_lora_on_the_embedding_is_refused_for_weight_attacks(tmp_path):
     """PEFT LoRA targeting the embedding: FGM/PGD would attack lora_embedding_A/B; refused with what to take."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    model = peft.get_peft_model(tiny_llama(LM_VOCAB), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
     with pytest.raises(ValueError, match="adapter weights.*an input-space method: FusedFreeLB"):
         AdversarialTrainer(model=model, args=make_args(tmp_path), adversarial="pgd", emb_name="embed_tokens")
-    frozen = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    frozen = peft.get_peft_model(tiny_llama(LM_VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="frozen.*modules_to_save"):
         AdversarialTrainer(model=frozen, args=make_args(tmp_path), adversarial="fgm", emb_name="embed_tokens")
 

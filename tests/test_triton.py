@@ -32,6 +32,7 @@ import triton  # noqa: E402
 from _helpers import (  # noqa: E402
     assert_matches,  # noqa: E402
     clones,
+    input_step_args,
     make_tensors,
     nonzero_rows,
 )
@@ -227,19 +228,7 @@ def test_listed_rows_outside_the_parameter_touch_nothing(seed):
     ],
 )
 def test_input_step_rejects_what_the_kernel_would_misread(change, complaint):
-    args = {
-        "delta": torch.zeros(2, 3, 8),
-        "grad": torch.zeros(2, 3, 8),
-        "mask": None,
-        "lr": 0.1,
-        "norm": "l2",
-        "per_token": False,
-        "denom_eps": 1e-6,
-        "denom_floor": 1e-8,
-        "bound": "l2",
-        "radius": 1.0,
-    }
-    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in {**args, **change}.items()}
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in {**input_step_args(), **change}.items()}
     with pytest.raises(ValueError, match=complaint):
         triton_backend.input_step(**args)
 

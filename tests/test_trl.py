@@ -13,11 +13,11 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from _helpers import quiet_transformers  # noqa: E402
+from _helpers import quiet_transformers, tiny_llama  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fastadv.integrations.transformers import AdversarialTrainer  # noqa: E402
@@ -50,21 +50,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=VOCAB - 2,
-        eos_token_id=VOCAB - 1,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config)
+def sft_llama() -> LlamaForCausalLM:
+    """:func:`_helpers.tiny_llama` on the tokenizer's vocabulary, with its padding and end-of-sequence tokens."""
+    return tiny_llama(VOCAB, pad_token_id=VOCAB - 2, eos_token_id=VOCAB - 1)
 
 
 def dataset(n: int = 8) -> Dataset:
@@ -122,7 +110,7 @@ def sft(tmp_path, method: str | None, cls=SequentialSFT, **kwargs) -> SFTTrainer
     if cls is SequentialPlainSFT:
         options = {}
     trainer = cls(
-        model=tiny_llama(),
+        model=sft_llama(),
         args=config(tmp_path, **kwargs),
         train_dataset=dataset(),
         processing_class=tokenizer(),
@@ -142,7 +130,7 @@ def test_each_method_trains_as_the_trainer_does_on_the_same_batches(tmp_path, me
     fused LM-head loss is the model's own loss in another kernel); 0.3 failed on FreeLB, SMART and R3F here."""
     trainer = sft(tmp_path, method, bf16=False)
     batches = list(trainer.get_train_dataloader())
-    twin = tiny_llama()
+    twin = sft_llama()
     plain = SequentialTrainer(
         model=twin,
         args=config(tmp_path, bf16=False),
@@ -181,7 +169,7 @@ def test_num_tokens_and_metrics_count_each_step_once(tmp_path, method):
 def test_methods_that_compare_logits_need_the_nll_loss(tmp_path):
     with pytest.raises(NotImplementedError, match="loss_type='nll'"):
         AdversarialSFTTrainer(
-            model=tiny_llama(),
+            model=sft_llama(),
             args=config(tmp_path, loss_type="dft"),
             train_dataset=dataset(),
             processing_class=tokenizer(),
